@@ -1,0 +1,36 @@
+# hyperlaw — one command to run, one to test. Everything installs into .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test bench clean
+
+install: $(STAMP)
+
+# torch is pinned to the CPU wheel first so that nothing later pulls a CUDA build;
+# DeepSpeed ships only an sdist whose setup.py imports torch, so it builds against
+# the torch already in the venv (no build isolation).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip<26.2" setuptools wheel
+	$(PY) -m pip install --quiet torch==2.13.0
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation "deepspeed>=0.15,<0.20"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/hyperlaw quickstart
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/recommend_quality.py
+	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/query.py
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

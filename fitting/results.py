@@ -1,0 +1,45 @@
+"""Result types shared by every estimator in ``fitting``.
+
+Every estimator returns a frozen dataclass with named fields, a ``status`` and, when the
+status is not ``ok``, a ``reason`` a person can act on. Intervals are percentile intervals
+of a bootstrap over runs or groups, at ``level`` (0.9 unless said otherwise).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class FitStatus(str, enum.Enum):
+    OK = "ok"
+    INSUFFICIENT_DATA = "insufficient_data"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A two-sided interval ``[low, high]`` holding ``level`` of the bootstrap mass."""
+
+    low: float
+    high: float
+    level: float = 0.9
+
+    def as_dict(self) -> dict[str, float]:
+        return {"low": self.low, "high": self.high, "level": self.level}
+
+
+def percentile_interval(samples: np.ndarray, level: float = 0.9) -> Interval:
+    """Percentile interval of bootstrap ``samples``; non-finite samples are ignored.
+
+    Returns a NaN interval when fewer than two finite samples remain, so that a caller
+    never mistakes an empty bootstrap for a tight one.
+    """
+    values = np.asarray(samples, dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size < 2:
+        return Interval(float("nan"), float("nan"), level)
+    tail = 50.0 * (1.0 - level)
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return Interval(float(low), float(high), level)
