@@ -14,6 +14,7 @@ import sys
 # Modules that contribute subcommands, in the order their commands are listed.
 COMMAND_MODULES = (
     "server.commands",
+    "server.worker_commands",
     "fitting.cli",
     "trainer.cli",
 )
