@@ -1,0 +1,105 @@
+"""Trainer commands: ``hyperlaw sweep`` and ``hyperlaw corpus build``.
+
+Registration is cheap: torch, DeepSpeed and Ray are imported inside the handlers.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``sweep`` and ``corpus`` to the ``hyperlaw`` command line."""
+    sweep = subparsers.add_parser(
+        "sweep",
+        help="run a Ray Tune sweep of DeepSpeed trainings and report them to the service",
+        description=(
+            "Run the (learning rate, batch size, model, token budget) sweep described by a YAML "
+            "file. Each trial is a Ray Train TorchTrainer of DeepSpeed workers; every trial, "
+            "its loss curve and its final metrics are stored through the hyperlaw service."
+        ),
+    )
+    sweep.add_argument("config", help="sweep description (YAML), e.g. examples/cpu_small.yaml")
+    sweep.add_argument(
+        "--resume", action="store_true",
+        help="continue an interrupted sweep: finished trials are not run again",
+    )
+    sweep.add_argument(
+        "--address", default=None,
+        help="address of an existing Ray cluster (default: start a local one)",
+    )
+    sweep.add_argument(
+        "--url", default=None,
+        help="hyperlaw service URL (default: $HYPERLAW_URL, else http://127.0.0.1:8000); "
+        "the write token is read from $HYPERLAW_TOKEN",
+    )
+    sweep.add_argument(
+        "--output-dir", default=None,
+        help="where Ray keeps trial results and checkpoints (default: output_dir in the YAML)",
+    )
+    sweep.set_defaults(func=_sweep)
+
+    corpus = subparsers.add_parser("corpus", help="build a memory-mapped token corpus")
+    corpus_sub = corpus.add_subparsers(dest="corpus_command", required=True, metavar="ACTION")
+    build = corpus_sub.add_parser(
+        "build",
+        help="tokenize local text files into train.bin / val.bin",
+        description=(
+            "Tokenize local text files (byte-level, offline) into a memory-mapped token "
+            "file with a train/validation split and a meta.json describing it."
+        ),
+    )
+    build.add_argument("sources", nargs="+", help="text files or directories of text files")
+    build.add_argument("--out", required=True, help="output directory")
+    build.add_argument(
+        "--val-fraction", type=float, default=0.05,
+        help="fraction of the tokens held out for validation (default 0.05)",
+    )
+    build.add_argument(
+        "--tokenizer", default="byte", choices=["byte"],
+        help="offline tokenizer (default: byte, vocabulary of 256)",
+    )
+    build.set_defaults(func=_corpus_build)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from trainer.sweep import SweepConfigError, load_sweep_config, run_sweep
+
+    try:
+        config = load_sweep_config(args.config)
+    except SweepConfigError as exc:
+        logger.error("%s: %s", args.config, exc)
+        return 2
+    if args.output_dir:
+        config = config.with_output_dir(args.output_dir)
+    url = args.url or os.environ.get("HYPERLAW_URL") or "http://127.0.0.1:8000"
+    summary = run_sweep(
+        config, url=url, token=os.environ.get("HYPERLAW_TOKEN"),
+        address=args.address, resume=args.resume,
+    )
+    logger.info(
+        "sweep %s: %d completed, %d failed, %d skipped (already done), best %s",
+        config.experiment, summary.completed, summary.failed, summary.skipped,
+        summary.best_description(),
+    )
+    return 0 if summary.failed == 0 else 1
+
+
+def _corpus_build(args: argparse.Namespace) -> int:
+    from trainer.data import CorpusError, build_corpus
+
+    try:
+        meta = build_corpus(args.sources, args.out, val_fraction=args.val_fraction,
+                            tokenizer=args.tokenizer)
+    except CorpusError as exc:
+        logger.error("%s", exc)
+        return 2
+    logger.info(
+        "corpus %s: %d train tokens, %d val tokens, vocab %d, fingerprint %s",
+        args.out, meta["n_train_tokens"], meta["n_val_tokens"], meta["vocab_size"],
+        meta["fingerprint"],
+    )
+    return 0
