@@ -1,0 +1,1 @@
+"""Alembic migrations for the hyperlaw database (run with ``hyperlaw db upgrade``)."""

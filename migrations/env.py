@@ -1,0 +1,44 @@
+"""Alembic environment: online migrations only, on the URL set by ``server.core.db``.
+
+A caller may hand over an open connection in ``config.attributes["connection"]``; otherwise
+an engine is made from ``sqlalchemy.url`` with the project's engine factory (so SQLite gets
+the same pragmas as the service). SQLite runs in batch mode so later ALTERs work there.
+"""
+from __future__ import annotations
+
+from alembic import context
+
+from server.core.db import make_engine
+from server.models import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def run_with_connection(connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        run_with_connection(connection)
+        return
+    engine = make_engine(config.get_main_option("sqlalchemy.url"))
+    try:
+        with engine.connect() as conn:
+            run_with_connection(conn)
+    finally:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    raise SystemExit("offline (SQL script) migrations are not supported; run `hyperlaw db upgrade`")
+run_migrations_online()

@@ -1,0 +1,79 @@
+"""Request dependencies: the per-request session and bearer-token scopes.
+
+``SessionDep`` opens one session per request through ``session_scope`` and closes it when
+the route function returns (dependency scope ``function``), so the commit -- and any error
+it raises -- happens before the response is sent. Auth shares that session.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from server import crud
+from server.core.config import Settings
+from server.core.db import session_scope
+from server.models import ApiToken, TokenScope, utcnow
+
+_bearer = HTTPBearer(auto_error=False, description="API token: `hyperlaw token create`")
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with session_scope(request.app.state.session_factory) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _authorize(
+    needed: TokenScope,
+    request: Request,
+    session: Session,
+    credentials: HTTPAuthorizationCredentials | None,
+) -> ApiToken | None:
+    settings: Settings = request.app.state.settings
+    if needed == TokenScope.READ and not settings.read_requires_token:
+        return None
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None:
+        raise HTTPException(401, f"missing bearer token; this route needs {needed.value} scope",
+                            headers=challenge)
+    token = crud.authenticate(session=session, secret=credentials.credentials)
+    if token is None:
+        raise HTTPException(401, "invalid or revoked token", headers=challenge)
+    if not TokenScope(token.scope).allows(needed):
+        raise HTTPException(
+            403, f"token {token.name!r} has scope {token.scope}; this route needs {needed.value}"
+        )
+    now = utcnow()
+    if token.last_used_at is None or (now - token.last_used_at).total_seconds() > 60:
+        token.last_used_at = now
+    return token
+
+
+def require_read(
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> ApiToken | None:
+    return _authorize(TokenScope.READ, request, session, credentials)
+
+
+def require_write(
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> ApiToken | None:
+    return _authorize(TokenScope.WRITE, request, session, credentials)
+
+
+ReadAuth = Depends(require_read)
+WriteAuth = Depends(require_write)

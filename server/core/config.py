@@ -1,0 +1,51 @@
+"""Service configuration: one pydantic-settings ``Settings`` read from ``HYPERLAW_*``.
+
+Every field can be set from the environment, e.g. ``HYPERLAW_DATABASE_URL``,
+``HYPERLAW_PORT`` or ``HYPERLAW_READ_REQUIRES_TOKEN=true``.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import platformdirs
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_database_url() -> str:
+    """An SQLite file in the per-user data directory (created on demand)."""
+    data_dir = Path(platformdirs.user_data_dir("hyperlaw", appauthor=False))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{data_dir / 'hyperlaw.db'}"
+
+
+class Settings(BaseSettings):
+    """All knobs of the service; the environment prefix is ``HYPERLAW_``."""
+
+    model_config = SettingsConfigDict(env_prefix="HYPERLAW_", extra="ignore")
+
+    database_url: str = Field(
+        default_factory=default_database_url,
+        description="SQLAlchemy URL; PostgreSQL for teams, an SQLite file by default.",
+    )
+    host: str = Field(default="127.0.0.1", description="address `hyperlaw serve` binds")
+    port: int = Field(default=8000, gt=0, lt=65536, description="port `hyperlaw serve` binds")
+    read_requires_token: bool = Field(
+        default=False, description="when true, GET routes need a token with read scope"
+    )
+    heartbeat_grace_s: float = Field(
+        default=300.0, gt=0, description="a running trial silent this long is marked failed"
+    )
+    reaper_interval_s: float = Field(
+        default=30.0, gt=0, description="how often the stale-trial reaper looks"
+    )
+    worker_poll_s: float = Field(
+        default=2.0, gt=0, description="fitting worker poll period where NOTIFY is unavailable"
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

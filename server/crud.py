@@ -1,0 +1,417 @@
+"""Database operations behind the routes. Every function takes a keyword-only ``session``
+and leaves commit/rollback to ``server.core.db.session_scope`` (one transaction per request).
+
+Missing objects raise ``NotFoundError``; requests that contradict stored state raise
+``ConflictError``. Nothing here knows about HTTP.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Select, func, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from server.core.errors import ConflictError, NotFoundError
+from server.models import (
+    FINISHED_STATUSES,
+    POINT_VALUE_COLUMNS,
+    ApiToken,
+    Experiment,
+    Fit,
+    Point,
+    TokenScope,
+    Trial,
+    TrialSource,
+    TrialStatus,
+    utcnow,
+)
+from server.schemas import ExperimentCreate, TrialCreate, TrialUpdate
+
+log = logging.getLogger(__name__)
+
+TRIALS_CHANNEL = "hyperlaw_trials"
+TOKEN_PREFIX = "hl_"
+
+
+def _page(session: Session, stmt: Select, *, limit: int, offset: int) -> tuple[list[Any], int]:
+    count = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery()))
+    rows = session.scalars(stmt.limit(limit).offset(offset)).all()
+    return list(rows), int(count or 0)
+
+
+def notify_trial(*, session: Session, trial_id: int) -> None:
+    """Tell LISTENers on ``hyperlaw_trials`` (PostgreSQL only) that a trial has results.
+
+    ``pg_notify`` is transactional: the message goes out when the request commits.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_notify(:channel, :payload)"),
+            {"channel": TRIALS_CHANNEL, "payload": str(trial_id)},
+        )
+
+
+# --- experiments ---------------------------------------------------------------------------
+
+def create_experiment(
+    *, session: Session, experiment_in: ExperimentCreate
+) -> tuple[Experiment, bool]:
+    """Get or create the experiment named ``experiment_in.name``; returns (it, created)."""
+    existing = session.scalar(select(Experiment).where(Experiment.name == experiment_in.name))
+    if existing is not None:
+        return existing, False
+    experiment = Experiment(name=experiment_in.name, description=experiment_in.description)
+    try:
+        with session.begin_nested():
+            session.add(experiment)
+    except IntegrityError:  # created concurrently by another request
+        existing = session.scalar(select(Experiment).where(Experiment.name == experiment_in.name))
+        if existing is None:
+            raise
+        return existing, False
+    return experiment, True
+
+
+def get_experiment(*, session: Session, experiment_id: int) -> Experiment:
+    experiment = session.get(Experiment, experiment_id)
+    if experiment is None:
+        raise NotFoundError(f"experiment {experiment_id} not found")
+    return experiment
+
+
+def list_experiments(
+    *, session: Session, name: str | None = None, limit: int = 100, offset: int = 0
+) -> tuple[list[Experiment], int]:
+    stmt = select(Experiment).order_by(Experiment.id)
+    if name is not None:
+        stmt = stmt.where(Experiment.name == name)
+    return _page(session, stmt, limit=limit, offset=offset)
+
+
+# --- trials --------------------------------------------------------------------------------
+
+def _find_by_key(session: Session, experiment_id: int, key: str) -> Trial | None:
+    return session.scalar(
+        select(Trial).where(Trial.experiment_id == experiment_id, Trial.idempotency_key == key)
+    )
+
+
+def create_trial(*, session: Session, trial_in: TrialCreate) -> tuple[Trial, bool]:
+    """Create a trial; returns (trial, created).
+
+    With an ``idempotency_key`` already used in the same experiment, the stored trial is
+    returned unchanged (created=False), so a client may safely retry the POST.
+    An imported or already-completed trial notifies the fitting worker.
+    """
+    get_experiment(session=session, experiment_id=trial_in.experiment_id)
+    key = trial_in.idempotency_key
+    if key is not None:
+        existing = _find_by_key(session, trial_in.experiment_id, key)
+        if existing is not None:
+            return existing, False
+    values = trial_in.model_dump()
+    values["status"] = trial_in.status.value
+    values["source"] = trial_in.source.value
+    now = utcnow()
+    trial = Trial(**values, created_at=now, updated_at=now)
+    if trial_in.status in FINISHED_STATUSES:
+        trial.completed_at = now
+    try:
+        with session.begin_nested():
+            session.add(trial)
+    except IntegrityError:
+        existing = _find_by_key(session, trial_in.experiment_id, key) if key else None
+        if existing is None:
+            raise
+        return existing, False
+    if trial_in.source == TrialSource.IMPORTED or trial_in.status == TrialStatus.COMPLETED:
+        notify_trial(session=session, trial_id=trial.id)
+    return trial, True
+
+
+def get_trial(*, session: Session, trial_id: int, for_update: bool = False) -> Trial:
+    if for_update:
+        trial = session.scalar(select(Trial).where(Trial.id == trial_id).with_for_update())
+    else:
+        trial = session.get(Trial, trial_id)
+    if trial is None:
+        raise NotFoundError(f"trial {trial_id} not found")
+    return trial
+
+
+def list_trials(
+    *,
+    session: Session,
+    experiment_id: int | None = None,
+    status: Sequence[TrialStatus] | None = None,
+    source: TrialSource | None = None,
+    n_params_min: int | None = None,
+    n_params_max: int | None = None,
+    n_tokens_min: int | None = None,
+    n_tokens_max: int | None = None,
+    idempotency_key: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> tuple[list[Trial], int]:
+    """Trials matching every given filter (ranges inclusive), ordered by id."""
+    stmt = select(Trial).order_by(Trial.id)
+    if experiment_id is not None:
+        stmt = stmt.where(Trial.experiment_id == experiment_id)
+    if status:
+        stmt = stmt.where(Trial.status.in_([s.value for s in status]))
+    if source is not None:
+        stmt = stmt.where(Trial.source == source.value)
+    if n_params_min is not None:
+        stmt = stmt.where(Trial.n_params >= n_params_min)
+    if n_params_max is not None:
+        stmt = stmt.where(Trial.n_params <= n_params_max)
+    if n_tokens_min is not None:
+        stmt = stmt.where(Trial.n_tokens >= n_tokens_min)
+    if n_tokens_max is not None:
+        stmt = stmt.where(Trial.n_tokens <= n_tokens_max)
+    if idempotency_key is not None:
+        stmt = stmt.where(Trial.idempotency_key == idempotency_key)
+    return _page(session, stmt, limit=limit, offset=offset)
+
+
+# Allowed status changes; a finished trial may only be re-sent its own status.
+_TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"queued", "running", "completed", "failed", "pruned"}),
+    "running": frozenset({"running", "completed", "failed", "pruned"}),
+    "completed": frozenset({"completed"}),
+    "failed": frozenset({"failed"}),
+    "pruned": frozenset({"pruned"}),
+}
+
+
+def _set_status(session: Session, trial: Trial, new: TrialStatus, now: dt.datetime) -> None:
+    old = trial.status
+    if new.value not in _TRANSITIONS[old]:
+        if old in {s.value for s in FINISHED_STATUSES}:
+            raise ConflictError(
+                f"trial {trial.id} is {old}; a finished trial cannot be reopened or set to {new.value}"
+            )
+        raise ConflictError(f"trial {trial.id} cannot go from {old} to {new.value}")
+    if new.value == old:
+        return
+    trial.status = new.value
+    if new in FINISHED_STATUSES:
+        trial.completed_at = now
+    if new == TrialStatus.COMPLETED:
+        notify_trial(session=session, trial_id=trial.id)
+
+
+def update_trial(*, session: Session, trial_id: int, trial_in: TrialUpdate) -> Trial:
+    """Apply the fields set in ``trial_in``; status changes follow ``_TRANSITIONS``."""
+    trial = get_trial(session=session, trial_id=trial_id, for_update=True)
+    now = utcnow()
+    changes = trial_in.model_dump(exclude_unset=True)
+    status = changes.pop("status", None)
+    if status is not None:
+        _set_status(session, trial, TrialStatus(status), now)
+    if "config" in changes:
+        merged = dict(trial.config or {})
+        merged.update(changes.pop("config") or {})
+        trial.config = merged
+    for name, value in changes.items():
+        setattr(trial, name, value)
+    trial.updated_at = now
+    session.flush()
+    return trial
+
+
+def heartbeat(*, session: Session, trial_id: int) -> Trial:
+    """Record that the trial's trainer is alive; a queued trial becomes running.
+
+    A finished trial (including one the reaper failed) answers 409: its trainer should stop.
+    """
+    trial = get_trial(session=session, trial_id=trial_id, for_update=True)
+    if trial.status in {s.value for s in FINISHED_STATUSES}:
+        reason = f" ({trial.status_reason})" if trial.status_reason else ""
+        raise ConflictError(f"trial {trial_id} is {trial.status}{reason}; heartbeat refused")
+    now = utcnow()
+    trial.heartbeat_at = now
+    trial.updated_at = now
+    if trial.status == TrialStatus.QUEUED.value:
+        trial.status = TrialStatus.RUNNING.value
+    session.flush()
+    return trial
+
+
+def reap_stale_trials(
+    *, session: Session, grace_s: float, now: dt.datetime | None = None
+) -> list[int]:
+    """Mark failed every running trial whose last heartbeat (or, without one, last update)
+    is older than ``grace_s`` seconds; the reason names the silence and the grace period.
+
+    Returns the ids it failed. Safe to run from several processes at once (row locks with
+    SKIP LOCKED on PostgreSQL; SQLite write transactions are serialised).
+    """
+    now = now or utcnow()
+    cutoff = now - dt.timedelta(seconds=grace_s)
+    last_seen = func.coalesce(Trial.heartbeat_at, Trial.updated_at)
+    stmt = select(Trial).where(Trial.status == TrialStatus.RUNNING.value, last_seen < cutoff)
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    reaped = []
+    for trial in session.scalars(stmt):
+        seen = trial.heartbeat_at or trial.updated_at
+        trial.status = TrialStatus.FAILED.value
+        trial.status_reason = (
+            f"no heartbeat for {(now - seen).total_seconds():.0f} s "
+            f"(grace {grace_s:g} s; last seen {seen.isoformat()})"
+        )
+        trial.completed_at = now
+        trial.updated_at = now
+        reaped.append(trial.id)
+    session.flush()
+    if reaped:
+        log.info("reaper failed %d stale trial(s): %s", len(reaped), reaped)
+    return reaped
+
+
+# --- points --------------------------------------------------------------------------------
+
+def upsert_points(*, session: Session, trial_id: int, points: Sequence[dict[str, Any]]) -> int:
+    """Insert or update loss-curve rows keyed by (trial_id, step); returns distinct steps.
+
+    One multi-row ``INSERT ... ON CONFLICT (trial_id, step) DO UPDATE`` (SQLAlchemy Core,
+    no ORM objects). A value sent as null keeps what is stored
+    (``COALESCE(excluded.x, points.x)``), so a trainer may send train and eval losses of a
+    step separately; re-sending the same points changes nothing. Within one batch the last
+    row for a step wins.
+    """
+    get_trial(session=session, trial_id=trial_id)
+    by_step: dict[int, dict[str, Any]] = {}
+    for row in points:
+        by_step[row["step"]] = row
+    if not by_step:
+        return 0
+    rows = [{**row, "trial_id": trial_id} for row in by_step.values()]
+    table = Point.__table__
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(table)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[table.c.trial_id, table.c.step],
+        set_={name: func.coalesce(stmt.excluded[name], table.c[name]) for name in POINT_VALUE_COLUMNS},
+    )
+    session.execute(stmt, rows)
+    return len(rows)
+
+
+def get_points(
+    *,
+    session: Session,
+    trial_id: int,
+    step_min: int | None = None,
+    step_max: int | None = None,
+    limit: int = 100_000,
+    offset: int = 0,
+) -> tuple[list[dict[str, Any]], int]:
+    """A trial's points with ``step_min <= step <= step_max``, ordered by step, as dicts
+    (Core rows, no ORM objects: curves are long) and the total number of matches."""
+    get_trial(session=session, trial_id=trial_id)
+    table = Point.__table__
+    where = [table.c.trial_id == trial_id]
+    if step_min is not None:
+        where.append(table.c.step >= step_min)
+    if step_max is not None:
+        where.append(table.c.step <= step_max)
+    count = session.scalar(select(func.count()).select_from(table).where(*where))
+    stmt = (
+        select(table.c.step, *(table.c[name] for name in POINT_VALUE_COLUMNS))
+        .where(*where).order_by(table.c.step).limit(limit).offset(offset)
+    )
+    rows = [dict(row._mapping) for row in session.execute(stmt)]
+    return rows, int(count or 0)
+
+
+# --- fits ----------------------------------------------------------------------------------
+
+def _fits_query(kind: str | None, scope: str | None, status: str | None) -> Select:
+    stmt = select(Fit).order_by(Fit.created_at.desc(), Fit.id.desc())
+    if kind is not None:
+        stmt = stmt.where(Fit.kind == kind)
+    if scope is not None:
+        stmt = stmt.where(Fit.scope == scope)
+    if status is not None:
+        stmt = stmt.where(Fit.status == status)
+    return stmt
+
+
+def list_fits(
+    *, session: Session, kind: str | None = None, scope: str | None = None,
+    status: str | None = None, limit: int = 100, offset: int = 0,
+) -> tuple[list[Fit], int]:
+    """Fit history, newest first."""
+    return _page(session, _fits_query(kind, scope, status), limit=limit, offset=offset)
+
+
+def latest_fit(
+    *, session: Session, kind: str | None = None, scope: str | None = None,
+    status: str | None = None,
+) -> Fit:
+    fit = session.scalars(_fits_query(kind, scope, status).limit(1)).first()
+    if fit is None:
+        what = ", ".join(
+            f"{k}={v}" for k, v in (("kind", kind), ("scope", scope), ("status", status)) if v
+        )
+        raise NotFoundError(f"no fit found{' with ' + what if what else ''}")
+    return fit
+
+
+def get_fit(*, session: Session, fit_id: int) -> Fit:
+    fit = session.get(Fit, fit_id)
+    if fit is None:
+        raise NotFoundError(f"fit {fit_id} not found")
+    return fit
+
+
+# --- API tokens ----------------------------------------------------------------------------
+
+def hash_token(secret: str) -> str:
+    """SHA-256 hex digest; tokens carry 256 random bits, so no salt or stretching is needed."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_token(*, session: Session, name: str, scope: TokenScope) -> tuple[ApiToken, str]:
+    """Create a named token; returns (row, secret). Only the hash is stored."""
+    if session.scalar(select(ApiToken).where(ApiToken.name == name)) is not None:
+        raise ConflictError(f"a token named {name!r} already exists")
+    secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = ApiToken(
+        name=name, token_hash=hash_token(secret), prefix=secret[:10], scope=scope.value
+    )
+    session.add(token)
+    session.flush()
+    return token, secret
+
+
+def list_tokens(*, session: Session) -> list[ApiToken]:
+    return list(session.scalars(select(ApiToken).order_by(ApiToken.id)))
+
+
+def revoke_token(*, session: Session, name: str) -> ApiToken:
+    token = session.scalar(select(ApiToken).where(ApiToken.name == name))
+    if token is None:
+        raise NotFoundError(f"token {name!r} not found")
+    if token.revoked_at is None:
+        token.revoked_at = utcnow()
+    return token
+
+
+def authenticate(*, session: Session, secret: str) -> ApiToken | None:
+    """The live (not revoked) token with this secret, or None."""
+    return session.scalar(
+        select(ApiToken).where(
+            ApiToken.token_hash == hash_token(secret), ApiToken.revoked_at.is_(None)
+        )
+    )

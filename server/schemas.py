@@ -1,0 +1,244 @@
+"""Request and response bodies of the ``/v1`` API (pydantic v2).
+
+Naming: ``XCreate`` (POST body), ``XUpdate`` (PATCH body), ``XPublic`` (one object out),
+``XsPublic`` (a page: ``{"data": [...], "count": N}``, ``count`` being the total number of
+matches, not the page length).
+
+Non-finite floats on the wire: JSON has no NaN or infinity, so the API writes them as the
+strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` and accepts those strings (and the
+bare tokens ``NaN``/``Infinity``/``-Infinity`` that Python's ``json`` emits) wherever a
+float may be non-finite (loss-curve values, final losses). Fields that must be finite
+(``learning_rate``, optimizer settings) reject them with ``<field> must be finite``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.models import TokenScope, TrialSource, TrialStatus
+
+NONFINITE_NOTE = (
+    'Non-finite values are written as the strings "NaN", "Infinity" and "-Infinity", '
+    "and accepted in the same form."
+)
+MAX_POINTS_PER_REQUEST = 10_000
+INT64_MAX = 2**63 - 1
+
+PositiveInt = Annotated[int, Field(gt=0, le=INT64_MAX)]
+NonNegativeInt = Annotated[int, Field(ge=0, le=INT64_MAX)]
+PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFinite = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+AnyFloat = Annotated[float, Field(description=NONFINITE_NOTE)]
+
+
+class InModel(BaseModel):
+    """Base of request bodies: unknown fields are an error, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class OutModel(BaseModel):
+    model_config = ConfigDict(from_attributes=True, ser_json_inf_nan="strings")
+
+
+# --- experiments ---------------------------------------------------------------------------
+
+class ExperimentCreate(InModel):
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    description: Annotated[str | None, Field(max_length=10_000)] = None
+
+
+class ExperimentPublic(OutModel):
+    id: int
+    name: str
+    description: str | None
+    created_at: dt.datetime
+
+
+class ExperimentsPublic(OutModel):
+    data: list[ExperimentPublic]
+    count: int
+
+
+# --- trials --------------------------------------------------------------------------------
+
+class TrialCreate(InModel):
+    """A trial: one training run at (n_params, n_tokens, learning_rate, batch_size_tokens)."""
+
+    experiment_id: PositiveInt
+    n_params: Annotated[PositiveInt, Field(description="non-embedding parameters")]
+    n_tokens: Annotated[PositiveInt, Field(description="token budget D of the run")]
+    seq_len: Annotated[int, Field(gt=0, le=2**31 - 1, description="tokens per sequence")]
+    learning_rate: Annotated[PositiveFinite, Field(description="peak learning rate")]
+    batch_size_tokens: Annotated[PositiveInt, Field(description="global batch size in tokens")]
+    model_shape: dict[str, Any] | None = Field(
+        default=None, description="n_layer, n_head, d_model, ..."
+    )
+    adam_beta1: Beta | None = None
+    adam_beta2: Beta | None = None
+    adam_eps: PositiveFinite | None = None
+    weight_decay: NonNegativeFinite | None = None
+    grad_clip: NonNegativeFinite | None = None
+    schedule: Annotated[str | None, Field(max_length=50)] = None
+    warmup_fraction: Annotated[float | None, Field(ge=0, le=1, allow_inf_nan=False)] = None
+    zero_stage: Annotated[int | None, Field(ge=0, le=3)] = None
+    world_size: Annotated[int | None, Field(gt=0, le=2**31 - 1)] = None
+    seed: Annotated[int | None, Field(ge=-INT64_MAX, le=INT64_MAX)] = None
+    status: TrialStatus = TrialStatus.QUEUED
+    status_reason: Annotated[str | None, Field(max_length=10_000)] = None
+    source: TrialSource = TrialSource.TRAINED
+    idempotency_key: Annotated[
+        str | None,
+        Field(
+            min_length=1, max_length=200,
+            description="re-posting the same key in the same experiment returns that trial",
+        ),
+    ] = None
+    final_loss: AnyFloat | None = None
+    final_eval_loss: AnyFloat | None = None
+    steps_done: NonNegativeInt | None = None
+    tokens_done: NonNegativeInt | None = None
+    diverged: bool | None = None
+    config: dict[str, Any] | None = Field(
+        default=None, description="everything else: resolved config, code version, data hash"
+    )
+
+
+class TrialUpdate(InModel):
+    """PATCH body. A finished trial (completed/failed/pruned) cannot change status."""
+
+    status: TrialStatus | None = None
+    status_reason: Annotated[str | None, Field(max_length=10_000)] = None
+    final_loss: AnyFloat | None = None
+    final_eval_loss: AnyFloat | None = None
+    steps_done: NonNegativeInt | None = None
+    tokens_done: NonNegativeInt | None = None
+    diverged: bool | None = None
+    model_shape: dict[str, Any] | None = None
+    config: dict[str, Any] | None = Field(
+        default=None, description="merged key by key into the stored config"
+    )
+
+
+class TrialPublic(OutModel):
+    id: int
+    experiment_id: int
+    n_params: int
+    n_tokens: int
+    seq_len: int
+    learning_rate: float
+    batch_size_tokens: int
+    batch_size_sequences: float = Field(description="batch_size_tokens / seq_len")
+    model_shape: dict[str, Any] | None
+    adam_beta1: float | None
+    adam_beta2: float | None
+    adam_eps: float | None
+    weight_decay: float | None
+    grad_clip: float | None
+    schedule: str | None
+    warmup_fraction: float | None
+    zero_stage: int | None
+    world_size: int | None
+    seed: int | None
+    status: TrialStatus
+    status_reason: str | None
+    heartbeat_at: dt.datetime | None
+    source: TrialSource
+    idempotency_key: str | None
+    final_loss: AnyFloat | None
+    final_eval_loss: AnyFloat | None
+    steps_done: int | None
+    tokens_done: int | None
+    diverged: bool | None
+    config: dict[str, Any] | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    completed_at: dt.datetime | None = Field(description="when the trial finished, any status")
+
+
+class TrialsPublic(OutModel):
+    data: list[TrialPublic]
+    count: int
+
+
+# --- points --------------------------------------------------------------------------------
+
+class PointIn(InModel):
+    """One loss-curve row; (trial, step) is the key, re-sending a step overwrites it."""
+
+    step: NonNegativeInt
+    tokens: NonNegativeInt | None = None
+    train_loss: AnyFloat | None = None
+    eval_loss: AnyFloat | None = None
+    ewa_eval_loss: AnyFloat | None = None
+    lr: AnyFloat | None = None
+    grad_norm: AnyFloat | None = None
+    b_simple: Annotated[float | None, Field(description="gradient noise scale, tokens")] = None
+    tokens_per_s: AnyFloat | None = None
+    wall_time_s: AnyFloat | None = None
+
+
+class PointsCreate(InModel):
+    points: Annotated[list[PointIn], Field(max_length=MAX_POINTS_PER_REQUEST)]
+
+
+class PointPublic(OutModel):
+    step: int
+    tokens: int | None
+    train_loss: float | None
+    eval_loss: float | None
+    ewa_eval_loss: float | None
+    lr: float | None
+    grad_norm: float | None
+    b_simple: float | None
+    tokens_per_s: float | None
+    wall_time_s: float | None
+
+
+class PointsPublic(OutModel):
+    trial_id: int
+    data: list[PointPublic]
+    count: int
+
+
+class PointsStored(OutModel):
+    trial_id: int
+    count: int = Field(description="distinct steps written (inserted or overwritten)")
+
+
+# --- fits ----------------------------------------------------------------------------------
+
+class FitPublic(OutModel):
+    id: int
+    kind: str
+    scope: str
+    experiment_id: int | None
+    status: Literal["ok", "insufficient_data", "failed"]
+    message: str | None
+    params: dict[str, Any] | None
+    intervals: dict[str, Any] | None
+    quality: dict[str, Any] | None
+    trial_ids: list[int] | None
+    n_trials: int
+    data_watermark: str
+    created_at: dt.datetime
+
+
+class FitsPublic(OutModel):
+    data: list[FitPublic]
+    count: int
+
+
+# --- tokens --------------------------------------------------------------------------------
+
+class TokenPublic(OutModel):
+    id: int
+    name: str
+    prefix: str
+    scope: TokenScope
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+    last_used_at: dt.datetime | None

@@ -1,0 +1,199 @@
+"""Shared fixtures: real databases and real running services.
+
+- ``pg_url``: a fresh PostgreSQL database for the test session, migrated to head, dropped
+  afterwards (server from ``HYPERLAW_TEST_DATABASE_URL``, else
+  postgresql://postgres@127.0.0.1:5432/test).
+- ``sqlite_url``: an SQLite file for the test session, migrated to head.
+- ``db_url``: parametrized over both.
+- ``make_database``: factory for further empty PostgreSQL/SQLite databases (migration tests).
+- ``live_server``: a real ``hyperlaw serve`` (uvicorn, subprocess, loopback, no worker) over
+  ``pg_url``, with ``.url``, ``.token`` (write scope), ``.database_url``;
+  ``live_server_factory(database_url=..., worker=False, env=None)`` starts more.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def _admin_url() -> str:
+    url = os.environ.get("HYPERLAW_TEST_DATABASE_URL", DEFAULT_PG)
+    if url.startswith("postgresql://"):
+        url = url.replace("postgresql://", "postgresql+psycopg2://", 1)
+    return url
+
+
+def create_pg_database(prefix: str = "hyperlaw_test") -> str:
+    """Create an empty PostgreSQL database; returns its URL."""
+    admin = make_url(_admin_url())
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        engine.dispose()
+    return admin.set(database=name).render_as_string(hide_password=False)
+
+
+def drop_pg_database(url: str) -> None:
+    target = make_url(url)
+    engine = create_engine(make_url(_admin_url()), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{target.database}" WITH (FORCE)'))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def make_database(tmp_path_factory) -> Iterator[Callable[[str], str]]:
+    """``make_database("postgresql" | "sqlite") -> url`` of a new empty database."""
+    created: list[str] = []
+
+    def make(kind: str) -> str:
+        if kind == "sqlite":
+            path = tmp_path_factory.mktemp("sqlite") / f"{uuid.uuid4().hex[:8]}.db"
+            return f"sqlite:///{path}"
+        url = create_pg_database()
+        created.append(url)
+        return url
+
+    yield make
+    for url in created:
+        drop_pg_database(url)
+
+
+@pytest.fixture(scope="session")
+def pg_url(make_database) -> str:
+    from server.core.db import upgrade
+
+    url = make_database("postgresql")
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(make_database) -> str:
+    from server.core.db import upgrade
+
+    url = make_database("sqlite")
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db_url(request) -> str:
+    return request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_token(database_url: str, scope: str = "write", name: str | None = None) -> str:
+    """Create an API token directly in the database; returns its secret."""
+    from server import crud
+    from server.core.db import make_engine, make_session_factory, session_scope
+    from server.models import TokenScope
+
+    engine = make_engine(database_url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            _row, secret = crud.create_token(
+                session=session, name=name or f"test-{scope}-{uuid.uuid4().hex[:8]}",
+                scope=TokenScope(scope),
+            )
+    finally:
+        engine.dispose()
+    return secret
+
+
+@dataclass
+class LiveServer:
+    url: str
+    token: str
+    database_url: str
+    process: subprocess.Popen = field(repr=False)
+    log_path: Path = field(repr=False)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_live_server(
+    database_url: str, *, log_dir: Path, worker: bool = False, env: dict[str, str] | None = None
+) -> LiveServer:
+    port = free_port()
+    run_env = {**os.environ, "HYPERLAW_DATABASE_URL": database_url, **(env or {})}
+    run_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + run_env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "server.commands", "--log-level", "WARNING", "serve",
+           "--host", "127.0.0.1", "--port", str(port)]
+    if not worker:
+        cmd.append("--no-worker")
+    log_path = log_dir / f"server-{port}.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=run_env, stdout=log_file,
+                                   stderr=subprocess.STDOUT)
+    server = LiveServer(url=f"http://127.0.0.1:{port}", token=make_token(database_url),
+                        database_url=database_url, process=process, log_path=log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"hyperlaw serve exited with {process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.url + "/healthz", timeout=1.0).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"hyperlaw serve did not answer within 60 s:\n{server.log()}")
+
+
+@pytest.fixture(scope="session")
+def live_server(pg_url, tmp_path_factory) -> Iterator[LiveServer]:
+    server = start_live_server(pg_url, log_dir=tmp_path_factory.mktemp("live_server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def live_server_factory(tmp_path) -> Iterator[Callable[..., LiveServer]]:
+    started: list[LiveServer] = []
+
+    def start(*, database_url: str, worker: bool = False,
+              env: dict[str, str] | None = None) -> LiveServer:
+        server = start_live_server(database_url, log_dir=tmp_path, worker=worker, env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
