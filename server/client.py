@@ -1,0 +1,252 @@
+"""A small, thread-safe Python client for the hyperlaw REST API.
+
+>>> client = HyperlawClient("http://127.0.0.1:8000", token="hl_...")
+>>> exp = client.ensure_experiment("lr-bs-sweep")
+>>> trial = client.create_trial(experiment_id=exp["id"], n_params=..., idempotency_key="t0")
+>>> client.post_points(trial["id"], [{"step": 1, "train_loss": 9.8}, ...])
+
+Contract:
+- Every method returns the parsed JSON body as a dict.
+- Connection errors, 5xx and 429 are retried with exponential backoff
+  (``backoff_s · 2^attempt``, capped at 10 s, honouring ``Retry-After``) up to
+  ``max_retries`` times, then ``HyperlawUnavailable`` is raised. Any other 4xx raises
+  ``HyperlawAPIError(status_code, detail)`` at once.
+- Retries are safe: point ingest is an upsert, experiments are get-or-create by name and
+  ``create_trial`` sends an ``idempotency_key`` (a random one if the caller gives none).
+- Non-finite floats travel as the strings "NaN", "Infinity", "-Infinity" (the API's
+  encoding); this client writes and reads them as Python floats.
+- One instance may be shared by threads (``httpx.Client`` pools connections safely).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+MAX_POINTS_PER_REQUEST = 10_000
+_MAX_SLEEP_S = 10.0
+_NONFINITE_TO_STR = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+_STR_TO_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+# Keys whose values are text: never turned into floats even if they read "NaN".
+_TEXT_KEYS = frozenset({
+    "name", "description", "status_reason", "message", "kind", "scope", "idempotency_key",
+    "data_watermark", "schedule", "detail", "status", "source",
+})
+
+
+class HyperlawAPIError(Exception):
+    """The API refused the request (a 4xx other than 429)."""
+
+    def __init__(self, status_code: int, detail: Any) -> None:
+        super().__init__(f"HTTP {status_code}: {detail}")
+        self.status_code = status_code
+        self.detail = detail
+
+
+class HyperlawUnavailable(Exception):
+    """The API could not be reached (or kept answering 5xx/429) after all retries."""
+
+
+def encode_nonfinite(value: Any) -> Any:
+    """Replace NaN/±inf floats by the API's strings, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return _NONFINITE_TO_STR[repr(value)]
+    if isinstance(value, Mapping):
+        return {k: encode_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_nonfinite(v) for v in value]
+    return value
+
+
+def decode_nonfinite(value: Any, key: str | None = None) -> Any:
+    """Turn the API's "NaN"/"Infinity"/"-Infinity" strings back into floats, recursively
+    (values under text keys such as ``name`` are left alone)."""
+    if isinstance(value, str):
+        if key not in _TEXT_KEYS and value in _STR_TO_NONFINITE:
+            return _STR_TO_NONFINITE[value]
+        return value
+    if isinstance(value, dict):
+        return {k: decode_nonfinite(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_nonfinite(v, key) for v in value]
+    return value
+
+
+def _dumps(body: Any) -> bytes:
+    try:
+        return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
+    except ValueError:  # non-finite floats somewhere: encode them as strings
+        return json.dumps(encode_nonfinite(body), allow_nan=False, separators=(",", ":")).encode()
+
+
+class HyperlawClient:
+    """Client for ``/v1``; see the module docstring for retries, errors and encodings."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 10.0,
+        max_retries: int = 5,
+        backoff_s: float = 0.2,
+    ) -> None:
+        self.base_url = (base_url or os.environ.get("HYPERLAW_URL") or DEFAULT_URL).rstrip("/")
+        token = token if token is not None else os.environ.get("HYPERLAW_TOKEN")
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        self._rng = random.Random()
+        self._rng_lock = threading.Lock()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> HyperlawClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _sleep(self, attempt: int, retry_after: str | None) -> None:
+        delay = self.backoff_s * (2**attempt)
+        if retry_after is not None:
+            try:
+                delay = max(delay, float(retry_after))
+            except ValueError:
+                pass
+        with self._rng_lock:
+            jitter = self._rng.uniform(0.5, 1.0)
+        time.sleep(min(delay, _MAX_SLEEP_S) * jitter)
+
+    def request(
+        self, method: str, path: str, *, json_body: Any = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """One API call with retries; returns the decoded JSON body."""
+        content = _dumps(json_body) if json_body is not None else None
+        if params is not None:
+            params = {k: v for k, v in params.items() if v is not None}
+        last_problem = "no attempt made"
+        for attempt in range(self.max_retries + 1):
+            retry_after = None
+            try:
+                response = self._http.request(method, path, content=content, params=params)
+            except httpx.TransportError as exc:
+                last_problem = f"{type(exc).__name__}: {exc}"
+            else:
+                status = response.status_code
+                if status < 400:
+                    return decode_nonfinite(response.json())
+                try:
+                    detail = response.json().get("detail")
+                except ValueError:
+                    detail = response.text
+                if status != 429 and status < 500:
+                    raise HyperlawAPIError(status, detail)
+                retry_after = response.headers.get("Retry-After")
+                last_problem = f"HTTP {status}: {detail}"
+            if attempt < self.max_retries:
+                log.debug("%s %s failed (%s); retry %d", method, path, last_problem, attempt + 1)
+                self._sleep(attempt, retry_after)
+        raise HyperlawUnavailable(
+            f"{method} {self.base_url}{path} failed after {self.max_retries + 1} attempts: "
+            f"{last_problem}"
+        )
+
+    # -- experiments ------------------------------------------------------------------------
+
+    def ensure_experiment(self, name: str, description: str | None = None) -> dict[str, Any]:
+        """The experiment called ``name``, created if it does not exist."""
+        return self.request("POST", "/v1/experiments",
+                            json_body={"name": name, "description": description})
+
+    def get_experiment(self, experiment_id: int) -> dict[str, Any]:
+        return self.request("GET", f"/v1/experiments/{experiment_id}")
+
+    def list_experiments(self, **filters: Any) -> dict[str, Any]:
+        return self.request("GET", "/v1/experiments", params=filters)
+
+    # -- trials -----------------------------------------------------------------------------
+
+    def create_trial(self, **fields: Any) -> dict[str, Any]:
+        """Create a trial; with the same ``idempotency_key`` in the same experiment the
+        existing trial comes back. Without a key a random one is sent so retries are safe."""
+        fields.setdefault("idempotency_key", f"client-{uuid.uuid4().hex}")
+        return self.request("POST", "/v1/trials", json_body=fields)
+
+    def get_trial(self, trial_id: int) -> dict[str, Any]:
+        return self.request("GET", f"/v1/trials/{trial_id}")
+
+    def list_trials(self, **filters: Any) -> dict[str, Any]:
+        """``{"data": [...], "count": N}``; filters: experiment_id, status, source,
+        n_params_min/max, n_tokens_min/max, idempotency_key, limit, offset."""
+        return self.request("GET", "/v1/trials", params=filters)
+
+    def update_trial(self, trial_id: int, **fields: Any) -> dict[str, Any]:
+        return self.request("PATCH", f"/v1/trials/{trial_id}", json_body=fields)
+
+    def heartbeat(self, trial_id: int) -> dict[str, Any]:
+        return self.request("POST", f"/v1/trials/{trial_id}/heartbeat")
+
+    # -- points -----------------------------------------------------------------------------
+
+    def post_points(self, trial_id: int, points: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+        """Upsert points in batches of at most 10,000; returns ``{"trial_id", "count"}`` with
+        the number of distinct steps sent."""
+        points = list(points)
+        steps: set[int] = set()
+        for start in range(0, len(points), MAX_POINTS_PER_REQUEST):
+            batch = points[start:start + MAX_POINTS_PER_REQUEST]
+            self.request("POST", f"/v1/trials/{trial_id}/points",
+                         json_body={"points": [dict(p) for p in batch]})
+            steps.update(int(p["step"]) for p in batch)
+        return {"trial_id": trial_id, "count": len(steps)}
+
+    def get_points(
+        self, trial_id: int, step_min: int | None = None, step_max: int | None = None
+    ) -> dict[str, Any]:
+        """All points with ``step_min <= step <= step_max`` (paged through), by step."""
+        data: list[dict[str, Any]] = []
+        page_size = 100_000
+        while True:
+            page = self.request(
+                "GET", f"/v1/trials/{trial_id}/points",
+                params={"step_min": step_min, "step_max": step_max, "limit": page_size,
+                        "offset": len(data)},
+            )
+            data.extend(page["data"])
+            if len(data) >= page["count"] or not page["data"]:
+                return {"trial_id": trial_id, "data": data, "count": len(data)}
+
+    # -- fits and recommendations -----------------------------------------------------------
+
+    def recommend(self, **params: Any) -> dict[str, Any]:
+        """``GET /v1/recommendations`` with n_params, n_tokens[, seq_len, batch_size_tokens]."""
+        return self.request("GET", "/v1/recommendations", params=params)
+
+    def latest_fit(self, kind: str | None = None, **filters: Any) -> dict[str, Any]:
+        return self.request("GET", "/v1/fits/latest", params={"kind": kind, **filters})
+
+    def list_fits(self, **filters: Any) -> dict[str, Any]:
+        return self.request("GET", "/v1/fits", params=filters)
+
+    def get_fit(self, fit_id: int) -> dict[str, Any]:
+        return self.request("GET", f"/v1/fits/{fit_id}")
