@@ -1,0 +1,1 @@
+"""Data files shipped with hyperlaw (see CITATION.md)."""

@@ -1,0 +1,324 @@
+"""Training runs as arrays, and importers for published or past sweeps.
+
+A :class:`Runs` holds one row per finished training run: its size ``n_params`` (N,
+non-embedding parameters), budget ``n_tokens`` (D), ``seq_len``, peak ``learning_rate`` (η),
+global ``batch_size_tokens`` (B) and final smoothed ``loss``. A NaN or ±inf loss marks a run
+that diverged; such runs are data (they bound the stable η range), not errors.
+
+Two CSV formats are read, each all-or-nothing: every bad row is reported with its line
+number and the rule it breaks in one :class:`RunsCsvError`, and nothing is returned unless
+every row is good.
+
+* The Step Law format (Li et al. 2025, arXiv 2503.04715, repository step-law/steplaw,
+  ``data/dense_lr_bs_loss.csv``): columns ``lr, bs, smooth loss, D, N`` are used
+  (``bs`` in sequences of 2048 tokens, so B = bs · 2048). A copy ships with the package,
+  see :func:`bundled_steplaw_path`.
+* The generic format (:func:`load_runs_csv`), one header line then one run per line:
+
+  ==================== ======== ==========================================================
+  column               required meaning
+  ==================== ======== ==========================================================
+  n_params             yes      non-embedding parameters, > 0
+  n_tokens             yes      training tokens, > 0
+  seq_len              yes      sequence length in tokens, integer > 0
+  learning_rate        yes      peak learning rate, > 0
+  batch_size_tokens    yes      global batch size in tokens, > 0
+  final_loss           yes      final (smoothed) loss; ``nan`` or ``inf`` for a diverged run
+  steps_to_target      no       optimizer steps to first reach ``target_loss``; empty or
+                                ``inf`` when never reached (censored)
+  target_loss          no       the target loss for ``steps_to_target``
+  trial_id             no       integer id of the run
+  ==================== ======== ==========================================================
+
+  Other columns are ignored. Empty optional cells are allowed.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+#: Sequence length of every run in the Step Law sweep (their ``bs`` is in sequences).
+STEPLAW_SEQ_LEN = 2048
+
+_REQUIRED = ("n_params", "n_tokens", "seq_len", "learning_rate", "batch_size_tokens")
+_STEPLAW_COLUMNS = ("lr", "bs", "smooth loss", "D", "N")
+
+
+class RunsCsvError(ValueError):
+    """A CSV of runs has bad rows. ``errors`` lists every one as ``(line_number, reason)``.
+
+    Line numbers count from 1 at the header line, as a text editor shows them.
+    """
+
+    def __init__(self, path: str, errors: list[tuple[int, str]]):
+        self.path = path
+        self.errors = list(errors)
+        shown = "\n".join(f"  line {line}: {reason}" for line, reason in self.errors[:50])
+        more = len(self.errors) - 50
+        if more > 0:
+            shown += f"\n  ... and {more} more"
+        super().__init__(f"{path}: {len(self.errors)} bad row(s), nothing loaded:\n{shown}")
+
+
+@dataclass(frozen=True, eq=False)
+class Runs:
+    """Equal-length arrays, one entry per run.
+
+    ``loss`` is the final smoothed loss (NaN/inf = diverged). ``trial_id``,
+    ``steps_to_target`` and ``target_loss`` are optional (None when absent).
+    ``batch_size_sequences`` is derived: B / seq_len.
+    """
+
+    n_params: np.ndarray
+    n_tokens: np.ndarray
+    seq_len: np.ndarray
+    learning_rate: np.ndarray
+    batch_size_tokens: np.ndarray
+    loss: np.ndarray
+    trial_id: np.ndarray | None = None
+    steps_to_target: np.ndarray | None = None
+    target_loss: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = None
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                if f.name in _REQUIRED or f.name == "loss":
+                    raise ValueError(f"{f.name} is required")
+                continue
+            dtype = np.int64 if f.name in ("seq_len", "trial_id") else float
+            arr = np.asarray(value, dtype=dtype)
+            if arr.ndim != 1:
+                raise ValueError(f"{f.name} must be one-dimensional, got shape {arr.shape}")
+            if n is None:
+                n = arr.size
+            elif arr.size != n:
+                raise ValueError(f"{f.name} has {arr.size} entries, expected {n}")
+            arr.setflags(write=False)
+            object.__setattr__(self, f.name, arr)
+        for name in _REQUIRED:
+            arr = getattr(self, name)
+            if not np.all(np.isfinite(arr)) or not np.all(arr > 0):
+                raise ValueError(f"{name} must be finite and > 0 for every run")
+
+    def __len__(self) -> int:
+        return int(self.loss.size)
+
+    @property
+    def batch_size_sequences(self) -> np.ndarray:
+        return self.batch_size_tokens / self.seq_len
+
+    @property
+    def diverged(self) -> np.ndarray:
+        """True where the loss is NaN or ±inf."""
+        return ~np.isfinite(self.loss)
+
+    def subset(self, mask: np.ndarray) -> Runs:
+        """The runs selected by a boolean mask or an index array."""
+        kwargs = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kwargs[f.name] = None if value is None else value[mask]
+        return Runs(**kwargs)
+
+    def group_keys(self) -> np.ndarray:
+        """An (n, 2) array of (n_params, n_tokens) per run; rows equal = same group."""
+        return np.column_stack([self.n_params, self.n_tokens])
+
+    def groups(self) -> list[tuple[float, float, np.ndarray]]:
+        """``(n_params, n_tokens, index_array)`` for each (N, D) group, sorted by N then D."""
+        keys = self.group_keys()
+        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+        inverse = np.asarray(inverse).reshape(-1)
+        return [
+            (float(n), float(d), np.flatnonzero(inverse == i))
+            for i, (n, d) in enumerate(uniq)
+        ]
+
+    @classmethod
+    def from_records(cls, records: Iterable[Mapping[str, object]]) -> Runs:
+        """Build from dicts with the generic column names (``loss`` or ``final_loss``).
+
+        Raises ``ValueError`` naming the record index and field for a bad record.
+        """
+        rows = list(records)
+        cols: dict[str, list] = {name: [] for name in (*_REQUIRED, "loss")}
+        optional: dict[str, list] = {"trial_id": [], "steps_to_target": [], "target_loss": []}
+        for i, rec in enumerate(rows):
+            for name in _REQUIRED:
+                if rec.get(name) is None:
+                    raise ValueError(f"record {i}: {name} is required")
+                cols[name].append(rec[name])
+            loss = rec.get("loss", rec.get("final_loss"))
+            cols["loss"].append(float("nan") if loss is None else loss)
+            for name in optional:
+                optional[name].append(rec.get(name))
+        kwargs: dict[str, object] = dict(cols)
+        for name, values in optional.items():
+            present = [v is not None for v in values]
+            if not rows or not any(present):
+                kwargs[name] = None
+            elif name == "trial_id":
+                if not all(present):
+                    raise ValueError("trial_id must be given for every record or for none")
+                kwargs[name] = values
+            else:
+                kwargs[name] = [float("nan") if v is None else v for v in values]
+        return cls(**kwargs)
+
+
+def bundled_steplaw_path() -> Path:
+    """Path of the Step Law sweep shipped with the package (see ``fitting/bundled``)."""
+    return Path(str(resources.files("fitting.bundled").joinpath("steplaw_dense_lr_bs_loss.csv")))
+
+
+def _parse_float(text: str | None, name: str, *, allow_nonfinite: bool = False) -> float:
+    if text is None or text.strip() == "":
+        raise ValueError(f"{name} is empty")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name} is not a number: {text.strip()!r}") from None
+    if not allow_nonfinite and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {text.strip()!r}")
+    return value
+
+
+def _positive(text: str | None, name: str) -> float:
+    value = _parse_float(text, name)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value:g}")
+    return value
+
+
+def _positive_int(text: str | None, name: str) -> int:
+    value = _positive(text, name)
+    if value != int(value):
+        raise ValueError(f"{name} must be an integer, got {value:g}")
+    return int(value)
+
+
+def _read_rows(path: str | Path, required_columns: Iterable[str]):
+    """Yield ``(line_number, row_dict)``; raise RunsCsvError if columns are missing."""
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        missing = [c for c in required_columns if c not in header]
+        if missing:
+            raise RunsCsvError(str(path), [(1, f"missing column(s): {', '.join(missing)}")])
+        rows = []
+        for row in reader:
+            # reader.line_num is the physical line the row ended on.
+            if None in row:
+                rows.append((reader.line_num, None, f"{len(header) + len(row[None])} fields, "
+                                                      f"header has {len(header)}"))
+                continue
+            if all((v is None or v.strip() == "") for v in row.values()):
+                continue  # blank line
+            if any(v is None for v in row.values()):
+                n_fields = sum(v is not None for v in row.values())
+                rows.append((reader.line_num, None, f"{n_fields} fields, header has {len(header)}"))
+                continue
+            rows.append((reader.line_num, row, None))
+    return rows
+
+
+def _finish(path: str | Path, records: list[dict], errors: list[tuple[int, str]]) -> Runs:
+    if errors:
+        raise RunsCsvError(str(path), errors)
+    if not records:
+        raise RunsCsvError(str(path), [(1, "no runs in file")])
+    return Runs.from_records(records)
+
+
+def load_steplaw_csv(path: str | Path) -> Runs:
+    """Load the Step Law sweep CSV (columns ``lr, bs, smooth loss, D, N``).
+
+    B = bs · 2048 tokens, seq_len = 2048, loss = ``smooth loss``. Raises
+    :class:`RunsCsvError` listing every bad row.
+    """
+    records: list[dict] = []
+    errors: list[tuple[int, str]] = []
+    for line, row, problem in _read_rows(path, _STEPLAW_COLUMNS):
+        if problem is not None:
+            errors.append((line, problem))
+            continue
+        try:
+            records.append({
+                "n_params": _positive(row["N"], "N"),
+                "n_tokens": _positive(row["D"], "D"),
+                "seq_len": STEPLAW_SEQ_LEN,
+                "learning_rate": _positive(row["lr"], "lr"),
+                "batch_size_tokens": _positive(row["bs"], "bs") * STEPLAW_SEQ_LEN,
+                "loss": _parse_float(row["smooth loss"], "smooth loss", allow_nonfinite=True),
+            })
+        except ValueError as exc:
+            errors.append((line, str(exc)))
+    return _finish(path, records, errors)
+
+
+def load_runs_csv(path: str | Path) -> Runs:
+    """Load the generic runs CSV described in this module's docstring.
+
+    Raises :class:`RunsCsvError` listing every bad row; returns nothing half-loaded.
+    """
+    records: list[dict] = []
+    lines: list[int] = []
+    errors: list[tuple[int, str]] = []
+    for line, row, problem in _read_rows(path, (*_REQUIRED, "final_loss")):
+        if problem is not None:
+            errors.append((line, problem))
+            continue
+        reasons = []
+        rec: dict[str, object] = {}
+        for name in ("n_params", "n_tokens", "learning_rate", "batch_size_tokens"):
+            try:
+                rec[name] = _positive(row[name], name)
+            except ValueError as exc:
+                reasons.append(str(exc))
+        try:
+            rec["seq_len"] = _positive_int(row["seq_len"], "seq_len")
+        except ValueError as exc:
+            reasons.append(str(exc))
+        try:
+            rec["loss"] = _parse_float(
+                row["final_loss"], "final_loss (write nan for a diverged run)",
+                allow_nonfinite=True)
+        except ValueError as exc:
+            reasons.append(str(exc))
+        for name in ("steps_to_target", "target_loss"):
+            text = row.get(name)
+            if text is None or text.strip() == "":
+                continue
+            try:
+                value = _parse_float(text, name, allow_nonfinite=(name == "steps_to_target"))
+                if name == "steps_to_target" and (math.isnan(value) or value <= 0):
+                    raise ValueError(f"{name} must be > 0 (or inf when never reached)")
+                rec[name] = value
+            except ValueError as exc:
+                reasons.append(str(exc))
+        text = row.get("trial_id")
+        if text is not None and text.strip() != "":
+            try:
+                rec["trial_id"] = _positive_int(text, "trial_id")
+            except ValueError as exc:
+                reasons.append(str(exc))
+        if reasons:
+            errors.append((line, "; ".join(reasons)))
+        else:
+            records.append(rec)
+            lines.append(line)
+    if not errors and records:
+        has_id = ["trial_id" in r for r in records]
+        if any(has_id) and not all(has_id):
+            errors = [(line, "trial_id is empty (give it for every row or none)")
+                      for line, ok in zip(lines, has_id) if not ok]
+    return _finish(path, records, errors)
