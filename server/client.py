@@ -27,6 +27,7 @@ import random
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 MAX_POINTS_PER_REQUEST = 10_000
+POST_CONCURRENCY = 2
 _MAX_SLEEP_S = 10.0
 _NONFINITE_TO_STR = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _STR_TO_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -210,14 +212,28 @@ class HyperlawClient:
 
     def post_points(self, trial_id: int, points: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         """Upsert points in batches of at most 10,000; returns ``{"trial_id", "count"}`` with
-        the number of distinct steps sent."""
+        the number of distinct steps sent.
+
+        When the steps are distinct, up to ``POST_CONCURRENCY`` batches are in flight at
+        once (encoding one batch overlaps the server storing the previous one); with
+        repeated steps batches go one after another so the last row for a step wins.
+        """
         points = list(points)
-        steps: set[int] = set()
-        for start in range(0, len(points), MAX_POINTS_PER_REQUEST):
-            batch = points[start:start + MAX_POINTS_PER_REQUEST]
+        steps = {int(p["step"]) for p in points}
+        batches = [points[i:i + MAX_POINTS_PER_REQUEST]
+                   for i in range(0, len(points), MAX_POINTS_PER_REQUEST)]
+
+        def send(batch: list[Mapping[str, Any]]) -> None:
             self.request("POST", f"/v1/trials/{trial_id}/points",
                          json_body={"points": [dict(p) for p in batch]})
-            steps.update(int(p["step"]) for p in batch)
+
+        if len(batches) > 1 and len(steps) == len(points):
+            with ThreadPoolExecutor(POST_CONCURRENCY, thread_name_prefix="hyperlaw-post") as pool:
+                for future in [pool.submit(send, b) for b in batches]:
+                    future.result()
+        else:
+            for batch in batches:
+                send(batch)
         return {"trial_id": trial_id, "count": len(steps)}
 
     def get_points(

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Select, func, select, text
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -32,7 +32,7 @@ from server.models import (
     TrialStatus,
     utcnow,
 )
-from server.schemas import ExperimentCreate, TrialCreate, TrialUpdate
+from server.schemas import ExperimentCreate, PointIn, TrialCreate, TrialUpdate
 
 log = logging.getLogger(__name__)
 
@@ -279,32 +279,66 @@ def reap_stale_trials(
 
 # --- points --------------------------------------------------------------------------------
 
-def upsert_points(*, session: Session, trial_id: int, points: Sequence[dict[str, Any]]) -> int:
+def upsert_points(*, session: Session, trial_id: int, points: Sequence[PointIn]) -> int:
     """Insert or update loss-curve rows keyed by (trial_id, step); returns distinct steps.
 
-    One multi-row ``INSERT ... ON CONFLICT (trial_id, step) DO UPDATE`` (SQLAlchemy Core,
-    no ORM objects). A value sent as null keeps what is stored
-    (``COALESCE(excluded.x, points.x)``), so a trainer may send train and eval losses of a
-    step separately; re-sending the same points changes nothing. Within one batch the last
-    row for a step wins.
+    One statement, no ORM objects: ``INSERT ... ON CONFLICT (trial_id, step) DO UPDATE``.
+    On PostgreSQL the rows travel column-wise as arrays (``SELECT ... FROM unnest(...)``);
+    on SQLite as a SQLAlchemy Core multi-row upsert. A value sent as null keeps what is
+    stored (``COALESCE(excluded.x, points.x)``), so a trainer may send a step's train and
+    eval losses separately; re-sending the same points changes nothing. Within one batch
+    the last row for a step wins.
     """
     get_trial(session=session, trial_id=trial_id)
-    by_step: dict[int, dict[str, Any]] = {}
-    for row in points:
-        by_step[row["step"]] = row
-    if not by_step:
+    rows = list({p.step: p for p in points}.values())
+    if not rows:
         return 0
-    rows = [{**row, "trial_id": trial_id} for row in by_step.values()]
+    if session.get_bind().dialect.name == "postgresql":
+        _upsert_points_pg(session, trial_id, rows)
+    else:
+        _upsert_points_core(session, trial_id, rows)
+    return len(rows)
+
+
+_PG_UPSERT = (
+    "INSERT INTO points (trial_id, step, {cols}) "
+    "SELECT %(trial_id)s, * FROM unnest({arrays}) "
+    "ON CONFLICT (trial_id, step) DO UPDATE SET {updates}"
+).format(
+    cols=", ".join(POINT_VALUE_COLUMNS),
+    arrays=", ".join(
+        f"%({c})s::{'bigint' if c in ('step', 'tokens') else 'double precision'}[]"
+        for c in ("step", *POINT_VALUE_COLUMNS)
+    ),
+    updates=", ".join(f"{c} = COALESCE(EXCLUDED.{c}, points.{c})" for c in POINT_VALUE_COLUMNS),
+)
+
+
+def _pg_array_literal(values: list[int | float | None]) -> str:
+    """A PostgreSQL array literal ``{1.5,NULL,nan,inf}``: ``repr`` of ints and floats is
+    exact, and ``float8in`` reads Python's ``nan``/``inf``/``-inf`` spellings."""
+    if None in values:
+        return "{" + ",".join(["NULL" if v is None else repr(v) for v in values]) + "}"
+    return "{" + ",".join(map(repr, values)) + "}"
+
+
+def _upsert_points_pg(session: Session, trial_id: int, rows: list[PointIn]) -> None:
+    # One text array per column: PostgreSQL parses '{...}' literals far faster than
+    # ARRAY[...] expressions or one VALUES tuple per row.
+    params: dict[str, Any] = {"trial_id": trial_id}
+    for column in ("step", *POINT_VALUE_COLUMNS):
+        params[column] = _pg_array_literal([getattr(row, column) for row in rows])
+    session.connection().exec_driver_sql(_PG_UPSERT, params)
+
+
+def _upsert_points_core(session: Session, trial_id: int, rows: list[PointIn]) -> None:
     table = Point.__table__
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(table)
+    stmt = sqlite.insert(table)
     stmt = stmt.on_conflict_do_update(
         index_elements=[table.c.trial_id, table.c.step],
-        set_={name: func.coalesce(stmt.excluded[name], table.c[name]) for name in POINT_VALUE_COLUMNS},
+        set_={c: func.coalesce(stmt.excluded[c], table.c[c]) for c in POINT_VALUE_COLUMNS},
     )
-    session.execute(stmt, rows)
-    return len(rows)
+    session.execute(stmt, [{**row.model_dump(), "trial_id": trial_id} for row in rows])
 
 
 def get_points(

@@ -1,9 +1,12 @@
 """``/v1/trials``: trials, their heartbeats and their loss curves."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 
 from server import crud
 from server.api.deps import ReadAuth, SessionDep, WriteAuth
@@ -21,6 +24,24 @@ from server.schemas import (
 )
 
 router = APIRouter(prefix="/trials", tags=["trials"])
+
+
+def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with its ``$defs`` inlined (for a hand-parsed body)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
 
 
 @router.post(
@@ -89,10 +110,23 @@ def heartbeat(trial_id: int, session: SessionDep) -> TrialPublic:
         "transaction: a rejected batch stores nothing, re-sending stores nothing new, and a "
         "null value keeps the stored one. " + NONFINITE_NOTE
     ),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _inline_schema(PointsCreate)}},
+        }
+    },
 )
-def post_points(trial_id: int, points_in: PointsCreate, session: SessionDep) -> PointsStored:
-    rows = [p.model_dump() for p in points_in.points]
-    count = crud.upsert_points(session=session, trial_id=trial_id, points=rows)
+async def post_points(trial_id: int, request: Request, session: SessionDep) -> PointsStored:
+    # The body is parsed and validated in one pass from bytes (pydantic's JSON parser),
+    # which is about twice as fast as json.loads followed by validation.
+    try:
+        points_in = PointsCreate.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+    count = await run_in_threadpool(
+        crud.upsert_points, session=session, trial_id=trial_id, points=points_in.points
+    )
     return PointsStored(trial_id=trial_id, count=count)
 
 
