@@ -1,0 +1,269 @@
+"""A smooth loss surface L(N, D, η, B) fitted across all (N, D) groups of a sweep.
+
+With x = ln η, y = ln B (B in tokens), n = ln N − n_ref and d = ln D − d_ref, the surface is
+
+    ln L = c_g + Q(u, v),   u = x − x*(n, d),   v = y − y*(n, d)
+    x*(n, d) = eta_0 + eta_n·n + eta_d·d          (optimal ln η: a power law in N and D)
+    y*(n, d) = batch_0 + batch_n·n + batch_d·d    (optimal ln B: a power law in N and D)
+    Q(u, v) = A·u² + Bc·v² + C·u·v + E·u³ + F·v³ + H·u²·v,   A = e^log_curv_eta,
+                                                              Bc = e^log_curv_batch
+
+c_g is a free offset per group (the log of the group's best loss), so the fit of the optimum
+lines never has to model how the loss level itself scales. (0, 0) is a stationary point of
+Q, and a minimum while 4·A·Bc > C², so the surface's argmin for any (N, D) is exactly
+(x*, y*): the recommended η and B are the two power laws. The cubic terms let the valleys be
+asymmetric (too large an η hurts faster than too small) without biasing x*, y*.
+
+Fitting: per group, the runs whose loss is within ``window`` (default 1 %) of the group's
+best (at least ``min_runs_per_group`` of its best runs), diverged runs excluded; least
+squares on ln L with a soft-L1 robust loss (scale ``f_scale`` in ln L) and weights that give
+every group about the same total weight. The window and the robust loss were chosen by
+leave-one-group-out regret on the Step Law sweep (see ``benchmarks/recommend_quality.py``).
+
+The level of the loss at the optimum is then summarised by a local power law fitted to the
+group offsets, c(n, d) = loss_0 + loss_n·n + loss_d·d (L_opt ∝ N^loss_n · D^loss_d), which
+is what the critical batch size needs (see :func:`critical_log_batch_offset`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from fitting.data import Runs
+from fitting.results import FitStatus
+
+logger = logging.getLogger(__name__)
+
+#: Names of the fitted shape parameters, in the order of the parameter vector.
+PARAM_NAMES = (
+    "eta_0", "eta_n", "eta_d", "batch_0", "batch_n", "batch_d",
+    "log_curv_eta", "log_curv_batch", "coupling", "cubic_eta", "cubic_batch", "cubic_mixed",
+)
+
+
+@dataclass(frozen=True)
+class SurfaceParams:
+    """Parameters of the surface (see the module docstring for the formula)."""
+
+    n_ref: float
+    d_ref: float
+    eta_0: float
+    eta_n: float
+    eta_d: float
+    batch_0: float
+    batch_n: float
+    batch_d: float
+    log_curv_eta: float
+    log_curv_batch: float
+    coupling: float
+    cubic_eta: float
+    cubic_batch: float
+    cubic_mixed: float
+    loss_0: float
+    loss_n: float
+    loss_d: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class SurfaceFit:
+    """Result of :func:`fit_surface`. ``params`` is None unless ``status`` is ok."""
+
+    status: FitStatus
+    reason: str
+    params: SurfaceParams | None
+    n_runs_used: int
+    n_groups: int
+    rms_residual: float  # of ln L over the runs used (robust fit, so outliers inflate it)
+
+
+def optimum_log(p, log_n, log_d):
+    """(x*, y*) = (ln η*, ln B*) at ln N = log_n, ln D = log_d. Works on arrays of draws."""
+    n = log_n - p.n_ref
+    d = log_d - p.d_ref
+    return (p.eta_0 + p.eta_n * n + p.eta_d * d, p.batch_0 + p.batch_n * n + p.batch_d * d)
+
+
+def excess_log_loss(p, u, v):
+    """Q(u, v): ln L above the group's optimum at ln η offset u and ln B offset v."""
+    a = np.exp(p.log_curv_eta)
+    b = np.exp(p.log_curv_batch)
+    return (a * u * u + b * v * v + p.coupling * u * v
+            + p.cubic_eta * u ** 3 + p.cubic_batch * v ** 3 + p.cubic_mixed * u * u * v)
+
+
+def best_eta_offset(p, v):
+    """u*(v): the ln η offset minimising Q at ln B offset v.
+
+    Solves ∂Q/∂u = 3E·u² + (2A + 2H·v)·u + C·v = 0 for the root nearest 0 (the branch
+    through u = 0 at v = 0); where no real root exists the linear term's root −C·v/(2A+2Hv)
+    is used.
+    """
+    a2 = 3.0 * p.cubic_eta
+    b1 = 2.0 * np.exp(p.log_curv_eta) + 2.0 * p.cubic_mixed * v
+    c0 = p.coupling * v
+    disc = b1 * b1 - 4.0 * a2 * c0
+    root = np.sqrt(np.maximum(disc, 0.0))
+    denom = b1 + np.copysign(root, b1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stable = np.where(denom != 0, -2.0 * c0 / denom, 0.0)
+        linear = np.where(b1 != 0, -c0 / b1, 0.0)
+    return np.where(disc >= 0, stable, linear)
+
+
+def batch_excess(p, v):
+    """Q_B(v) = min over u of Q(u, v): the loss cost of ln B offset v with η retuned."""
+    return excess_log_loss(p, best_eta_offset(p, v), v)
+
+
+def _first_crossing(fun, lo: float, hi: float, n_grid: int = 241, n_fine: int = 201) -> float:
+    """Smallest t in [lo, hi] where the vectorised ``fun`` reaches or crosses 0: bracketed
+    on a grid, re-gridded inside the bracket, then linearly interpolated (two vectorised
+    calls, no Python loop). NaN when it has no root there."""
+    for _ in range(2):
+        grid = np.linspace(lo, hi, n_grid)
+        values = fun(grid)
+        if values[0] == 0:
+            return float(lo)
+        change = np.flatnonzero(np.sign(values[:-1]) * np.sign(values[1:]) <= 0)
+        if change.size == 0:
+            return float("nan")
+        i = int(change[0])
+        lo, hi, n_grid = grid[i], grid[i + 1], n_fine
+    f_lo, f_hi = values[i], values[i + 1]
+    if f_hi == f_lo:
+        return float(lo)
+    return float(lo - f_lo * (hi - lo) / (f_hi - f_lo))
+
+
+def critical_log_batch_offset(p, overhead: float = 0.2, v_max: float = 8.0) -> float:
+    """ln(CBS) − y*(n, d + ln(1+ε)): the critical batch size relative to the optimal B of
+    a (1+ε)-times longer run, for ε = ``overhead`` (Zhang et al. 2024's definition).
+
+    The target loss is the optimum's loss at budget D. A run at batch B (η retuned) has
+    after T tokens the loss c(n, ln T) + Q_B(ln B − y*(n, ln T)). The CBS is the largest B
+    whose tokens-to-target are at most (1+ε)·D (D = the tokens-to-target at the optimal B),
+    i.e. the largest v with Q_B(v) = −loss_d·ln(1+ε); so
+    ln CBS = y*(n, d) + batch_d·ln(1+ε) + v. With the linear offset law this v does not
+    depend on (N, D). NaN when the loss does not fall with D (loss_d ≥ 0) or Q_B stays
+    below the target up to v_max.
+    """
+    target = -p.loss_d * math.log1p(overhead)
+    if not target > 0:
+        return float("nan")
+    return _first_crossing(lambda v: batch_excess(p, v) - target, 0.0, v_max)
+
+
+def log_tokens_to_target(p, v0: float, tau_max: float = 12.0) -> float:
+    """τ = ln(T(B)/D): tokens to reach the optimum's loss at budget D with batch B, where
+    v0 = ln B − y*(n, d). Solves loss_d·τ + Q_B(v0 − batch_d·τ) = 0 for the first τ ≥ 0;
+    inf when it has no root up to tau_max (the batch never gets there)."""
+    if not p.loss_d < 0:
+        return float("nan")
+    tau = _first_crossing(lambda t: p.loss_d * t + batch_excess(p, v0 - p.batch_d * t),
+                          0.0, tau_max)
+    return float("inf") if math.isnan(tau) else tau
+
+
+def _select(runs: Runs, window: float, min_runs_per_group: int):
+    """Indices of runs within ``window`` of their group's best, per group (≥ min runs)."""
+    chosen = []
+    for _, _, idx in runs.groups():
+        loss = runs.loss[idx]
+        finite = np.isfinite(loss)
+        if finite.sum() == 0:
+            continue
+        idx, loss = idx[finite], loss[finite]
+        order = np.argsort(loss, kind="stable")
+        keep = loss <= loss.min() * (1.0 + window)
+        keep[order[:min_runs_per_group]] = True
+        chosen.append(idx[keep])
+    return chosen
+
+
+def fit_surface(runs: Runs, *, window: float = 0.01, f_scale: float = 0.002,
+                min_runs_per_group: int = 6) -> SurfaceFit:
+    """Fit the surface of the module docstring to ``runs`` (see there for the method)."""
+    from scipy.optimize import least_squares
+
+    if not window > 0:
+        raise ValueError(f"window must be > 0, got {window}")
+    if not f_scale > 0:
+        raise ValueError(f"f_scale must be > 0, got {f_scale}")
+    chosen = _select(runs, window, min_runs_per_group)
+
+    def insufficient(reason: str, n_used: int = 0) -> SurfaceFit:
+        return SurfaceFit(FitStatus.INSUFFICIENT_DATA, reason, None, n_used, len(chosen),
+                          float("nan"))
+
+    good = []
+    for idx in chosen:
+        lr = np.unique(runs.learning_rate[idx])
+        bs = np.unique(runs.batch_size_tokens[idx])
+        if idx.size >= min_runs_per_group and lr.size >= 3 and bs.size >= 3:
+            good.append(idx)
+    if len(good) < 4:
+        return insufficient(
+            f"need at least 4 (n_params, n_tokens) groups, each with >= {min_runs_per_group} "
+            f"finite runs over >= 3 learning rates and >= 3 batch sizes near its best; "
+            f"have {len(good)}")
+    first = np.array([g[0] for g in good])
+    if np.unique(runs.n_params[first]).size < 2 or np.unique(runs.n_tokens[first]).size < 2:
+        return insufficient("need at least 2 distinct n_params and 2 distinct n_tokens "
+                            "among the usable groups")
+
+    sel = np.concatenate(good)
+    gi = np.concatenate([np.full(g.size, k) for k, g in enumerate(good)])
+    ng = len(good)
+    log_n_g = np.log(runs.n_params[first])
+    log_d_g = np.log(runs.n_tokens[first])
+    n_ref, d_ref = float(log_n_g.mean()), float(log_d_g.mean())
+    n = np.log(runs.n_params[sel]) - n_ref
+    d = np.log(runs.n_tokens[sel]) - d_ref
+    x = np.log(runs.learning_rate[sel])
+    y = np.log(runs.batch_size_tokens[sel])
+    t = np.log(runs.loss[sel])
+    counts = np.bincount(gi)
+    weights = 1.0 / np.sqrt(counts[gi] / counts.mean())  # each group weighs about the same
+
+    def residuals(theta):
+        c = theta[:ng]
+        q = theta[ng:]
+        u = x - (q[0] + q[1] * n + q[2] * d)
+        v = y - (q[3] + q[4] * n + q[5] * d)
+        pred = (c[gi] + np.exp(q[6]) * u * u + np.exp(q[7]) * v * v + q[8] * u * v
+                + q[9] * u ** 3 + q[10] * v ** 3 + q[11] * u * u * v)
+        return (pred - t) * weights
+
+    best = [g[np.argmin(runs.loss[g])] for g in good]
+    q0 = np.zeros(len(PARAM_NAMES))
+    q0[0] = np.mean(np.log(runs.learning_rate[best]))
+    q0[3] = np.mean(np.log(runs.batch_size_tokens[best]))
+    q0[6] = q0[7] = math.log(0.005)
+    c0 = np.log(runs.loss[best])
+    try:
+        sol = least_squares(residuals, np.concatenate([c0, q0]), loss="soft_l1",
+                            f_scale=f_scale, x_scale="jac")
+    except (ValueError, np.linalg.LinAlgError) as exc:
+        return SurfaceFit(FitStatus.FAILED, f"optimiser failed: {exc}", None, sel.size, ng,
+                          float("nan"))
+    theta = sol.x
+    q = dict(zip(PARAM_NAMES, (float(v) for v in theta[ng:])))
+    a, b = math.exp(q["log_curv_eta"]), math.exp(q["log_curv_batch"])
+    if not sol.success or not np.all(np.isfinite(theta)) or 4 * a * b <= q["coupling"] ** 2:
+        return SurfaceFit(FitStatus.FAILED,
+                          f"fit did not converge to a minimum (success={sol.success}, "
+                          f"4·A·B − C² = {4 * a * b - q['coupling'] ** 2:.3g})",
+                          None, sel.size, ng, float("nan"))
+    # Local power law of the loss at the optimum: c_g = loss_0 + loss_n·n + loss_d·d.
+    design = np.column_stack([np.ones(ng), log_n_g - n_ref, log_d_g - d_ref])
+    loss_coef = np.linalg.lstsq(design, theta[:ng], rcond=None)[0]
+    params = SurfaceParams(n_ref=n_ref, d_ref=d_ref, **q, loss_0=float(loss_coef[0]),
+                           loss_n=float(loss_coef[1]), loss_d=float(loss_coef[2]))
+    rms = float(np.sqrt(np.mean((residuals(theta) / weights) ** 2)))
+    return SurfaceFit(FitStatus.OK, "", params, sel.size, ng, rms)
