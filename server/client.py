@@ -19,9 +19,7 @@ Contract:
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import random
 import threading
@@ -33,21 +31,14 @@ from typing import Any
 
 import httpx
 
+from server.core.nonfinite import decode_nonfinite, dumps
+
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 MAX_POINTS_PER_REQUEST = 10_000
 POST_CONCURRENCY = 2
 _MAX_SLEEP_S = 10.0
-_NONFINITE_TO_STR = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
-_STR_TO_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-# Keys whose values are text: never turned into floats even if they read "NaN".
-_TEXT_KEYS = frozenset({
-    "name", "description", "status_reason", "message", "kind", "scope", "idempotency_key",
-    "data_watermark", "schedule", "detail", "status", "source",
-})
-
-
 class HyperlawAPIError(Exception):
     """The API refused the request (a 4xx other than 429)."""
 
@@ -61,36 +52,8 @@ class HyperlawUnavailable(Exception):
     """The API could not be reached (or kept answering 5xx/429) after all retries."""
 
 
-def encode_nonfinite(value: Any) -> Any:
-    """Replace NaN/±inf floats by the API's strings, recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return _NONFINITE_TO_STR[repr(value)]
-    if isinstance(value, Mapping):
-        return {k: encode_nonfinite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [encode_nonfinite(v) for v in value]
-    return value
-
-
-def decode_nonfinite(value: Any, key: str | None = None) -> Any:
-    """Turn the API's "NaN"/"Infinity"/"-Infinity" strings back into floats, recursively
-    (values under text keys such as ``name`` are left alone)."""
-    if isinstance(value, str):
-        if key not in _TEXT_KEYS and value in _STR_TO_NONFINITE:
-            return _STR_TO_NONFINITE[value]
-        return value
-    if isinstance(value, dict):
-        return {k: decode_nonfinite(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [decode_nonfinite(v, key) for v in value]
-    return value
-
-
 def _dumps(body: Any) -> bytes:
-    try:
-        return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
-    except ValueError:  # non-finite floats somewhere: encode them as strings
-        return json.dumps(encode_nonfinite(body), allow_nan=False, separators=(",", ":")).encode()
+    return dumps(body).encode()
 
 
 class HyperlawClient:

@@ -15,9 +15,7 @@ function called at shutdown (the stale-trial reaper, the fitting worker).
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,6 +34,7 @@ from server.core.db import (
     make_session_factory,
 )
 from server.core.errors import HyperlawError, InputError
+from server.core.nonfinite import dumps
 from server.schemas import NONFINITE_NOTE
 
 log = logging.getLogger(__name__)
@@ -47,26 +46,11 @@ class SchemaOutdatedError(RuntimeError):
     """The database is not at the head migration."""
 
 
-def _nonfinite_to_str(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {k: _nonfinite_to_str(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_nonfinite_to_str(v) for v in value]
-    return value
-
-
 class HyperlawJSONResponse(JSONResponse):
     """JSON response that writes NaN/±inf as "NaN"/"Infinity"/"-Infinity" (valid JSON)."""
 
     def render(self, content: Any) -> bytes:
-        try:
-            text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        except ValueError:
-            text = json.dumps(_nonfinite_to_str(content), ensure_ascii=False, allow_nan=False,
-                              separators=(",", ":"))
-        return text.encode("utf-8")
+        return dumps(content, ensure_ascii=False).encode("utf-8")
 
 
 # --- validation errors as {"field", "rule", "message"} -------------------------------------
@@ -108,8 +92,8 @@ def validation_details(errors: Sequence[dict[str, Any]]) -> list[dict[str, str]]
         loc = [str(p) for p in err.get("loc", ())]
         if loc and loc[0] in {"body", "query", "path", "header"}:
             loc = loc[1:]
-        field = ".".join(loc) or "body"
         rule = err.get("type", "invalid")
+        field = "body" if rule == "json_invalid" else (".".join(loc) or "body")
         ctx = err.get("ctx") or {}
         text = _RULE_TEXT.get(rule)
         sentence = text(ctx) if text else str(err.get("msg", "is invalid")).lower()

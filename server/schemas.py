@@ -15,8 +15,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
+from server.core.nonfinite import encode_nonfinite
 from server.models import TokenScope, TrialSource, TrialStatus
 
 NONFINITE_NOTE = (
@@ -32,6 +33,11 @@ PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFinite = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
 AnyFloat = Annotated[float, Field(description=NONFINITE_NOTE)]
+# Free-form JSON objects out: non-finite floats inside become "NaN"/"Infinity" strings
+# (pydantic would otherwise write null for floats it only sees as Any).
+JsonObjectOut = Annotated[
+    dict[str, Any] | None, PlainSerializer(encode_nonfinite, when_used="json")
+]
 
 
 class InModel(BaseModel):
@@ -132,7 +138,7 @@ class TrialPublic(OutModel):
     learning_rate: float
     batch_size_tokens: int
     batch_size_sequences: float = Field(description="batch_size_tokens / seq_len")
-    model_shape: dict[str, Any] | None
+    model_shape: JsonObjectOut
     adam_beta1: float | None
     adam_beta2: float | None
     adam_eps: float | None
@@ -153,7 +159,7 @@ class TrialPublic(OutModel):
     steps_done: int | None
     tokens_done: int | None
     diverged: bool | None
-    config: dict[str, Any] | None
+    config: JsonObjectOut
     created_at: dt.datetime
     updated_at: dt.datetime
     completed_at: dt.datetime | None = Field(description="when the trial finished, any status")
@@ -218,9 +224,9 @@ class FitPublic(OutModel):
     experiment_id: int | None
     status: Literal["ok", "insufficient_data", "failed"]
     message: str | None
-    params: dict[str, Any] | None
-    intervals: dict[str, Any] | None
-    quality: dict[str, Any] | None
+    params: JsonObjectOut
+    intervals: JsonObjectOut
+    quality: JsonObjectOut
     trial_ids: list[int] | None
     n_trials: int
     data_watermark: str

@@ -24,6 +24,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
+from server.core import nonfinite
 from server.core.errors import StorageUnavailableError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,13 @@ def is_sqlite(url: str) -> bool:
 
 
 def make_engine(url: str, **kwargs) -> Engine:
-    """An engine for ``url``; extra ``kwargs`` go to ``sqlalchemy.create_engine``."""
+    """An engine for ``url``; extra ``kwargs`` go to ``sqlalchemy.create_engine``.
+
+    JSON columns store non-finite floats as "NaN"/"Infinity"/"-Infinity" and read them
+    back as floats (``server.core.nonfinite``): PostgreSQL's json type refuses bare NaN.
+    """
+    kwargs.setdefault("json_serializer", nonfinite.dumps)
+    kwargs.setdefault("json_deserializer", nonfinite.loads)
     if is_sqlite(url):
         engine = create_engine(
             url,
