@@ -47,6 +47,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 TASKS = ("synthetic", "gpt")
+REPORT_INTERVAL_S = 2.5  # Ray Train's controller polls workers every 2 s by default
 SCHEDULES = ("constant_ewa", "wsd", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -509,6 +510,22 @@ def train(
         engine.module.train()
         return current, averaged
 
+    last_report = [-math.inf]
+
+    def maybe_report(metrics: dict[str, Any], force: bool = False) -> None:
+        """Report to Ray at most every REPORT_INTERVAL_S (Ray Train drains one report per
+        controller poll, so denser reports would stall training); rank 0 decides for all
+        workers so every worker reports the same sequence."""
+        if report is None:
+            return
+        due = torch.tensor([1 if force or time.monotonic() - last_report[0] >= REPORT_INTERVAL_S
+                            else 0])
+        if world_size > 1:
+            dist.broadcast(due, src=0)
+        if due.item():
+            last_report[0] = time.monotonic()
+            report(metrics)
+
     def reduce_mean(value: float) -> float:
         if world_size == 1:
             return value
@@ -602,8 +619,7 @@ def train(
                            "eval_loss": last_eval, "tokens_per_s": point["tokens_per_s"] or 0.0}
                 if gauges is not None:
                     _set_gauges(gauges, metrics, config.trial_id)
-                if report is not None:
-                    report(metrics)
+                maybe_report(metrics)
             if step in eval_at or step % log_every == 0 or diverged:
                 sink.add_point(point)
                 points_recorded += 1
@@ -656,11 +672,13 @@ def train(
     )
     sink.finish("completed", **result.final_metrics())
     sink.close(timeout_s=60.0)
-    if report is not None:
-        report({"step": step, "tokens": result.tokens_done, "done": True,
-                "final_loss": _finite_or_none(final_loss) or math.inf,
-                "final_eval_loss": last_eval if math.isfinite(last_eval) else math.inf,
-                "diverged": diverged, "n_params": n_params, "data_fingerprint": data_fingerprint})
+    # no key named "done": Tune would take it as the end of the trial and kill its driver
+    maybe_report(force=True, metrics={
+        "step": step, "tokens": result.tokens_done, "finished": True,
+        "final_loss": final_loss if math.isfinite(final_loss) else math.inf,
+        "final_eval_loss": last_eval if math.isfinite(last_eval) else math.inf,
+        "diverged": diverged, "n_params": n_params, "data_fingerprint": data_fingerprint,
+    })
     if ckpt_dir is not None and rank == 0 and not diverged:
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the checkpoint has no more use
     if created_group:
