@@ -13,7 +13,9 @@ trains on D = steps · B tokens. The synthetic task counts one sample as one tok
 Schedules (multiplier of the peak learning rate η after a linear warmup over
 ⌈warmup_fraction · steps⌉ steps):
   * ``constant_ewa``: 1; evaluation uses the exponential weight average
-    ξ_{t+1} = τ·ξ_t + (1 − τ)·θ_t (Zhang et al. 2024, τ = ``ewa_decay``);
+    ξ_{t+1} = τ·ξ_t + (1 − τ)·θ_{t+1} (Zhang et al. 2024, τ = ``ewa_decay``), started at
+    ξ_0 = 0 and debiased as ξ_t / (1 − τ^t) (as Adam debiases its moments), so that short runs
+    are not dragged towards the initial weights;
   * ``wsd``: 1, then linear decay to ``min_lr_ratio`` over the last ``decay_fraction``;
   * ``cosine``: min + (1 − min)·(1 + cos(π·progress))/2 after warmup.
 
@@ -444,7 +446,8 @@ def train(
                                            config=deepspeed_config(config, layout))
     params = [p for p in engine.module.parameters()]
     use_ewa = config.schedule.name == "constant_ewa"
-    ewa = [p.detach().clone().float() for p in params] if use_ewa else None
+    ewa = [torch.zeros_like(p, dtype=torch.float32) for p in params] if use_ewa else None
+    ewa_count = 0
 
     # -- resume from the last checkpoint of this run, if any
     start_step, train_loss_ema, first_loss, points_recorded = 0, None, None, 0
@@ -456,6 +459,7 @@ def train(
         first_loss = client_state["first_loss"]
         if use_ewa:
             ewa = [t.float() for t in client_state["ewa"]]
+            ewa_count = int(client_state["ewa_count"])
         logger.info("resumed from checkpoint at step %d", start_step)
     resumed_from_step = start_step
 
@@ -481,14 +485,25 @@ def train(
     measure_noise = config.zero_stage == 0 and (world_size > 1 or gas > 1)
     noise = None
     if measure_noise:
-        from fitting.noise_scale import GradientNoiseScale
-
-        noise = GradientNoiseScale()
+        try:
+            from fitting.noise_scale import GradientNoiseScale
+        except ImportError as exc:  # the estimator module is optional at run time
+            logger.warning("b_simple not measured: %s", exc)
+            measure_noise = False
+        else:
+            noise = GradientNoiseScale()
     if world_size > 1:
         b_small = layout.batch_size_tokens // world_size  # one worker's share
     else:
         b_small = layout.micro_batch_tokens  # one micro batch
     b_big = layout.batch_size_tokens
+
+    def ewa_weights() -> list[torch.Tensor]:
+        """Debiased EWA ξ_t / (1 − τ^t); the current weights before the first step."""
+        if ewa_count == 0:
+            return [p.detach().float() for p in params]
+        scale = 1.0 / (1.0 - config.schedule.ewa_decay ** ewa_count)
+        return [e * scale for e in ewa]
 
     def evaluate() -> tuple[float, float | None]:
         """(loss of the current weights, loss of the EWA weights or None)."""
@@ -496,13 +511,13 @@ def train(
         with torch.no_grad():
             if config.task == "synthetic":
                 current = task.risk(engine.module.w)
-                averaged = task.risk(ewa[0]) if use_ewa else None
+                averaged = task.risk(ewa_weights()[0]) if use_ewa else None
             else:
                 current = _mean_val_loss(engine.module, corpus, config, rank, world_size)
                 averaged = None
                 if use_ewa:
                     saved = [p.detach().clone() for p in params]
-                    for p, e in zip(params, ewa):
+                    for p, e in zip(params, ewa_weights()):
                         p.data.copy_(e)
                     averaged = _mean_val_loss(engine.module, corpus, config, rank, world_size)
                     for p, s in zip(params, saved):
@@ -582,6 +597,7 @@ def train(
                 with torch.no_grad():
                     for e, p in zip(ewa, params):
                         e.mul_(tau).add_(p.detach().float(), alpha=1.0 - tau)
+                ewa_count += 1
 
             train_loss = reduce_mean(loss_sum / gas)
             if first_loss is None:
@@ -636,7 +652,7 @@ def train(
                     and step % config.checkpoint_every == 0 and step < total_steps):
                 _save_checkpoint(engine, ckpt_dir, step, {
                     "step": step, "train_loss_ema": train_loss_ema, "first_loss": first_loss,
-                    "ewa": ewa,
+                    "ewa": ewa, "ewa_count": ewa_count,
                 }, rank)
             if config.fail_at_step is not None and step == config.fail_at_step and not failed_once:
                 marker = ckpt_dir / "injected_failure_done" if ckpt_dir else None
@@ -658,10 +674,9 @@ def train(
     wall = time.perf_counter() - t_start
     trained_tokens = (step - resumed_from_step) * layout.batch_size_tokens
     final_loss = train_loss_ema if train_loss_ema is not None else math.nan
-    if diverged:
+    if diverged:  # the measured values stay in the points; the trial's result is "no loss"
         final_loss = train_loss if not math.isfinite(train_loss) else math.inf
-        if math.isfinite(last_eval):
-            last_eval = math.inf if last_eval > config.divergence_factor * first_loss else last_eval
+        last_eval = last_eval if not math.isfinite(last_eval) else math.inf
     result = RunResult(
         status="completed", diverged=diverged, steps_done=step,
         tokens_done=step * layout.batch_size_tokens, final_loss=final_loss,
