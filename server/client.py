@@ -77,7 +77,8 @@ class HyperlawClient:
         self.backoff_s = backoff_s
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         self._rng = random.Random()
-        self._rng_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self.retries = 0  # retried attempts so far, all threads together
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -97,8 +98,9 @@ class HyperlawClient:
                 delay = max(delay, float(retry_after))
             except ValueError:
                 pass
-        with self._rng_lock:
+        with self._lock:
             jitter = self._rng.uniform(0.5, 1.0)
+            self.retries += 1
         time.sleep(min(delay, _MAX_SLEEP_S) * jitter)
 
     def request(

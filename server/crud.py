@@ -290,7 +290,9 @@ def upsert_points(*, session: Session, trial_id: int, points: Sequence[PointIn])
     the last row for a step wins.
     """
     get_trial(session=session, trial_id=trial_id)
-    rows = list({p.step: p for p in points}.values())
+    # Sorted by step so that concurrent batches over the same steps lock rows in the same
+    # order (unsorted, overlapping upserts deadlock on PostgreSQL).
+    rows = sorted({p.step: p for p in points}.values(), key=lambda p: p.step)
     if not rows:
         return 0
     if session.get_bind().dialect.name == "postgresql":

@@ -148,20 +148,22 @@ class LiveServer:
 
 
 def start_live_server(
-    database_url: str, *, log_dir: Path, worker: bool = False, env: dict[str, str] | None = None
+    database_url: str, *, log_dir: Path, worker: bool = False,
+    env: dict[str, str] | None = None, port: int | None = None, token: str | None = None,
 ) -> LiveServer:
-    port = free_port()
+    """Start ``hyperlaw serve`` on ``port`` (default: a free one) and wait until it answers."""
+    port = port or free_port()
     run_env = {**os.environ, "HYPERLAW_DATABASE_URL": database_url, **(env or {})}
     run_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + run_env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "server.commands", "--log-level", "WARNING", "serve",
            "--host", "127.0.0.1", "--port", str(port)]
     if not worker:
         cmd.append("--no-worker")
-    log_path = log_dir / f"server-{port}.log"
+    log_path = log_dir / f"server-{port}-{uuid.uuid4().hex[:6]}.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=run_env, stdout=log_file,
                                    stderr=subprocess.STDOUT)
-    server = LiveServer(url=f"http://127.0.0.1:{port}", token=make_token(database_url),
+    server = LiveServer(url=f"http://127.0.0.1:{port}", token=token or make_token(database_url),
                         database_url=database_url, process=process, log_path=log_path)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
