@@ -170,6 +170,26 @@ class Recommender:
                    options=d["options"], params=d["params"], draws=d["draws"],
                    quality=d.get("quality", {}))
 
+    def power_laws(self) -> dict[str, dict[str, float]]:
+        """The fitted laws as ``value = coefficient · N^n_params_exponent · D^n_tokens_exponent``
+        for learning_rate, batch_size_tokens and critical_batch_size_tokens (the CBS shares
+        B*'s exponents; its coefficient carries (1+ε)^batch_d · e^v_c)."""
+        if self._params is None:
+            raise RecommenderUnavailable(f"recommender is {self.status.value}: {self.reason}")
+        p = self._params
+
+        def law(intercept: float, slope_n: float, slope_d: float) -> dict[str, float]:
+            coefficient = math.exp(intercept - slope_n * p.n_ref - slope_d * p.d_ref)
+            return {"coefficient": coefficient, "n_params_exponent": slope_n,
+                    "n_tokens_exponent": slope_d}
+
+        cbs_intercept = p.batch_0 + p.batch_d * math.log1p(self.overhead) + self._cbs_offset
+        return {
+            "learning_rate": law(p.eta_0, p.eta_n, p.eta_d),
+            "batch_size_tokens": law(p.batch_0, p.batch_n, p.batch_d),
+            "critical_batch_size_tokens": law(cbs_intercept, p.batch_n, p.batch_d),
+        }
+
     def _interval(self, samples: np.ndarray, level: float = 0.9) -> Interval:
         if self._draws is None or self._draws.size < 2:
             return Interval(float("nan"), float("nan"), level)

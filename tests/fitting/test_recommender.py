@@ -105,6 +105,16 @@ def test_contract_on_the_steplaw_sweep(fitted):
     # Within the range the answer sits where the sweep's best runs are.
     assert 1e-3 < out.learning_rate < 4e-3
     assert 100 * 2048 < out.batch_size_tokens < 400 * 2048
+    laws = fitted.power_laws()
+    for name in ("learning_rate", "batch_size_tokens", "critical_batch_size_tokens"):
+        law = laws[name]
+        value = law["coefficient"] * 4e8 ** law["n_params_exponent"] * 2e10 ** law[
+            "n_tokens_exponent"]
+        assert value == pytest.approx(getattr(out, name), rel=1e-9)
+    # Like Step Law's: η falls with N and rises with D; B rises with D.
+    assert laws["learning_rate"]["n_params_exponent"] < 0
+    assert laws["learning_rate"]["n_tokens_exponent"] > 0
+    assert laws["batch_size_tokens"]["n_tokens_exponent"] > 0.3
     as_json = json.loads(json.dumps(out.as_dict()))
     assert as_json["critical_batch_size_tokens_interval"]["level"] == 0.9
 
