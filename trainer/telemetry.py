@@ -83,7 +83,8 @@ class ServiceTelemetry:
         self.retry_interval_s = retry_interval_s
         self.spool_path = Path(spool_path) if spool_path else None
         self._buffer: deque[dict[str, Any]] = deque()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the buffer
+        self._post_lock = threading.Lock()  # one post in flight
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._last_heartbeat = 0.0
@@ -155,7 +156,11 @@ class ServiceTelemetry:
 
     def _post_once(self) -> bool:
         """Post one batch from the front of the buffer; False when the post failed (the batch
-        stays queued)."""
+        stays queued). One post at a time (the background thread and ``flush`` share this)."""
+        with self._post_lock:
+            return self._post_front_batch()
+
+    def _post_front_batch(self) -> bool:
         with self._lock:
             batch = [self._buffer[i] for i in range(min(self.batch_size, len(self._buffer)))]
         if not batch:

@@ -1,0 +1,102 @@
+"""``hyperlaw sweep`` end to end: Ray Tune trials of 2-worker DeepSpeed ZeRO-2 Ray Train runs
+reporting to a live service; resume without duplicates; YAML rules."""
+import math
+
+import pytest
+import yaml
+
+from server.client import HyperlawClient
+from trainer.sweep import (
+    SweepConfigError, expand_trials, idempotency_key, load_sweep_config, parse_sweep_config,
+    run_sweep,
+)
+
+RAY_INIT = {"num_cpus": 2, "include_dashboard": False}
+
+
+def _sweep_yaml(tmp_path, **over):
+    doc = {
+        "experiment": "trainer-test-sweep", "task": "synthetic", "synthetic": {"dim": 64},
+        "n_tokens": [2048],
+        "search": {"kind": "grid", "learning_rate": [0.03, 1000.0], "batch_size_tokens": [64]},
+        "optimizer": {"grad_clip": 0.0}, "schedule": {"ewa_decay": 0.9},
+        "workers_per_trial": 2, "zero_stage": 2, "cpus_per_worker": 1,
+        "max_failures": 0, "output_dir": str(tmp_path / "runs"),
+    }
+    doc.update(over)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_sweep_runs_zero2_trials_through_ray_and_fills_the_store(live_server, tmp_path):
+    config = load_sweep_config(_sweep_yaml(tmp_path))
+    summary = run_sweep(config, url=live_server.url, token=live_server.token, ray_init=RAY_INIT)
+    assert (summary.completed, summary.failed, summary.diverged) == (2, 0, 1)
+
+    with HyperlawClient(live_server.url, live_server.token) as client:
+        trials = client.list_trials(experiment_id=summary.experiment_id)["data"]
+        assert len(trials) == 2
+        by_lr = {t["learning_rate"]: t for t in trials}
+        good, bad = by_lr[0.03], by_lr[1000.0]
+        points = client.get_points(good["id"])["data"]
+
+        assert good["status"] == "completed" and good["diverged"] is False
+        assert (good["world_size"], good["zero_stage"], good["n_params"]) == (2, 2, 64)
+        assert good["steps_done"] == 32 and good["tokens_done"] == 2048
+        assert good["config"]["train"]["learning_rate"] == 0.03
+        assert good["idempotency_key"] == idempotency_key(config, expand_trials(config)[0])
+        # one point per step, tokens = step x B, and the loss went down
+        assert [p["step"] for p in points] == list(range(33))
+        assert all(p["tokens"] == 64 * p["step"] for p in points)
+        assert points[-1]["eval_loss"] < 0.6 * points[0]["eval_loss"]
+        assert good["final_eval_loss"] == pytest.approx(points[-1]["ewa_eval_loss"])
+        assert all(p["grad_norm"] is not None and p["grad_norm"] > 0 for p in points[1:])
+
+        assert bad["status"] == "completed" and bad["diverged"] is True
+        assert bad["final_loss"] == math.inf and bad["steps_done"] < 32
+
+        # --resume: nothing left to run, nothing duplicated
+        again = run_sweep(config, url=live_server.url, token=live_server.token, resume=True,
+                          ray_init=RAY_INIT)
+        assert (again.skipped, again.completed, again.failed) == (2, 0, 0)
+        assert client.list_trials(experiment_id=summary.experiment_id)["count"] == 2
+
+        # without --resume the sweep refuses to run over existing trials
+        with pytest.raises(SweepConfigError, match="use --resume"):
+            run_sweep(config, url=live_server.url, token=live_server.token, ray_init=RAY_INIT)
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"experiment": ""}, "experiment must be a non-empty name"),
+    ({"search": {"kind": "random"}}, "search.kind must be 'grid' or 'adaptive'"),
+    ({"search": {"learning_rate": [0.1]}}, "search.batch_size_tokens is required"),
+    ({"search": {"learning_rate": [-0.1], "batch_size_tokens": [64]}},
+     "search.learning_rate values must be > 0"),
+    ({"workers_per_trial": 3}, "divisible by world_size: 64 sequences"),
+    ({"seq_len": 4}, "seq_len must be 1 for the synthetic task"),
+    ({"max_concurrent_trials": 0}, "max_concurrent_trials must be 'auto' or > 0"),
+    ({"lr": 0.1}, "unknown fields: lr"),
+])
+def test_bad_sweep_files_name_the_field(tmp_path, over, message):
+    with pytest.raises(SweepConfigError, match=message):
+        load_sweep_config(_sweep_yaml(tmp_path, **over))
+
+
+def test_shipped_cpu_example_is_valid():
+    config = load_sweep_config("examples/cpu_small.yaml")
+    specs = expand_trials(config)
+    assert len({s["batch_size_tokens"] for s in specs}) >= 3
+    assert len({s["learning_rate"] for s in specs}) >= 3
+    assert len({idempotency_key(config, s) for s in specs}) == len(specs)
+
+
+def test_gpt_sweep_counts_n_from_the_shape(tmp_path):
+    corpus = tmp_path / "corpus"
+    config = parse_sweep_config({
+        "experiment": "gpt", "task": "gpt", "seq_len": 32, "corpus_dir": str(corpus),
+        "models": [{"n_layer": 2, "n_head": 2, "d_model": 32}], "n_tokens": [65536],
+        "search": {"learning_rate": [1e-3], "batch_size_tokens": [1024]},
+    })
+    spec = expand_trials(config)[0]
+    assert idempotency_key(config, spec).startswith(f"N{2 * (12 * 32 * 32 + 64) + 32}-")

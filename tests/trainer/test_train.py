@@ -1,0 +1,71 @@
+"""Single-process DeepSpeed runs reporting to a live service: divergence and resume."""
+import math
+
+import pytest
+
+from server.client import HyperlawClient
+from trainer.train import InjectedFailure, train
+
+
+def _new_trial(client, name, **over):
+    exp = client.ensure_experiment(name)
+    fields = {"experiment_id": exp["id"], "n_params": 64, "n_tokens": 1280, "seq_len": 1,
+              "learning_rate": 0.01, "batch_size_tokens": 32, "world_size": 1, "zero_stage": 0}
+    fields.update(over)
+    return client.create_trial(**fields)
+
+
+def _config(live_server, trial_id, **over):
+    cfg = {"task": "synthetic", "learning_rate": 0.01, "batch_size_tokens": 32,
+           "n_tokens": 1280, "synthetic": {"dim": 64}, "optimizer": {"grad_clip": 0.0},
+           "schedule": {"ewa_decay": 0.9}, "trial_id": trial_id,
+           "service_url": live_server.url, "service_token": live_server.token}
+    cfg.update(over)
+    return cfg
+
+
+def test_diverging_learning_rate_is_recorded_not_raised(live_server):
+    with HyperlawClient(live_server.url, live_server.token) as client:
+        trial = _new_trial(client, "trainer-test-divergence", learning_rate=1000.0)
+        result = train(_config(live_server, trial["id"], learning_rate=1000.0))
+        assert result.diverged and result.status == "completed"
+        assert result.steps_done < 40
+        stored = client.get_trial(trial["id"])
+        points = client.get_points(trial["id"])["data"]
+    assert stored["status"] == "completed" and stored["diverged"] is True
+    assert stored["final_loss"] == math.inf and stored["final_eval_loss"] == math.inf
+    assert stored["steps_done"] == result.steps_done
+    assert stored["tokens_done"] == result.steps_done * 32
+    # the curve up to the blow-up is kept, with the huge loss that ended it
+    assert [p["step"] for p in points] == list(range(result.steps_done + 1))
+    assert points[-1]["train_loss"] > 100 * points[1]["train_loss"] or not math.isfinite(
+        points[-1]["train_loss"])
+
+
+def test_resume_from_checkpoint_continues_the_step_count(live_server, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    with HyperlawClient(live_server.url, live_server.token) as client:
+        trial = _new_trial(client, "trainer-test-resume")
+        cfg = _config(live_server, trial["id"], checkpoint_dir=str(ckpt), checkpoint_every=10,
+                      fail_at_step=25, learning_rate=0.05)
+        with pytest.raises(InjectedFailure):
+            train(cfg)
+        assert (ckpt / "latest").read_text().strip() == "step20"
+        assert client.get_trial(trial["id"])["status"] == "running"
+        resumed = train(cfg)  # the failure is injected once only
+        assert resumed.resumed_from_step == 20
+        assert resumed.steps_done == 40 and resumed.tokens_done == 40 * 32
+        stored = client.get_trial(trial["id"])
+        points = client.get_points(trial["id"])["data"]
+    assert stored["status"] == "completed" and stored["steps_done"] == 40
+    # every step once (steps 21..25 were re-sent and upserted), tokens = step x B
+    assert [p["step"] for p in points] == list(range(41))
+    assert all(p["tokens"] == p["step"] * 32 for p in points)
+    assert not ckpt.exists()  # a finished run drops its checkpoint
+    # the resumed run ends exactly where an uninterrupted one does (same batches, optimizer
+    # state and EWA restored from the checkpoint)
+    plain = train({k: v for k, v in cfg.items()
+                   if k not in ("trial_id", "service_url", "service_token", "checkpoint_dir",
+                                "checkpoint_every", "fail_at_step")})
+    assert resumed.final_eval_loss == pytest.approx(plain.final_eval_loss, rel=1e-6)
+    assert plain.final_eval_loss < 0.5 * points[0]["eval_loss"]  # and it learned
