@@ -1,0 +1,481 @@
+"""Critical batch size from steps to a target loss (Zhang et al. 2024, "How Does Critical
+Batch Size Scale in Pre-training?").
+
+1. **Steps to target.** For one run, S is the first optimizer step at which the evaluated
+   loss reaches the target, interpolated linearly between the two evaluations that bracket
+   it. A run that never reaches the target (or diverges first) is *censored*: S is reported
+   as +inf with the reason, and the fits below exclude it and say how many they excluded.
+   The default target of a group follows the paper's rule: the final loss of a reference
+   run (by default the one with the smallest batch size) at its budget.
+
+2. **Steps versus batch size.** Over the runs of one group (same N, same target),
+
+       log S = log(a + b / B^α)
+
+   fitted by robust least squares in log space (``soft_l1``) over (log a, log b[, α]) from
+   several starting points; α = 1 by default (the paper's choice), free α optional.
+
+3. **Critical batch size** at overhead ε (default 0.2): the largest B whose total data
+   S(B)·B is at most (1+ε) times that at a reference batch size B_opt in the linear-scaling
+   regime,
+
+       (a + b/B*^α) · B* = (1+ε) · (a + b/B_opt^α) · B_opt.
+
+   For α = 1 this has the closed form B* = (1+ε)·B_opt + ε·b/a (ε = 0.2 gives the paper's
+   B* = b/(5a) + 1.2·B_opt); otherwise it is solved numerically. With the paper's Table 6
+   (B_opt = 256), e.g. a = 1293.83, b = 2834258.08 gives log2 B* = 9.54.
+
+4. **Scaling laws** of B* (via :func:`fitting.powerlaw.fit_power_law`): B* = c·D^γ at fixed
+   N, B* = c·N^β at fixed D, and jointly B* = c·N^β·D^γ.
+
+Batch sizes may be in any unit (tokens, sequences); B* comes out in the same unit.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fitting.powerlaw import PowerLawFit, fit_power_law
+from fitting.results import FitStatus, Interval, percentile_interval
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OVERHEAD = 0.2
+
+
+# --------------------------------------------------------------------------- steps to target
+@dataclass(frozen=True)
+class StepsToTarget:
+    """Steps at which one run first reached ``target_loss``; ``censored`` (steps = inf)
+    when it never did, with ``reason``."""
+
+    steps: float
+    target_loss: float
+    censored: bool
+    reason: str = ""
+
+
+def steps_to_target(steps: Sequence[float], loss: Sequence[float],
+                    target_loss: float) -> StepsToTarget:
+    """First step where ``loss`` ≤ ``target_loss``, linearly interpolated between the last
+    evaluation above the target and the first at or below it:
+
+        S = s_{i-1} + (L_{i-1} − L_target) / (L_{i-1} − L_i) · (s_i − s_{i-1}).
+
+    If the first evaluation is already at or below the target, S is its step. A loss curve
+    that hits a non-finite value (divergence) before reaching the target, or ends above it,
+    is censored.
+    """
+    s = np.asarray(steps, dtype=float).reshape(-1)
+    lv = np.asarray(loss, dtype=float).reshape(-1)
+    if s.size != lv.size:
+        raise ValueError(f"steps has {s.size} values, loss has {lv.size}")
+    if s.size == 0:
+        raise ValueError("steps must not be empty")
+    if not np.all(np.isfinite(s)) or np.any(s < 0):
+        raise ValueError("steps must be finite and >= 0")
+    if not math.isfinite(target_loss):
+        raise ValueError("target_loss must be finite")
+    order = np.argsort(s, kind="stable")
+    s, lv = s[order], lv[order]
+    for i in range(s.size):
+        if not math.isfinite(lv[i]):
+            return StepsToTarget(math.inf, target_loss, True,
+                                 f"diverged (loss {lv[i]}) at step {s[i]:g} before reaching "
+                                 f"{target_loss:g}")
+        if lv[i] <= target_loss:
+            if i == 0 or lv[i - 1] == lv[i]:
+                return StepsToTarget(float(s[i]), target_loss, False)
+            frac = (lv[i - 1] - target_loss) / (lv[i - 1] - lv[i])
+            return StepsToTarget(float(s[i - 1] + frac * (s[i] - s[i - 1])), target_loss, False)
+    best = int(np.argmin(lv))
+    return StepsToTarget(math.inf, target_loss, True,
+                         f"never reached {target_loss:g} (best {lv[best]:g} at step "
+                         f"{s[best]:g}, last evaluation at step {s[-1]:g})")
+
+
+def group_steps_to_target(
+    curves: Mapping[float, tuple[Sequence[float], Sequence[float]]],
+    *,
+    target_loss: float | None = None,
+    reference_batch_size: float | None = None,
+) -> tuple[np.ndarray, list[StepsToTarget]]:
+    """Steps to target for each run of one group: ``curves`` maps a batch size to its
+    ``(steps, loss)`` evaluations. Without ``target_loss`` the target is the final loss of
+    the run at ``reference_batch_size`` (default: the smallest batch size), the paper's
+    rule. Returns the batch sizes (sorted) and one :class:`StepsToTarget` per batch size.
+    """
+    if not curves:
+        raise ValueError("curves must hold at least one run")
+    sizes = np.array(sorted(float(b) for b in curves))
+    if np.any(sizes <= 0):
+        raise ValueError("batch sizes must be > 0")
+    if target_loss is None:
+        ref = sizes[0] if reference_batch_size is None else float(reference_batch_size)
+        if ref not in curves:
+            raise ValueError(f"reference_batch_size {ref:g} has no loss curve")
+        steps, loss = (np.asarray(v, dtype=float) for v in curves[ref])
+        target_loss = float(loss[np.argmax(steps)])
+        if not math.isfinite(target_loss):
+            raise ValueError(f"the reference run (batch size {ref:g}) ends with a non-finite "
+                             "loss, so it cannot set the target; give target_loss")
+    by_size = {float(b): v for b, v in curves.items()}
+    return sizes, [steps_to_target(*by_size[b], target_loss) for b in sizes]
+
+
+# --------------------------------------------------------------------------- CBS
+def critical_batch_size(a: float, b: float, b_opt: float, *, alpha: float = 1.0,
+                        overhead: float = DEFAULT_OVERHEAD) -> float:
+    """B* solving (a + b/B*^α)·B* = (1+ε)·(a + b/B_opt^α)·B_opt, the largest such B.
+
+    Closed form for α = 1: B* = (1+ε)·B_opt + ε·b/a. Numeric (Brent) otherwise.
+    """
+    for name, value in (("a", a), ("b", b), ("alpha", alpha)):
+        if not math.isfinite(value) or value < 0 or (name == "alpha" and value == 0):
+            raise ValueError(f"{name} must be finite and {'>' if name == 'alpha' else '>='} 0")
+    if not math.isfinite(b_opt) or b_opt <= 0:
+        raise ValueError("b_opt must be finite and > 0")
+    if not math.isfinite(overhead) or overhead <= 0:
+        raise ValueError("overhead must be finite and > 0")
+    if a == 0:
+        return math.inf  # perfect scaling: no batch size ever pays the overhead
+    if alpha == 1.0:
+        return (1.0 + overhead) * b_opt + overhead * b / a
+    from scipy.optimize import brentq
+
+    budget = math.log1p(overhead) + math.log(a * b_opt + b * b_opt ** (1.0 - alpha))
+
+    def excess(log_b: float) -> float:  # log of data used at B minus the allowed budget
+        return float(np.logaddexp(math.log(a) + log_b,
+                                  math.log(b) + (1.0 - alpha) * log_b) - budget)
+
+    lo = math.log(b_opt)
+    if alpha > 1.0 and b > 0:  # S·B decreases up to B_turn; the root lies beyond it
+        lo = max(lo, math.log(b * (alpha - 1.0) / a) / alpha)
+    hi = lo + 1.0
+    while excess(hi) <= 0:
+        hi += 1.0
+    return float(math.exp(brentq(excess, lo, hi, xtol=1e-12)))
+
+
+@dataclass(frozen=True)
+class CriticalBatchFit:
+    """The fit of log S = log(a + b/B^α) for one group and its critical batch size.
+
+    ``critical_batch_size`` is at ``overhead`` versus ``b_opt`` (same unit as the input
+    batch sizes). Intervals are bootstrap percentiles over runs. ``r2_log``/``rmse_log``
+    measure the fit of log S. ``n_points`` runs were fitted; ``n_censored`` more never
+    reached the target and were excluded.
+    """
+
+    a: float
+    b: float
+    alpha: float
+    critical_batch_size: float
+    b_opt: float
+    overhead: float
+    a_interval: Interval
+    b_interval: Interval
+    alpha_interval: Interval
+    critical_batch_size_interval: Interval
+    r2_log: float
+    rmse_log: float
+    n_points: int
+    n_censored: int
+    status: FitStatus = FitStatus.OK
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status is FitStatus.OK
+
+    def predict_steps(self, batch_size):
+        """S(B) = a + b/B^α."""
+        return self.a + self.b / np.asarray(batch_size, dtype=float) ** self.alpha
+
+    def as_dict(self) -> dict:
+        out = {}
+        for key, value in self.__dict__.items():
+            if isinstance(value, Interval):
+                out[key] = value.as_dict()
+            elif isinstance(value, FitStatus):
+                out[key] = value.value
+            else:
+                out[key] = value
+        return out
+
+
+def _log_steps_model(theta: np.ndarray, log_b: np.ndarray, alpha: float | None) -> np.ndarray:
+    """log(a + b/B^α) with θ = (log a, log b[, α])."""
+    al = theta[2] if alpha is None else alpha
+    return np.logaddexp(theta[0], theta[1] - al * log_b)
+
+
+def _fit_steps(log_b: np.ndarray, log_s: np.ndarray, alpha: float | None, loss: str,
+               f_scale: float, starts: list[np.ndarray]) -> tuple[np.ndarray, float]:
+    from scipy.optimize import least_squares
+
+    best, best_cost = None, math.inf
+    lower = [-np.inf, -np.inf] + ([0.05] if alpha is None else [])
+    upper = [np.inf, np.inf] + ([5.0] if alpha is None else [])
+    for x0 in starts:
+        res = least_squares(lambda t: _log_steps_model(t, log_b, alpha) - log_s, x0,
+                            loss=loss, f_scale=f_scale, bounds=(lower, upper))
+        if res.success and res.cost < best_cost:
+            best, best_cost = res.x, res.cost
+    if best is None:
+        raise RuntimeError("no starting point converged")
+    return best, best_cost
+
+
+def _starts(batch: np.ndarray, steps: np.ndarray, alpha: float | None) -> list[np.ndarray]:
+    """Starting points: a linear least-squares solution of S = a + b/B, and a spread of
+    plateaus a (fractions of the smallest S) with b from the largest S."""
+    design = np.column_stack([np.ones_like(batch), 1.0 / batch])
+    (a0, b0), *_ = np.linalg.lstsq(design, steps, rcond=None)
+    s_min, s_max, b_min = steps.min(), steps.max(), batch.min()
+    candidates = [(a0, b0)] + [(f * s_min, max(s_max - f * s_min, 1e-12) * b_min)
+                               for f in (0.05, 0.3, 0.7, 0.95)]
+    alphas = [1.0] if alpha is not None else [0.5, 1.0, 1.5]
+    out = []
+    for a, b in candidates:
+        if a > 0 and b > 0:
+            for al in alphas:
+                # For α ≠ 1, rescale b so that b/B_min^α matches b/B_min.
+                bb = b * b_min ** (al - 1.0)
+                out.append(np.array([math.log(a), math.log(bb)] + ([al] if alpha is None else [])))
+    return out
+
+
+def fit_critical_batch_size(
+    batch_size,
+    steps,
+    *,
+    b_opt: float | None = None,
+    overhead: float = DEFAULT_OVERHEAD,
+    alpha: float | None = 1.0,
+    loss: str = "soft_l1",
+    f_scale: float = 0.05,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+    level: float = 0.9,
+) -> CriticalBatchFit:
+    """Fit log S = log(a + b/B^α) to one group's runs and return its CBS (module docstring).
+
+    ``steps`` is the steps to target of each run; +inf or NaN marks a censored run (never
+    reached the target), excluded from the fit and counted in ``n_censored``. ``alpha=None``
+    fits α too. ``b_opt`` defaults to the smallest batch size among the fitted runs.
+    ``insufficient_data`` (with the reason) when fewer than 3 distinct batch sizes (4 with
+    free α) reached the target.
+    """
+    bs = np.asarray(batch_size, dtype=float).reshape(-1)
+    sv = np.asarray(steps, dtype=float).reshape(-1)
+    if bs.size != sv.size:
+        raise ValueError(f"batch_size has {bs.size} values, steps has {sv.size}")
+    if not np.all(np.isfinite(bs)) or np.any(bs <= 0):
+        raise ValueError("batch_size must be finite and > 0 for every run")
+    if np.any(sv <= 0):
+        raise ValueError("steps must be > 0 (use inf or nan for a run that never reached "
+                         "the target)")
+    if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
+        raise ValueError("alpha must be finite and > 0, or None to fit it")
+    if not math.isfinite(overhead) or overhead <= 0:
+        raise ValueError("overhead must be finite and > 0")
+    if b_opt is not None and (not math.isfinite(b_opt) or b_opt <= 0):
+        raise ValueError("b_opt must be finite and > 0")
+    reached = np.isfinite(sv)
+    n_censored = int((~reached).sum())
+    if n_censored:
+        logger.info("%d of %d runs never reached the target; excluded from the fit",
+                    n_censored, sv.size)
+    bs_r, sv_r = bs[reached], sv[reached]
+    n_points = int(bs_r.size)
+    need = 3 if alpha is not None else 4
+    nan = math.nan
+    nan_iv = Interval(nan, nan, level)
+    b_ref = float(b_opt) if b_opt is not None else (float(bs_r.min()) if n_points else nan)
+    n_distinct = int(np.unique(bs_r).size)
+    if n_distinct < need:
+        why = (f"{n_distinct} distinct batch sizes reached the target ({n_censored} runs "
+               f"censored); the fit of log S = log(a + b/B^α) with "
+               f"{'fixed' if alpha is not None else 'free'} α needs at least {need}")
+        return CriticalBatchFit(nan, nan, alpha if alpha is not None else nan, nan, b_ref,
+                                overhead, nan_iv, nan_iv, nan_iv, nan_iv, nan, nan, n_points,
+                                n_censored, FitStatus.INSUFFICIENT_DATA, why)
+    log_b, log_s = np.log(bs_r), np.log(sv_r)
+    try:
+        theta, _ = _fit_steps(log_b, log_s, alpha, loss, f_scale, _starts(bs_r, sv_r, alpha))
+    except (RuntimeError, ValueError) as exc:
+        return CriticalBatchFit(nan, nan, alpha if alpha is not None else nan, nan, b_ref,
+                                overhead, nan_iv, nan_iv, nan_iv, nan_iv, nan, nan, n_points,
+                                n_censored, FitStatus.FAILED, f"fit did not converge: {exc}")
+    a, b = math.exp(theta[0]), math.exp(theta[1])
+    al = float(theta[2]) if alpha is None else float(alpha)
+    cbs = critical_batch_size(a, b, b_ref, alpha=al, overhead=overhead)
+    resid = log_s - _log_steps_model(theta, log_b, alpha)
+    ss_tot = float(np.sum((log_s - log_s.mean()) ** 2))
+    r2 = 1.0 - float(resid @ resid) / ss_tot if ss_tot > 0 else nan
+    rmse = float(np.sqrt(np.mean(resid ** 2)))
+
+    rng = np.random.default_rng(seed)
+    draws = np.full((n_bootstrap, 4), nan)  # a, b, α, B*
+    for j in range(n_bootstrap):
+        idx = rng.integers(0, n_points, n_points)
+        if np.unique(bs_r[idx]).size < need:
+            continue
+        try:
+            th, _ = _fit_steps(log_b[idx], log_s[idx], alpha, loss, f_scale, [theta])
+        except (RuntimeError, ValueError):
+            continue
+        a_j, b_j = math.exp(th[0]), math.exp(th[1])
+        al_j = float(th[2]) if alpha is None else float(alpha)
+        draws[j] = a_j, b_j, al_j, critical_batch_size(a_j, b_j, b_ref, alpha=al_j,
+                                                       overhead=overhead)
+    ivs = [percentile_interval(draws[:, i], level) for i in range(4)]
+    if alpha is not None:
+        ivs[2] = Interval(float(alpha), float(alpha), level)
+    return CriticalBatchFit(a, b, al, cbs, b_ref, overhead, ivs[0], ivs[1], ivs[2], ivs[3],
+                            r2, rmse, n_points, n_censored)
+
+
+def fit_cbs_scaling(critical_batch_size_values, *, n_params=None, n_tokens=None,
+                    **options) -> PowerLawFit:
+    """Power law of the CBS: B* = c·D^γ (``n_tokens`` only), c·N^β (``n_params`` only) or
+    c·N^β·D^γ (both), fitted in log space by :func:`fitting.powerlaw.fit_power_law`
+    (``options`` are passed on: ``groups``, ``loss``, ``n_bootstrap``, ``seed``, ``level``).
+    """
+    regressors = {}
+    if n_params is not None:
+        regressors["n_params"] = n_params
+    if n_tokens is not None:
+        regressors["n_tokens"] = n_tokens
+    if not regressors:
+        raise ValueError("give n_params, n_tokens or both")
+    return fit_power_law(critical_batch_size_values, regressors, **options)
+
+
+# --------------------------------------------------------------------------- command
+class StepsCsvError(ValueError):
+    """Bad rows of a ``n_params,batch_size,steps`` CSV: ``errors`` is [(line, reason)]."""
+
+    def __init__(self, path: str, errors: list[tuple[int, str]]):
+        self.errors = errors
+        shown = "\n".join(f"  line {line}: {reason}" for line, reason in errors[:50])
+        super().__init__(f"{path}: {len(errors)} bad row(s):\n{shown}")
+
+
+def read_steps_csv(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(n_params, batch_size, steps)`` from a CSV with those columns (others ignored).
+
+    An empty, ``inf`` or ``nan`` steps cell is a censored run (kept, as +inf). Every bad
+    row is reported with its line number (header = line 1) in one :class:`StepsCsvError`.
+    """
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in ("n_params", "batch_size", "steps") if c not in header]
+        if missing:
+            raise StepsCsvError(path, [(1, f"missing column(s): {', '.join(missing)}")])
+        reader.fieldnames = header
+        rows, errors = [], []
+        for line, row in enumerate(reader, start=2):
+            try:
+                n = float(row["n_params"])
+                b = float(row["batch_size"])
+                cell = (row["steps"] or "").strip()
+                s = math.inf if cell == "" else float(cell)
+            except (TypeError, ValueError):
+                errors.append((line, "n_params, batch_size and steps must be numbers"))
+                continue
+            if not (math.isfinite(n) and n > 0):
+                errors.append((line, f"n_params must be finite and > 0, got {row['n_params']}"))
+            elif not (math.isfinite(b) and b > 0):
+                errors.append((line, f"batch_size must be finite and > 0, got "
+                                     f"{row['batch_size']}"))
+            elif not (s > 0 or math.isnan(s)):
+                errors.append((line, f"steps must be > 0 (empty/inf/nan = never reached), "
+                                     f"got {row['steps']}"))
+            else:
+                rows.append((n, b, math.inf if math.isnan(s) else s))
+    if errors:
+        raise StepsCsvError(path, errors)
+    if not rows:
+        raise StepsCsvError(path, [(1, "no data rows")])
+    arr = np.array(rows, dtype=float)
+    return arr[:, 0], arr[:, 1], arr[:, 2]
+
+
+def cbs_command(path: str, *, overhead: float = DEFAULT_OVERHEAD, b_opt: float | None = None,
+                as_json: bool = False, out=None) -> int:
+    """The ``hyperlaw cbs`` handler: per-n_params fits, then B* = c·N^β. Returns the exit
+    code (2 for a bad file or option)."""
+    out = out or sys.stdout
+    try:
+        if not math.isfinite(overhead) or overhead <= 0:
+            raise ValueError(f"--overhead must be > 0, got {overhead}")
+        if b_opt is not None and not (math.isfinite(b_opt) and b_opt > 0):
+            raise ValueError(f"--b-opt must be > 0, got {b_opt}")
+        n_params, batch, steps = read_steps_csv(path)
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"hyperlaw cbs: {exc}\n")
+        return 2
+    groups = []
+    for n in np.unique(n_params):
+        sel = n_params == n
+        fit = fit_critical_batch_size(batch[sel], steps[sel], b_opt=b_opt, overhead=overhead)
+        groups.append((float(n), fit))
+    ok = [(n, f) for n, f in groups if f.ok]
+    law = fit_cbs_scaling(np.array([f.critical_batch_size for _, f in ok]) if ok else [],
+                          n_params=np.array([n for n, _ in ok]), n_bootstrap=200)
+    if as_json:
+        doc = {
+            "groups": [
+                {"n_params": n, "a": _num(f.a), "b": _num(f.b),
+                 "critical_batch_size": _num(f.critical_batch_size),
+                 "critical_batch_size_interval": {
+                     k: _num(v) for k, v in f.critical_batch_size_interval.as_dict().items()},
+                 "b_opt": _num(f.b_opt), "r2_log": _num(f.r2_log), "n_points": f.n_points,
+                 "n_censored": f.n_censored, "status": f.status.value, "reason": f.reason}
+                for n, f in groups
+            ],
+            "power_law": {"coefficient": _num(law.coefficient),
+                          "exponent": _num(law.exponents[0]),
+                          "exponent_interval": {
+                              k: _num(v) for k, v in law.exponent_intervals[0].as_dict().items()},
+                          "r2_log": _num(law.r2_log), "n_points": law.n_points,
+                          "status": law.status.value, "reason": law.reason},
+            "overhead": overhead,
+        }
+        out.write(json.dumps(doc, indent=2) + "\n")
+        return 0
+    out.write(f"log S = log(a + b/B), B* = (1+{overhead:g})·B_opt + {overhead:g}·b/a\n")
+    out.write(f"{'n_params':>12} {'a':>12} {'b':>14} {'B_opt':>10} {'critical_batch_size':>20}"
+              f" {'90% interval':>22} {'runs':>5} {'censored':>8}\n")
+    for n, f in groups:
+        if f.ok:
+            iv = f.critical_batch_size_interval
+            out.write(f"{n:>12.4g} {f.a:>12.6g} {f.b:>14.8g} {f.b_opt:>10.4g} "
+                      f"{f.critical_batch_size:>20.6g} {f'[{iv.low:.4g}, {iv.high:.4g}]':>22} "
+                      f"{f.n_points:>5} {f.n_censored:>8}\n")
+        else:
+            out.write(f"{n:>12.4g}  {f.status.value}: {f.reason}\n")
+    if law.ok:
+        iv = law.exponent_intervals[0]
+        out.write(f"critical_batch_size = {law.coefficient:.6g} · n_params^{law.exponents[0]:.4f}"
+                  f"  (exponent 90% interval [{iv.low:.3f}, {iv.high:.3f}], "
+                  f"R² log {law.r2_log:.3f}, {law.n_points} groups)\n")
+    else:
+        out.write(f"power law: {law.status.value}: {law.reason}\n")
+    return 0
+
+
+def _num(value: float) -> float | str | None:
+    """A JSON-safe number: non-finite values become null."""
+    return float(value) if math.isfinite(value) else None
