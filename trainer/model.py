@@ -176,7 +176,7 @@ class GPT(nn.Module):
         logits = F.linear(x, self.wte.weight) / self.config.width_mult  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def optimizer_groups(self, learning_rate: float, weight_decay: float) -> list[dict]:

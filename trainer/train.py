@@ -344,11 +344,11 @@ def deepspeed_config(config: TrainConfig, layout: BatchLayout) -> dict[str, Any]
 
 
 def _grad_sq_norm(params: list[torch.nn.Parameter]) -> float:
-    total = 0.0
-    for p in params:
-        if p.grad is not None:
-            total += float(p.grad.detach().float().pow(2).sum())
-    return total
+    """Σ over parameters of |grad|² (one fused norm over all gradients)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0)) ** 2
 
 
 @dataclass
@@ -364,8 +364,8 @@ class RunResult:
     reached_target: bool
     n_params: int
     resumed_from_step: int
-    wall_time_s: float
-    tokens_per_s: float
+    wall_time_s: float  # the loop, evaluations included
+    tokens_per_s: float  # tokens trained / (wall time − evaluation time)
     points_recorded: int
 
     def final_metrics(self) -> dict[str, Any]:
@@ -445,6 +445,8 @@ def train(
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(config, layout))
     params = [p for p in engine.module.parameters()]
+    if world_size == 1 and config.zero_stage == 0:
+        engine.enable_backward_allreduce = False  # averaging over one worker is the identity
     use_ewa = config.schedule.name == "constant_ewa"
     ewa = [torch.zeros_like(p, dtype=torch.float32) for p in params] if use_ewa else None
     ewa_count = 0
@@ -505,8 +507,11 @@ def train(
         scale = 1.0 / (1.0 - config.schedule.ewa_decay ** ewa_count)
         return [e * scale for e in ewa]
 
+    eval_time_s = [0.0]
+
     def evaluate() -> tuple[float, float | None]:
         """(loss of the current weights, loss of the EWA weights or None)."""
+        t_eval = time.perf_counter()
         engine.module.eval()
         with torch.no_grad():
             if config.task == "synthetic":
@@ -523,6 +528,7 @@ def train(
                     for p, s in zip(params, saved):
                         p.data.copy_(s)
         engine.module.train()
+        eval_time_s[0] += time.perf_counter() - t_eval
         return current, averaged
 
     last_report = [-math.inf]
@@ -594,9 +600,8 @@ def train(
             step += 1
             if use_ewa:
                 tau = config.schedule.ewa_decay
-                with torch.no_grad():
-                    for e, p in zip(ewa, params):
-                        e.mul_(tau).add_(p.detach().float(), alpha=1.0 - tau)
+                with torch.no_grad():  # ξ ← τ·ξ + (1 − τ)·θ = lerp(ξ, θ, 1 − τ)
+                    torch._foreach_lerp_(ewa, [p.detach() for p in params], 1.0 - tau)
                 ewa_count += 1
 
             train_loss = reduce_mean(loss_sum / gas)
@@ -682,7 +687,8 @@ def train(
         tokens_done=step * layout.batch_size_tokens, final_loss=final_loss,
         final_eval_loss=last_eval, reached_target=reached_target, n_params=n_params,
         resumed_from_step=resumed_from_step, wall_time_s=wall,
-        tokens_per_s=trained_tokens / wall if wall > 0 else math.nan,
+        tokens_per_s=(trained_tokens / (wall - eval_time_s[0]) if wall > eval_time_s[0]
+                      else math.nan),
         points_recorded=points_recorded,
     )
     sink.finish("completed", **result.final_metrics())

@@ -1,0 +1,135 @@
+"""Training throughput: the DeepSpeed trainer (1 worker, ZeRO-0 and ZeRO-2) against a plain
+single-process PyTorch loop, same GPT, same batches, same optimizer, in one run.
+
+Both sides time only training steps (batch sampling, forward, backward, clipping, AdamW
+update); the trainer's periodic evaluations are excluded from its tokens/s
+(``RunResult.tokens_per_s``), its per-step EWA update and telemetry bookkeeping are not.
+
+    .venv/bin/python benchmarks/train_throughput.py [--steps 40] [--d-model 128] ...
+
+The last line is machine-readable: ``ratio_zero0=<float> ratio_zero2=<float>`` (DeepSpeed
+tokens/s divided by plain PyTorch tokens/s; goal ≥ 0.9). On a CUDA machine it also prints the
+model FLOPs utilisation, with 6·N·tokens + 12·n_layer·d_model·seq_len·tokens FLOPs per
+training step (Kaplan et al. 2020; attention included) against the GPU's peak given by
+``--peak-tflops``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from trainer.data import TokenCorpus, batch_generator, build_corpus  # noqa: E402
+from trainer.model import GPT, GPTConfig  # noqa: E402
+from trainer.telemetry import NullTelemetry  # noqa: E402
+from trainer.train import TrainConfig, lr_multiplier, train  # noqa: E402
+
+logger = logging.getLogger("train_throughput")
+
+
+def make_corpus(directory: Path) -> Path:
+    """A small offline byte-level corpus (random words), enough for throughput."""
+    rng = random.Random(0)
+    words = "time transfer critical batch size learning rate scaling law tokens".split()
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(16)) for _ in range(20000))
+    (directory / "text.txt").write_text(text)
+    build_corpus([str(directory / "text.txt")], directory / "corpus")
+    return directory / "corpus"
+
+
+def plain_pytorch(config: TrainConfig, device: str) -> float:
+    """tokens/s of a textbook loop: no DeepSpeed, no process group."""
+    torch.manual_seed(config.seed)
+    corpus = TokenCorpus(config.corpus_dir)
+    model = GPT(GPTConfig(**{"seq_len": config.seq_len, "vocab_size": corpus.vocab_size,
+                             **config.model})).to(device)
+    opt = config.optimizer
+    groups = model.optimizer_groups(config.learning_rate, opt.weight_decay)
+    base_lrs = [g["lr"] for g in groups]
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(opt.beta1, opt.beta2),
+                                  eps=opt.eps, weight_decay=opt.weight_decay)
+    n_seq = config.batch_size_tokens // config.seq_len
+    total = config.steps
+    _sync(device)
+    start = time.perf_counter()
+    for step in range(total):
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * lr_multiplier(step, total, config.schedule)
+        x, y = corpus.batch("train", n_seq, config.seq_len, batch_generator(config.seed, step, 0, 0))
+        _, loss = model(x.to(device), y.to(device))
+        loss.backward()
+        if opt.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        float(loss.detach())  # the trainer reads the loss every step too
+    _sync(device)
+    return total * config.batch_size_tokens / (time.perf_counter() - start)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-sequences", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="GPU peak for MFU (default: H100 SXM dense BF16/TF32-sparse-free)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = make_corpus(Path(tmp))
+        shape = {"n_layer": args.n_layer, "n_head": args.n_head, "d_model": args.d_model}
+        raw = {
+            "task": "gpt", "corpus_dir": str(corpus), "seq_len": args.seq_len, "model": shape,
+            "learning_rate": 3e-3, "batch_size_tokens": args.batch_sequences * args.seq_len,
+            "n_tokens": args.steps * args.batch_sequences * args.seq_len,
+            "threads_per_worker": args.threads, "eval": {"batches": 1},
+        }
+        config = TrainConfig.from_dict(raw)
+        results = {}
+        # warm-up of the allocator and kernels, then the measured order: plain, zero0, zero2
+        plain_pytorch(TrainConfig.from_dict({**raw, "n_tokens": raw["batch_size_tokens"] * 5}),
+                      device)
+        results["plain"] = plain_pytorch(config, device)
+        for stage in (0, 2):
+            run = train({**raw, "zero_stage": stage}, telemetry=NullTelemetry())
+            results[f"zero{stage}"] = run.tokens_per_s
+            n_params = run.n_params
+    for name, value in results.items():
+        print(f"{name:6s} tokens/s = {value:,.0f}")
+    if device == "cuda":
+        flops_per_token = 6 * n_params + 12 * args.n_layer * args.d_model * args.seq_len
+        for name, value in results.items():
+            mfu = value * flops_per_token / (args.peak_tflops * 1e12)
+            print(f"{name:6s} MFU = {100 * mfu:.2f} % of {args.peak_tflops:g} TFLOP/s")
+    r0 = results["zero0"] / results["plain"]
+    r2 = results["zero2"] / results["plain"]
+    if not (math.isfinite(r0) and math.isfinite(r2)):
+        return 1
+    print(f"ratio_zero0={r0:.3f} ratio_zero2={r2:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
