@@ -1,11 +1,11 @@
 """Engines, sessions and migrations for PostgreSQL and SQLite.
 
-- ``make_engine(url)``: SQLite gets WAL, foreign keys, a busy timeout and ``BEGIN
+- ``make_engine(url)``: SQLite gets WAL, foreign keys, a busy timeout and (by default) ``BEGIN
   IMMEDIATE`` transactions (so concurrent writers queue instead of failing on a lock
   upgrade); PostgreSQL gets a connection pool with pre-ping.
 - ``session_scope(factory)``: the one place that commits, rolls back and closes; database
   errors leave it as the project's own exception types.
-- ``upgrade(url)`` / ``downgrade(url, revision)`` / ``current_revision(url)`` /
+- ``upgrade(url)`` / ``downgrade(url, revision)`` / ``current_revision(engine)`` /
   ``schema_is_current(engine)``: Alembic, driven programmatically (no ``alembic.ini``).
 """
 from __future__ import annotations
@@ -36,8 +36,14 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
-def make_engine(url: str, **kwargs) -> Engine:
+def make_engine(url: str, *, sqlite_immediate: bool = True, **kwargs) -> Engine:
     """An engine for ``url``; extra ``kwargs`` go to ``sqlalchemy.create_engine``.
+
+    On SQLite every transaction starts with ``BEGIN IMMEDIATE`` (takes the write lock at
+    once, so a read-then-write request never fails on a lock upgrade; other writers wait up
+    to the 30 s busy timeout). Keep such transactions short. A read-mostly component that
+    holds sessions open longer may pass ``sqlite_immediate=False`` (plain deferred BEGIN;
+    WAL readers never block writers).
 
     JSON columns store non-finite floats as "NaN"/"Infinity"/"-Infinity" and read them
     back as floats (``server.core.nonfinite``): PostgreSQL's json type refuses bare NaN.
@@ -64,7 +70,7 @@ def make_engine(url: str, **kwargs) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if sqlite_immediate else "BEGIN")
 
         return engine
     kwargs.setdefault("pool_size", 10)
