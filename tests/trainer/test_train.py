@@ -69,3 +69,20 @@ def test_resume_from_checkpoint_continues_the_step_count(live_server, tmp_path):
                                 "checkpoint_every", "fail_at_step")})
     assert resumed.final_eval_loss == pytest.approx(plain.final_eval_loss, rel=1e-6)
     assert plain.final_eval_loss < 0.5 * points[0]["eval_loss"]  # and it learned
+
+
+def test_gradient_noise_scale_from_micro_batches(live_server):
+    """ZeRO-0 on one worker with accumulation 4: |g_small|² from one 8-sample micro batch,
+    |g_big|² from the 32-sample batch; b_simple lands in the points."""
+    with HyperlawClient(live_server.url, live_server.token) as client:
+        trial = _new_trial(client, "trainer-test-noise-scale")
+        result = train(_config(live_server, trial["id"], micro_batch_size_sequences=8,
+                               n_tokens=32 * 400, learning_rate=0.02))
+        points = client.get_points(trial["id"])["data"]
+    assert result.steps_done == 400
+    late = [p["b_simple"] for p in points if p["step"] > 200]
+    assert late and all(b is not None and math.isfinite(b) and b > 0 for b in late)
+    # as the loss falls the gradient signal |G|² shrinks faster than the noise tr(Σ):
+    # b_simple grows during training (McCandlish et al. 2018, fig. 5)
+    early = [p["b_simple"] for p in points if 40 <= p["step"] <= 80]
+    assert late[-1] > 2 * sum(early) / len(early)
