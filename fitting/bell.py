@@ -283,6 +283,7 @@ class BellSurfaceFit:
     batch_size_opt_law: PowerLawFit
     b_crit_law_joint: PowerLawFit
     eta_peak_law_joint: PowerLawFit
+    batch_size_opt_law_joint: PowerLawFit
     n_points: int
     n_diverged: int
     n_groups_out_of_range: int
@@ -292,6 +293,32 @@ class BellSurfaceFit:
     @property
     def ok(self) -> bool:
         return self.status is FitStatus.OK
+
+    def _law(self, name: str) -> tuple[PowerLawFit, bool]:
+        joint = getattr(self, f"{name}_joint")
+        return (joint, True) if joint.ok else (getattr(self, name), False)
+
+    def learning_rate_for_batch(self, n_params, n_tokens, batch_size_tokens):
+        """η*(B) = 2·η_peak/(√(b_crit/B) + √(B/b_crit)) with η_peak and b_crit from their
+        power laws (joint in (N, D) when that law is ok, else in D)."""
+        if self.status is not FitStatus.OK:
+            raise ValueError(f"bell surface fit is {self.status.value}: {self.reason}")
+        values = []
+        for name in ("eta_peak_law", "b_crit_law"):
+            law, joint = self._law(name)
+            values.append(law.predict(n_params=n_params, n_tokens=n_tokens) if joint
+                          else law.predict(n_tokens=n_tokens))
+        return bell_learning_rate(batch_size_tokens, *values)
+
+    def predict(self, n_params, n_tokens):
+        """``(learning_rate, batch_size_tokens)``: B from the B_opt law (joint in (N, D)
+        when ok, else in D), η from the bell curve at that B."""
+        law, joint = self._law("batch_size_opt_law")
+        if not law.ok:
+            raise ValueError(f"batch_size_opt_law is {law.status.value}: {law.reason}")
+        batch = (law.predict(n_params=n_params, n_tokens=n_tokens) if joint
+                 else law.predict(n_tokens=n_tokens))
+        return self.learning_rate_for_batch(n_params, n_tokens, batch), batch
 
 
 def fit_bell_surface(n_params, n_tokens, learning_rate, batch_size_tokens, loss, *,
@@ -363,6 +390,7 @@ def fit_bell_surface(n_params, n_tokens, learning_rate, batch_size_tokens, loss,
         "batch_size_opt_law": law([g.batch_size_opt.x_opt for g in ok_b], ok_b, False),
         "b_crit_law_joint": law([g.bell.b_crit for g in ok], ok, True),
         "eta_peak_law_joint": law([g.bell.eta_peak for g in ok], ok, True),
+        "batch_size_opt_law_joint": law([g.batch_size_opt.x_opt for g in ok_b], ok_b, True),
     }
     status, reason = FitStatus.OK, ""
     if len(ok) < 3:

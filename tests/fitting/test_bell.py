@@ -87,6 +87,11 @@ def test_surface_recovers_laws_in_d_and_counts_divergence():
     # N does not vary, so no joint law: said, not guessed.
     assert fit.b_crit_law_joint.status is FitStatus.INSUFFICIENT_DATA
     assert "n_params takes a single value" in fit.b_crit_law_joint.reason
+    eta, batch = fit.predict(1e8, 1e8)
+    b_crit, peak = 0.02 * 1e8, 0.05 * 1e8 ** -0.15
+    assert batch == pytest.approx(0.01 * 1e8 * 5 ** -0.2, rel=0.2)
+    assert eta == pytest.approx(bell_learning_rate(batch, peak, b_crit), rel=0.1)
+    assert fit.learning_rate_for_batch(1e8, 1e8, b_crit) == pytest.approx(peak, rel=0.1)
     for g in fit.groups:
         assert len(g.batch_sizes) == len(g.optimal_learning_rates) == len(g.sensitivities)
         assert all(s == pytest.approx(0.08 / 2.5, rel=0.2) for s in g.sensitivities)
@@ -115,3 +120,23 @@ def test_steplaw_sweep():
     assert fit.b_crit_law.exponent("n_tokens") > 0.1
     assert fit.n_groups_out_of_range + sum(
         g.bell.ok and g.bell.b_crit_in_range for g in fit.groups) == 17
+
+
+def test_steplaw_leave_one_group_out_regret():
+    """Bell recommendation (B from the joint B_opt law, η from the bell at that B) for each
+    held-out (N, D) group of the Step Law sweep: 0.102 % mean regret of the nearest run."""
+    runs = load_steplaw_csv(STEPLAW_CSV)
+    regrets = []
+    for n, d, idx in runs.groups():
+        keep = np.ones(len(runs), bool)
+        keep[idx] = False
+        sub = runs.subset(keep)
+        fit = fit_bell_surface(sub.n_params, sub.n_tokens, sub.learning_rate,
+                               sub.batch_size_tokens, sub.loss, n_bootstrap=0)
+        eta, b = fit.predict(n, d)
+        dist = (np.log(runs.learning_rate[idx] / eta) ** 2
+                + np.log(runs.batch_size_tokens[idx] / b) ** 2)
+        loss = runs.loss[idx]
+        regrets.append(loss[np.argmin(dist)] / np.nanmin(loss) - 1)
+    assert np.mean(regrets) == pytest.approx(0.00102, abs=0.0001)
+    assert max(regrets) < 0.003
