@@ -9,7 +9,7 @@ Fixed published formulas need no fit and are scored the same way.
 Prints one row per method (mean, median and max regret in %), then, as its last line,
 ``recommender mean_regret_pct=<float> max_regret_pct=<float>``.
 
-    python benchmarks/recommend_quality.py [--csv PATH] [--json OUT.json]
+    python benchmarks/recommend_quality.py [--csv PATH] [--json OUT.json] [--nested]
 """
 from __future__ import annotations
 
@@ -85,16 +85,37 @@ def steplaw_refit(runs: Runs) -> Predictor | None:
     return lambda n, d: tuple(float(v) for v in fit.predict(n, d))
 
 
+def bell_laws(runs: Runs) -> Predictor | None:
+    """Bell-curve estimator (``fitting.bell``): B = the B_opt power law in D, and
+    η = η*(B) = 2·η_peak/(√(b_crit/B) + √(B/b_crit)) with η_peak and b_crit from the joint
+    power laws in (N, D)."""
+    try:
+        bell = importlib.import_module("fitting.bell")
+    except ImportError:
+        return None
+    fit = bell.fit_bell_surface(runs.n_params, runs.n_tokens, runs.learning_rate,
+                                runs.batch_size_tokens, runs.loss, n_bootstrap=0)
+
+    def predict(n, d):
+        batch = fit.batch_size_opt_law.predict(n_tokens=d)
+        eta_peak = fit.eta_peak_law_joint.predict(n_params=n, n_tokens=d)
+        b_crit = fit.b_crit_law_joint.predict(n_params=n, n_tokens=d)
+        return float(bell.bell_learning_rate(batch, eta_peak, b_crit)), float(batch)
+    return predict
+
+
 METHODS: list[tuple[str, Method]] = [
     ("steplaw_published", steplaw_published),
     ("deepseek_published", deepseek_published),
     ("steplaw_refit (near_optimal)", steplaw_refit),
+    ("bell laws (bell)", bell_laws),
     # Sensitivity to the near-optimal window (the default, 1 %, was chosen on this benchmark).
     ("recommender window=0.5%", functools.partial(recommender, window=0.005)),
     ("recommender window=2%", functools.partial(recommender, window=0.02)),
-    ("recommender window nested-LOO", recommender_nested),
     ("recommender", recommender),
 ]
+# Slow (about 1,600 surface fits, minutes on 2 cores): only with --nested.
+NESTED = ("recommender window nested-LOO", recommender_nested)
 
 
 def nearest_regret(runs: Runs, idx: np.ndarray, learning_rate: float, batch: float) -> float:
@@ -127,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, default=None,
                         help="Step Law format CSV (default: the bundled copy)")
     parser.add_argument("--json", type=Path, default=None, help="write per-group regrets here")
+    parser.add_argument("--nested", action="store_true",
+                        help="also score the recommender with its window chosen by an inner "
+                             "leave-one-group-out (slow)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs = load_steplaw_csv(args.csv or bundled_steplaw_path())
@@ -135,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(groups)} (N, D) groups; leave one group out, regret of the nearest grid run")
     print(f"{'method':<30} {'mean %':>8} {'median %':>9} {'max %':>8} {'seconds':>8}")
     results = {}
-    for name, method in METHODS:
+    methods = METHODS[:-1] + [NESTED] + METHODS[-1:] if args.nested else METHODS
+    for name, method in methods:
         start = time.perf_counter()
         regrets = leave_one_group_out(runs, method)
         elapsed = time.perf_counter() - start
