@@ -23,7 +23,10 @@ Batch Size Scale in Pre-training?").
 
    For α = 1 this has the closed form B* = (1+ε)·B_opt + ε·b/a (ε = 0.2 gives the paper's
    B* = b/(5a) + 1.2·B_opt); otherwise it is solved numerically. With the paper's Table 6
-   (B_opt = 256), e.g. a = 1293.83, b = 2834258.08 gives log2 B* = 9.54.
+   (B_opt = 256), e.g. a = 1293.83, b = 2834258.08 gives log2 B* = 9.54. (The paper's
+   free-α column, Table 6(b), was computed with the shortcut ((b + 6a·B_opt)/(5a))^(1/α),
+   which is not a solution of the equation above when α ≠ 1; the exact solution here gives,
+   e.g., log2 B* = 9.65 rather than 9.34 for its 85M row.)
 
 4. **Scaling laws** of B* (via :func:`fitting.powerlaw.fit_power_law`): B* = c·D^γ at fixed
    N, B* = c·N^β at fixed D, and jointly B* = c·N^β·D^γ.
