@@ -103,3 +103,22 @@ def _corpus_build(args: argparse.Namespace) -> int:
         meta["fingerprint"],
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Only the trainer's commands (``python -m trainer.cli sweep ...``), for machines that run
+    sweeps without the rest of the command line."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="hyperlaw")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -388,7 +388,7 @@ def _ray_worker(train_config: dict[str, Any]) -> None:
     from trainer.train import train
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
-    train(train_config, report=ray.train.report)
+    train(train_config, report=ray.train.report, mark_failed=False)
 
 
 def _trial_driver(tune_config: dict[str, Any]) -> None:

@@ -387,10 +387,14 @@ def train(
     raw_config: dict[str, Any],
     report: Callable[[dict[str, Any]], None] | None = None,
     telemetry: Any | None = None,
+    mark_failed: bool = True,
 ) -> RunResult:
     """Train one run on this worker. ``report(metrics)`` is called on every worker after each
     evaluation (Ray Train's ``ray.train.report`` in sweeps). ``telemetry`` overrides the sink
-    built from ``service_url``/``trial_id`` (used on rank 0 only)."""
+    built from ``service_url``/``trial_id`` (used on rank 0 only). On an exception the points
+    are flushed and, with ``mark_failed``, the trial is marked failed before re-raising; sweeps
+    pass False because Ray Train may restart the run from its checkpoint and the sweep marks
+    the trial failed only when the retries are spent."""
     import deepspeed
     import torch.distributed as dist
 
@@ -671,8 +675,9 @@ def train(
         raise
     except Exception as exc:
         logger.exception("training failed at step %d", step)
-        sink.finish("failed", status_reason=f"{type(exc).__name__}: {exc}"[:2000],
-                    steps_done=step, tokens_done=step * layout.batch_size_tokens)
+        if mark_failed:
+            sink.finish("failed", status_reason=f"{type(exc).__name__}: {exc}"[:2000],
+                        steps_done=step, tokens_done=step * layout.batch_size_tokens)
         sink.close(timeout_s=30.0)
         raise
 
@@ -700,7 +705,7 @@ def train(
         "final_eval_loss": last_eval if math.isfinite(last_eval) else math.inf,
         "diverged": diverged, "n_params": n_params, "data_fingerprint": data_fingerprint,
     })
-    if ckpt_dir is not None and rank == 0 and not diverged:
+    if ckpt_dir is not None and rank == 0:
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the checkpoint has no more use
     if created_group:
         dist.barrier()
