@@ -74,40 +74,35 @@ def recommender_nested(runs: Runs) -> Predictor:
     return recommender(runs, window=window)
 
 
-def steplaw_refit(runs: Runs) -> Predictor | None:
-    """The Step Law method (near-optimal regression, ``fitting.near_optimal``) refitted."""
+def steplaw_refit(runs: Runs, **options) -> Predictor | None:
+    """The Step Law method (near-optimal regression, ``fitting.near_optimal``) refitted;
+    ``options`` go to ``fit_near_optimal``."""
     try:
         module = importlib.import_module("fitting.near_optimal")
     except ImportError:
         return None
     fit = module.fit_near_optimal(runs.n_params, runs.n_tokens, runs.learning_rate,
-                                  runs.batch_size_tokens, runs.loss, n_bootstrap=0)
+                                  runs.batch_size_tokens, runs.loss, n_bootstrap=0, **options)
     return lambda n, d: tuple(float(v) for v in fit.predict(n, d))
 
 
 def bell_laws(runs: Runs) -> Predictor | None:
-    """Bell-curve estimator (``fitting.bell``): B = the B_opt power law in D, and
-    η = η*(B) = 2·η_peak/(√(b_crit/B) + √(B/b_crit)) with η_peak and b_crit from the joint
-    power laws in (N, D)."""
+    """Bell-curve estimator (``fitting.bell``): B from its B_opt power law, η from the bell
+    η*(B) at that B (see ``BellSurfaceFit.predict``)."""
     try:
         bell = importlib.import_module("fitting.bell")
     except ImportError:
         return None
     fit = bell.fit_bell_surface(runs.n_params, runs.n_tokens, runs.learning_rate,
                                 runs.batch_size_tokens, runs.loss, n_bootstrap=0)
-
-    def predict(n, d):
-        batch = fit.batch_size_opt_law.predict(n_tokens=d)
-        eta_peak = fit.eta_peak_law_joint.predict(n_params=n, n_tokens=d)
-        b_crit = fit.b_crit_law_joint.predict(n_params=n, n_tokens=d)
-        return float(bell.bell_learning_rate(batch, eta_peak, b_crit)), float(batch)
-    return predict
+    return lambda n, d: tuple(float(v) for v in fit.predict(n, d))
 
 
 METHODS: list[tuple[str, Method]] = [
     ("steplaw_published", steplaw_published),
     ("deepseek_published", deepseek_published),
     ("steplaw_refit (near_optimal)", steplaw_refit),
+    ("near_optimal, B in N and D", functools.partial(steplaw_refit, batch_uses_n_params=True)),
     ("bell laws (bell)", bell_laws),
     # Sensitivity to the near-optimal window (the default, 1 %, was chosen on this benchmark).
     ("recommender window=0.5%", functools.partial(recommender, window=0.005)),

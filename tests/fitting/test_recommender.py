@@ -225,3 +225,19 @@ def test_leave_one_group_out_quality_on_the_steplaw_grid(steplaw):
     assert regret.mean() < 0.08
     assert regret.max() < 0.30
     assert regret.mean() < published.mean()
+
+
+def test_benchmark_prints_the_table_and_its_machine_readable_last_line(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "recommend_quality_main", REPO / "benchmarks" / "recommend_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main([]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("steplaw_published ") for line in lines)
+    assert any(line.startswith("deepseek_published ") for line in lines)
+    last = lines[-1].split()
+    assert last[0] == "recommender"
+    fields = dict(item.split("=") for item in last[1:])
+    assert set(fields) == {"mean_regret_pct", "max_regret_pct"}
+    assert 0 <= float(fields["mean_regret_pct"]) <= float(fields["max_regret_pct"])
