@@ -277,6 +277,12 @@ class Recommender:
             sources["learning_rate_for_batch"] = _SOURCE_LR_FOR_BATCH
             sources["step_overhead"] = sources["token_overhead"] = sources[
                 "critical_batch_size_tokens"]
+            batch_range = self.fitted_range.get("batch_size_tokens")
+            if batch_range and not (batch_range[0] * (1 - 1e-9) <= batch_size_tokens
+                                    <= batch_range[1] * (1 + 1e-9)):
+                warnings.append(f"batch_size_tokens={batch_size_tokens:.4g} is outside the "
+                                f"fitted range [{batch_range[0]:.4g}, {batch_range[1]:.4g}]: "
+                                f"extrapolating")
             if math.isinf(tau):
                 warnings.append(f"batch_size_tokens={batch_size_tokens:.4g} does not reach the "
                                 f"optimum's loss within e^12 times n_tokens on the fitted "
@@ -317,10 +323,13 @@ def fit_recommender(runs: Runs, *, overhead: float = 0.2, window: float = 0.01,
             "n_tokens": [float(runs.n_tokens.min()), float(runs.n_tokens.max())],
             "tokens_per_param": [float(ratio.min()), float(ratio.max())],
             "seq_len": [float(runs.seq_len.min()), float(runs.seq_len.max())],
+            "batch_size_tokens": [float(runs.batch_size_tokens.min()),
+                                  float(runs.batch_size_tokens.max())],
         }
     else:
         finite = np.zeros(0, bool)
-        fitted_range = {"n_params": [], "n_tokens": [], "tokens_per_param": [], "seq_len": []}
+        fitted_range = {"n_params": [], "n_tokens": [], "tokens_per_param": [], "seq_len": [],
+                        "batch_size_tokens": []}
     common = dict(n_runs=len(runs), n_groups=len(runs.groups()) if len(runs) else 0,
                   fitted_range=fitted_range, options=options)
     if len(runs) == 0 or finite.sum() == 0:

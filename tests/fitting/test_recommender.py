@@ -145,6 +145,9 @@ def test_imposed_batch_size(fitted):
         iv = out.learning_rate_for_batch_interval
         assert iv.low < out.learning_rate_for_batch * 1.2 and iv.high > iv.low
         assert "learning_rate_for_batch" in out.sources
+    far = fitted.recommend(4e8, 2e10, batch_size_tokens=2 ** 24)
+    assert far.warnings == ["batch_size_tokens=1.678e+07 is outside the fitted range "
+                            "[3.277e+04, 4.194e+06]: extrapolating"]
     # A batch 8× the CBS costs more than the 20 % token overhead that defines the CBS.
     assert fitted.recommend(4e8, 2e10, batch_size_tokens=8 * base.critical_batch_size_tokens
                             ).token_overhead > 0.2
