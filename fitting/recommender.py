@@ -14,8 +14,15 @@ optimum modelled as the local power law ln L_opt = loss_0 + loss_n·n + loss_d·
 group offsets: a run at B (η retuned) reaches the target after T tokens where
 loss_d·ln(T/D) + Q_B(ln B − y*(N, T)) = 0 and Q_B(v) = min_u Q(u, v). Hence
 ln CBS = y*(N, D) + batch_d·ln(1+ε) + v_c with Q_B(v_c) = −loss_d·ln(1+ε); v_c is computed
-once per fit. (The steps-to-target law of :mod:`fitting.cbs` needs loss curves that reach a
-target; final-loss sweeps such as Step Law's do not have them.)
+once per fit.
+
+When the runs carry steps-to-target (``Runs.steps_to_target`` with ``target_loss``, e.g. from
+the generic CSV) for at least 3 groups of (n_params, target_loss), the CBS comes instead from
+Zhang et al.'s own method (:mod:`fitting.cbs`): per group, log S = log(a + b/B) and
+B*_g = (1+ε)·B_ref + ε·b/a, with D_g = S(B_ref)·B_ref the tokens to target at the reference
+(smallest) batch; then the power law B* = c·N^β·D^γ (or c·D^γ when N does not vary) across
+groups, and likewise k = b/a ∝ N^β_k·D^γ_k. The imposed-batch overheads then follow that
+model: T(B)/T(B*) = (B + k)/(B* + k) and S(B)/S(B*) = (1 + k/B)/(1 + k/B*).
 
 Imposed batch size B: ``learning_rate_for_batch`` = exp(x* + u*(v)) with v = ln B − y* and u*
 the ln η offset minimising Q at v (the fitted η–B coupling). Its cost versus running at the
@@ -46,6 +53,8 @@ METHOD = "loss_surface"
 STATE_VERSION = 1
 _SOURCE_OPTIMUM = "loss_surface argmin (power laws in N and D)"
 _SOURCE_CBS = "loss_surface tokens-to-target, Zhang et al. epsilon={eps:g}"
+_SOURCE_STEPS_CBS = ("steps-to-target, Zhang et al. epsilon={eps:g}: power law in {regressors} "
+                     "over {n_groups} groups (fitting.cbs)")
 _SOURCE_LR_FOR_BATCH = "loss_surface argmin over learning rate at the imposed batch size"
 
 
@@ -122,7 +131,7 @@ class Recommender:
     def __init__(self, *, status: FitStatus, reason: str, n_runs: int, n_groups: int,
                  fitted_range: dict[str, list[float]], options: dict,
                  params: dict[str, float] | None, draws: list[dict[str, float]],
-                 quality: dict[str, float]):
+                 quality: dict[str, float], cbs_law: dict | None = None):
         self.status = FitStatus(status)
         self.reason = reason
         self.n_runs = int(n_runs)
@@ -139,6 +148,10 @@ class Recommender:
             self._params = surf.SurfaceParams(**core)
             self._cbs_offset = float(params["cbs_offset"])
         self._draws = _Draws(self._draw_rows) if self._draw_rows else None
+        self._cbs_law = None if cbs_law is None else {
+            "regressors": list(cbs_law["regressors"]), "n_groups": int(cbs_law["n_groups"]),
+            "point": [float(v) for v in cbs_law["point"]],
+            "draws": [[float(v) for v in row] for row in cbs_law["draws"]]}
 
     @property
     def overhead(self) -> float:
@@ -158,6 +171,7 @@ class Recommender:
             "params": self._params_dict,
             "draws": self._draw_rows,
             "quality": self.quality,
+            "cbs_law": self._cbs_law,
         }
 
     @classmethod
@@ -168,7 +182,7 @@ class Recommender:
         return cls(status=d["status"], reason=d["reason"], n_runs=d["n_runs"],
                    n_groups=d["n_groups"], fitted_range=d["fitted_range"],
                    options=d["options"], params=d["params"], draws=d["draws"],
-                   quality=d.get("quality", {}))
+                   quality=d.get("quality", {}), cbs_law=d.get("cbs_law"))
 
     def power_laws(self) -> dict[str, dict[str, float]]:
         """The fitted laws as ``value = coefficient · N^n_params_exponent · D^n_tokens_exponent``
@@ -244,6 +258,17 @@ class Recommender:
             cbs_iv = self._interval(np.exp(ys + draws.batch_d * log_eps + draws.cbs_offset))
         else:
             lr_iv = bs_iv = cbs_iv = self._interval(np.array([]))
+        k_steps = None
+        if self._cbs_law is not None:
+            law = self._cbs_law
+            point = np.array(law["point"])
+            logs = np.array([1.0, log_n, log_d])
+            cbs = math.exp(float(point[:3] @ logs))
+            k_steps = math.exp(float(point[3:] @ logs))
+            if law["draws"]:
+                cbs_iv = self._interval(np.exp(np.array(law["draws"])[:, :3] @ logs))
+            else:
+                cbs_iv = self._interval(np.array([]))
         seq_iv = Interval(bs_iv.low / seq_len, bs_iv.high / seq_len, bs_iv.level)
         warnings = self._warnings(n_params, n_tokens, seq_len)
         if not math.isfinite(cbs):
@@ -254,6 +279,10 @@ class Recommender:
             "batch_size_tokens": _SOURCE_OPTIMUM,
             "critical_batch_size_tokens": _SOURCE_CBS.format(eps=self.overhead),
         }
+        if self._cbs_law is not None:
+            sources["critical_batch_size_tokens"] = _SOURCE_STEPS_CBS.format(
+                eps=self.overhead, regressors=", ".join(self._cbs_law["regressors"]),
+                n_groups=self._cbs_law["n_groups"])
         extra: dict = {}
         if batch_size_tokens is not None:
             v0 = math.log(batch_size_tokens) - y
@@ -263,10 +292,16 @@ class Recommender:
                 lr_b_iv = self._interval(np.exp(xs + surf.best_eta_offset(draws, v_draws)))
             else:
                 lr_b_iv = self._interval(np.array([]))
-            tau = surf.log_tokens_to_target(p, v0)
-            # T(B)/D = e^tau; T(CBS) = (1+ε)·D; S = T/B.
-            token_ratio = math.exp(tau - log_eps) if math.isfinite(tau) else float("inf")
-            step_ratio = token_ratio * cbs / batch_size_tokens
+            if k_steps is not None:
+                # Zhang et al.'s model: T(B) ∝ B + k, S(B) ∝ 1 + k/B.
+                tau = 0.0
+                token_ratio = (batch_size_tokens + k_steps) / (cbs + k_steps)
+                step_ratio = (1.0 + k_steps / batch_size_tokens) / (1.0 + k_steps / cbs)
+            else:
+                tau = surf.log_tokens_to_target(p, v0)
+                # T(B)/D = e^tau; T(CBS) = (1+ε)·D; S = T/B.
+                token_ratio = math.exp(tau - log_eps) if math.isfinite(tau) else float("inf")
+                step_ratio = token_ratio * cbs / batch_size_tokens
             extra = {
                 "imposed_batch_size_tokens": batch_size_tokens,
                 "learning_rate_for_batch": lr_b,
@@ -294,6 +329,68 @@ class Recommender:
             batch_size_sequences=bs / seq_len, batch_size_sequences_interval=seq_iv,
             critical_batch_size_tokens=cbs, critical_batch_size_tokens_interval=cbs_iv,
             sources=sources, warnings=warnings, **extra)
+
+
+def _steps_cbs_law(runs: Runs, overhead: float, n_bootstrap: int,
+                   seed: int) -> tuple[dict | None, str]:
+    """The steps-to-target CBS law of the module docstring, or (None, why not)."""
+    from fitting.cbs import fit_cbs_scaling, fit_critical_batch_size
+    from fitting.powerlaw import fit_power_law
+
+    if runs.steps_to_target is None or runs.target_loss is None:
+        return None, "no steps-to-target data"
+    has = ~np.isnan(runs.steps_to_target) & np.isfinite(runs.target_loss)
+    if not has.any():
+        return None, "no steps-to-target data"
+    keys = np.column_stack([runs.n_params[has], runs.target_loss[has]])
+    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    batch, steps = runs.batch_size_tokens[has], runs.steps_to_target[has]
+    n_g, d_g, cbs_g, k_g = [], [], [], []
+    for i, (n_params, _) in enumerate(uniq):
+        sel = inverse == i
+        fit = fit_critical_batch_size(batch[sel], steps[sel], overhead=overhead, n_bootstrap=0)
+        if fit.ok and fit.a > 0:
+            n_g.append(n_params)
+            d_g.append(float(fit.predict_steps(fit.b_opt)) * fit.b_opt)
+            cbs_g.append(fit.critical_batch_size)
+            k_g.append(fit.b / fit.a)
+    if len(cbs_g) < 3:
+        return None, (f"{len(cbs_g)} (n_params, target_loss) groups have a steps-to-target "
+                      f"fit; the CBS law needs 3")
+    n_g, d_g, cbs_g, k_g = (np.array(v) for v in (n_g, d_g, cbs_g, k_g))
+
+    def laws(idx, names):
+        regs = {name: (n_g if name == "n_params" else d_g)[idx] for name in names}
+        cbs = fit_cbs_scaling(cbs_g[idx], n_bootstrap=0, **regs)
+        k = fit_power_law(k_g[idx], regs, n_bootstrap=0)
+        return (cbs, k) if cbs.ok and k.ok else None
+
+    all_idx = np.arange(cbs_g.size)
+    names = ("n_params", "n_tokens")
+    best = laws(all_idx, names)
+    if best is None:
+        names = ("n_tokens",)
+        best = laws(all_idx, names)
+    if best is None:
+        return None, "the steps-to-target CBS values do not support a power law in n_tokens"
+
+    def row(pair) -> list[float]:
+        out = []
+        for law in pair:
+            exps = dict(zip(law.names, law.exponents))
+            out += [math.log(law.coefficient), exps.get("n_params", 0.0),
+                    exps.get("n_tokens", 0.0)]
+        return out
+
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_bootstrap):
+        pair = laws(rng.integers(0, cbs_g.size, cbs_g.size), names)
+        if pair is not None:
+            draws.append(row(pair))
+    return {"regressors": list(names), "n_groups": int(cbs_g.size), "point": row(best),
+            "draws": draws}, ""
 
 
 def _params_row(fit: surf.SurfaceFit, overhead: float) -> dict[str, float]:
@@ -357,5 +454,10 @@ def fit_recommender(runs: Runs, *, overhead: float = 0.2, window: float = 0.01,
         logger.info("recommender bootstrap: %d of %d draws fitted", len(draws), n_bootstrap)
     quality = {"n_runs_used": fit.n_runs_used, "rms_residual_log_loss": fit.rms_residual,
                "n_bootstrap_ok": len(draws)}
+    cbs_law, why = _steps_cbs_law(runs, overhead, int(n_bootstrap), seed)
+    if cbs_law is None and runs.steps_to_target is not None:
+        logger.info("critical batch size from the loss surface: %s", why)
+    if cbs_law is not None and reason:
+        reason = ""  # the steps-to-target law supplies the CBS
     return Recommender(status=FitStatus.OK, reason=reason, params=params, draws=draws,
-                       quality=quality, **common)
+                       quality=quality, cbs_law=cbs_law, **common)

@@ -244,3 +244,55 @@ def test_benchmark_prints_the_table_and_its_machine_readable_last_line(capsys):
     fields = dict(item.split("=") for item in last[1:])
     assert set(fields) == {"mean_regret_pct", "max_regret_pct"}
     assert 0 <= float(fields["mean_regret_pct"]) <= float(fields["max_regret_pct"])
+
+
+def test_steps_to_target_data_supplies_the_critical_batch_size():
+    """Runs with steps-to-target follow Zhang et al.'s S(B) = a + b/B with k = b/a ∝ D^0.5;
+    the CBS then comes from fitting.cbs, B* = 1.2·B_ref + 0.2·k per group."""
+    surface = synthetic_runs()
+    records = [{"n_params": n, "n_tokens": d, "seq_len": 2048, "learning_rate": lr, "loss": loss,
+                "batch_size_tokens": b}
+               for n, d, lr, loss, b in zip(surface.n_params, surface.n_tokens,
+                                            surface.learning_rate, surface.loss,
+                                            surface.batch_size_tokens)]
+    b_ref = 2.0 ** 16
+    batches = b_ref * 2.0 ** np.arange(0, 9)
+
+    def k_of(d):
+        return 2.0 ** 20 * (d / 1e10) ** 0.5
+
+    for n_params in (2e8, 8e8):
+        for n_tokens in (3e9, 1e10, 3e10):
+            k = k_of(n_tokens)
+            a = n_tokens / (b_ref + k)  # tokens to target at B_ref = a·(B_ref + k) = D
+            target = round(3.0 - 0.1 * math.log(n_tokens), 6)
+            for b in batches:
+                records.append({"n_params": n_params, "n_tokens": (a + a * k / b) * b,
+                                "seq_len": 2048, "learning_rate": 1e-3, "loss": target,
+                                "batch_size_tokens": b, "steps_to_target": a + a * k / b,
+                                "target_loss": target})
+    runs = Runs.from_records(records)
+    rec = fit_recommender(runs, n_bootstrap=10, window=0.05)
+    assert rec.status is FitStatus.OK, rec.reason
+    state = json.loads(json.dumps(rec.to_dict()))
+    assert state["cbs_law"]["n_groups"] == 6
+    again = Recommender.from_dict(state)
+    out = again.recommend(4e8, 1e10)
+    assert "steps-to-target" in out.sources["critical_batch_size_tokens"]
+    expected = 1.2 * b_ref + 0.2 * k_of(1e10)
+    assert out.critical_batch_size_tokens == pytest.approx(expected, rel=0.05)
+    iv = out.critical_batch_size_tokens_interval
+    assert iv.low <= out.critical_batch_size_tokens * 1.01 and iv.high >= iv.low
+    at_cbs = again.recommend(4e8, 1e10, batch_size_tokens=out.critical_batch_size_tokens)
+    assert at_cbs.step_overhead == pytest.approx(0.0, abs=1e-9)
+    assert at_cbs.token_overhead == pytest.approx(0.0, abs=1e-9)
+    k = k_of(1e10)
+    big = again.recommend(4e8, 1e10, batch_size_tokens=4 * expected)
+    assert big.token_overhead == pytest.approx((4 * expected + k) / (expected + k) - 1, rel=0.1)
+    small = again.recommend(4e8, 1e10, batch_size_tokens=expected / 4)
+    assert small.step_overhead == pytest.approx((1 + 4 * k / expected) / (1 + k / expected) - 1,
+                                                rel=0.1)
+    assert small.token_overhead == 0.0
+    # Without steps-to-target columns the surface supplies the CBS.
+    plain = fit_recommender(surface, n_bootstrap=0, window=0.05).recommend(4e8, 1e10)
+    assert plain.sources["critical_batch_size_tokens"].startswith("loss_surface")
