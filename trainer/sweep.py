@@ -311,9 +311,21 @@ def _trial_fields(config: SweepConfig, spec: dict[str, Any], experiment_id: int,
         "world_size": config.workers_per_trial, "seed": spec["seed"],
         "idempotency_key": key,
         "config": {"train": train.as_dict(), "code_version": version, "task": spec["task"],
-                   "data": ({"synthetic": spec["synthetic"]} if spec["task"] == "synthetic"
-                            else {"corpus_dir": spec["corpus_dir"]})},
+                   "data": _data_description(spec)},
     }
+
+
+def _data_description(spec: dict[str, Any]) -> dict[str, Any]:
+    """What the run trains on, with a fingerprint that changes when the data does."""
+    from trainer.data import SyntheticRegressionConfig
+
+    if spec["task"] == "synthetic":
+        task = SyntheticRegressionConfig(**spec["synthetic"])
+        return {"synthetic": task.as_dict(), "fingerprint": task.fingerprint}
+    meta_path = Path(spec["corpus_dir"]) / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return {"corpus": Path(spec["corpus_dir"]).name, "fingerprint": meta.get("fingerprint"),
+            "tokenizer": meta.get("tokenizer")}
 
 
 def _existing_trials(client: Any, experiment_id: int) -> dict[str, dict[str, Any]]:

@@ -448,6 +448,7 @@ def train(
                                     weight_decay=opt.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(config, layout))
+    device = engine.device  # cpu here; cuda:<local rank> on GPUs
     params = [p for p in engine.module.parameters()]
     if world_size == 1 and config.zero_stage == 0:
         engine.enable_backward_allreduce = False  # averaging over one worker is the identity
@@ -522,13 +523,15 @@ def train(
                 current = task.risk(engine.module.w)
                 averaged = task.risk(ewa_weights()[0]) if use_ewa else None
             else:
-                current = _mean_val_loss(engine.module, corpus, config, rank, world_size)
+                current = _mean_val_loss(engine.module, corpus, config, rank, world_size,
+                                         device)
                 averaged = None
                 if use_ewa:
                     saved = [p.detach().clone() for p in params]
                     for p, e in zip(params, ewa_weights()):
                         p.data.copy_(e)
-                    averaged = _mean_val_loss(engine.module, corpus, config, rank, world_size)
+                    averaged = _mean_val_loss(engine.module, corpus, config, rank,
+                                              world_size, device)
                     for p, s in zip(params, saved):
                         p.data.copy_(s)
         engine.module.train()
@@ -544,7 +547,7 @@ def train(
         if report is None:
             return
         due = torch.tensor([1 if force or time.monotonic() - last_report[0] >= REPORT_INTERVAL_S
-                            else 0])
+                            else 0], device=device)  # NCCL reduces only device tensors
         if world_size > 1:
             dist.broadcast(due, src=0)
         if due.item():
@@ -554,7 +557,7 @@ def train(
     def reduce_mean(value: float) -> float:
         if world_size == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return float(t.item()) / world_size
 
@@ -582,7 +585,7 @@ def train(
             loss_sum = 0.0
             g_small_sq = g_big_sq = None
             for micro in range(gas):
-                x, y = get_batch(step, micro)
+                x, y = (t.to(device) for t in get_batch(step, micro))
                 _, loss = engine(x, y)
                 loss_sum += float(loss.detach())
                 boundary = micro == gas - 1
@@ -713,7 +716,7 @@ def train(
 
 
 def _mean_val_loss(module: torch.nn.Module, corpus: Any, config: TrainConfig, rank: int,
-                   world_size: int) -> float:
+                   world_size: int, device: torch.device) -> float:
     """Mean next-token loss over ``eval.batches`` fixed validation batches per worker,
     averaged over the workers (the same batches at every evaluation)."""
     import torch.distributed as dist
@@ -725,10 +728,10 @@ def _mean_val_loss(module: torch.nn.Module, corpus: Any, config: TrainConfig, ra
     for i in range(config.eval.batches):
         x, y = corpus.batch("val", n_seq, config.seq_len,
                             batch_generator(config.seed + 1_000_003, i, rank, 0))
-        total += float(module(x, y)[1])
+        total += float(module(x.to(device), y.to(device))[1])
     mean = total / config.eval.batches
     if world_size > 1:
-        t = torch.tensor([mean], dtype=torch.float64)
+        t = torch.tensor([mean], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         mean = float(t.item()) / world_size
     return mean

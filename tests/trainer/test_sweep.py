@@ -45,6 +45,7 @@ def test_sweep_runs_zero2_trials_through_ray_and_fills_the_store(live_server, tm
         assert (good["world_size"], good["zero_stage"], good["n_params"]) == (2, 2, 64)
         assert good["steps_done"] == 32 and good["tokens_done"] == 2048
         assert good["config"]["train"]["learning_rate"] == 0.03
+        assert good["config"]["data"]["fingerprint"].startswith("synthetic-")
         assert good["idempotency_key"] == idempotency_key(config, expand_trials(config)[0])
         # one point per step, tokens = step x B, and the loss went down
         assert [p["step"] for p in points] == list(range(33))
