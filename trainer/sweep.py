@@ -421,6 +421,7 @@ def _trial_driver(tune_config: dict[str, Any]) -> None:
         "trial_id": trial_id, "service_url": run["url"], "service_token": run["token"],
         "checkpoint_dir": str(out / "checkpoints" / f"trial-{trial_id}"),
         "spool_dir": str(out / "spool"),
+        **run["train_overrides"],
     }
     trainer = TorchTrainer(
         _ray_worker,
@@ -493,10 +494,13 @@ def _progress_callback(total: int, skipped: int):
 def run_sweep(
     config: SweepConfig, *, url: str, token: str | None, address: str | None = None,
     resume: bool = False, ray_init: dict[str, Any] | None = None,
+    train_overrides: dict[str, Any] | None = None,
 ) -> SweepSummary:
     """Run the sweep end to end; returns what happened (the service holds the details).
     ``ray_init`` adds keyword arguments to ``ray.init`` for a local cluster (tests use
-    ``num_cpus=2, include_dashboard=False``)."""
+    ``num_cpus=2, include_dashboard=False``); ``train_overrides`` are merged into every
+    trial's training config at run time (not into its identity), e.g. ``fail_at_step`` to
+    exercise restarts."""
     import ray
     from ray import tune
 
@@ -541,7 +545,8 @@ def run_sweep(
             run = {"url": url, "token": token, "output_dir": str(out),
                    "workers_per_trial": config.workers_per_trial,
                    "cpus_per_worker": config.cpus_per_worker, "use_gpu": use_gpu,
-                   "max_failures": config.max_failures}
+                   "max_failures": config.max_failures,
+                   "train_overrides": dict(train_overrides or {})}
             tuner = tune.Tuner(
                 # the driver only waits on its TorchTrainer: it holds no CPU (a token of memory keeps its
                 # placement bundle non-empty), so the workers get all the cores

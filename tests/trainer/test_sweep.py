@@ -131,3 +131,25 @@ def test_adaptive_search_concentrates_around_the_predicted_optimum():
     assert sorted({s["batch_size_tokens"] for s in specs}) == [64, 128, 256]
     with pytest.raises(SweepConfigError, match="needs the service"):
         expand_trials(config)
+
+
+def test_a_failed_worker_is_restarted_from_its_checkpoint(live_server, tmp_path):
+    """FailureConfig(max_failures=1): the run dies after step 25, Ray Train restarts it, and
+    it continues from the step-20 checkpoint instead of step 0."""
+    path = _sweep_yaml(tmp_path, experiment="trainer-test-restart", workers_per_trial=1,
+                       zero_stage=0, max_failures=1, checkpoint_every=10,
+                       search={"learning_rate": [0.03], "batch_size_tokens": [64]},
+                       n_tokens=[64 * 40])
+    summary = run_sweep(load_sweep_config(path), url=live_server.url, token=live_server.token,
+                        ray_init=RAY_INIT, train_overrides={"fail_at_step": 25})
+    assert (summary.completed, summary.failed) == (1, 0)
+    with HyperlawClient(live_server.url, live_server.token) as client:
+        trial = client.get_trial(summary.trial_ids[0])
+        points = client.get_points(trial["id"])["data"]
+    assert trial["status"] == "completed" and trial["steps_done"] == 40
+    assert [p["step"] for p in points] == list(range(41))
+    # wall time restarts with the resumed process: step 21 was (re)done after step 20 was
+    # restored from the checkpoint, so its wall clock is behind step 20's
+    wall = {p["step"]: p["wall_time_s"] for p in points}
+    assert wall[21] < wall[20]
+    assert not (tmp_path / "runs" / "checkpoints" / f"trial-{trial['id']}").exists()
