@@ -112,7 +112,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HyperlawError)
     async def _hyperlaw(_request: Request, exc: HyperlawError):
-        return HyperlawJSONResponse({"detail": exc.message}, status_code=exc.status_code)
+        headers = {"Retry-After": "1"} if exc.status_code == 503 else None
+        return HyperlawJSONResponse({"detail": exc.message}, status_code=exc.status_code,
+                                    headers=headers)
 
     @app.exception_handler(IntegrityError)
     async def _integrity(_request: Request, exc: IntegrityError):
