@@ -79,6 +79,8 @@ CASES = [
     ("limit zero", "GET", "/v1/trials?limit=0", None, 422, "limit", "limit must be >= 1"),
     ("limit too big", "GET", "/v1/trials?limit=5000", None, 422,
      "limit", "limit must be <= 1000"),
+    ("path id wrong type", "GET", "/v1/trials/abc", None, 422,
+     "trial_id", "trial_id must be an integer"),
     ("experiment name empty", "POST", "/v1/experiments", {"name": ""}, 422,
      "name", "name must be at least 1 characters"),
 ]

@@ -1,0 +1,31 @@
+"""Settings come from HYPERLAW_* variables; the default database is a per-user SQLite file."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from server.core.config import Settings
+
+
+def test_defaults(monkeypatch, tmp_path):
+    monkeypatch.delenv("HYPERLAW_DATABASE_URL", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    settings = Settings()
+    assert settings.database_url == f"sqlite:///{tmp_path / 'hyperlaw' / 'hyperlaw.db'}"
+    assert (settings.host, settings.port) == ("127.0.0.1", 8000)
+    assert settings.read_requires_token is False and settings.heartbeat_grace_s == 300
+
+
+def test_environment_overrides(monkeypatch):
+    monkeypatch.setenv("HYPERLAW_DATABASE_URL", "postgresql://u@db:5432/h")
+    monkeypatch.setenv("HYPERLAW_PORT", "9000")
+    monkeypatch.setenv("HYPERLAW_READ_REQUIRES_TOKEN", "true")
+    settings = Settings()
+    assert settings.database_url == "postgresql://u@db:5432/h"
+    assert settings.port == 9000 and settings.read_requires_token is True
+
+
+def test_bad_setting_names_the_field(monkeypatch):
+    monkeypatch.setenv("HYPERLAW_HEARTBEAT_GRACE_S", "-1")
+    with pytest.raises(ValidationError, match="heartbeat_grace_s"):
+        Settings()
