@@ -662,10 +662,13 @@ def train(
                 break
             if (ckpt_dir is not None and config.checkpoint_every
                     and step % config.checkpoint_every == 0 and step < total_steps):
+                # save shard → barrier (inside) → report, so a reported checkpoint is complete
                 _save_checkpoint(engine, ckpt_dir, step, {
                     "step": step, "train_loss_ema": train_loss_ema, "first_loss": first_loss,
                     "ewa": ewa, "ewa_count": ewa_count,
                 }, rank)
+                maybe_report({"step": step, "tokens": step * layout.batch_size_tokens,
+                              "train_loss": train_loss, "checkpoint_step": step}, force=True)
             if config.fail_at_step is not None and step == config.fail_at_step and not failed_once:
                 marker = ckpt_dir / "injected_failure_done" if ckpt_dir else None
                 if marker is None or not marker.exists():
