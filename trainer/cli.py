@@ -75,11 +75,23 @@ def _sweep(args: argparse.Namespace) -> int:
         return 2
     if args.output_dir:
         config = config.with_output_dir(args.output_dir)
+    from server.client import HyperlawAPIError, HyperlawUnavailable
+
     url = args.url or os.environ.get("HYPERLAW_URL") or "http://127.0.0.1:8000"
-    summary = run_sweep(
-        config, url=url, token=os.environ.get("HYPERLAW_TOKEN"),
-        address=args.address, resume=args.resume,
-    )
+    try:
+        summary = run_sweep(
+            config, url=url, token=os.environ.get("HYPERLAW_TOKEN"),
+            address=args.address, resume=args.resume,
+        )
+    except SweepConfigError as exc:
+        logger.error("%s: %s", args.config, exc)
+        return 2
+    except HyperlawUnavailable as exc:
+        logger.error("the hyperlaw service at %s is unreachable: %s", url, exc)
+        return 2
+    except HyperlawAPIError as exc:
+        logger.error("the hyperlaw service at %s refused the sweep: %s", url, exc)
+        return 2
     logger.info(
         "sweep %s: %d completed, %d failed, %d skipped (already done), best %s",
         config.experiment, summary.completed, summary.failed, summary.skipped,

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from server.client import HyperlawClient
+from trainer import cli
 from trainer.sweep import (
     SweepConfigError, expand_trials, idempotency_key, load_sweep_config, parse_sweep_config,
     run_sweep,
@@ -29,8 +30,10 @@ def _sweep_yaml(tmp_path, **over):
     return path
 
 
-def test_sweep_runs_zero2_trials_through_ray_and_fills_the_store(live_server, tmp_path):
-    config = load_sweep_config(_sweep_yaml(tmp_path))
+def test_sweep_runs_zero2_trials_through_ray_and_fills_the_store(live_server, tmp_path,
+                                                                 monkeypatch):
+    path = _sweep_yaml(tmp_path)
+    config = load_sweep_config(path)
     summary = run_sweep(config, url=live_server.url, token=live_server.token, ray_init=RAY_INIT)
     assert (summary.completed, summary.failed, summary.diverged) == (2, 0, 1)
 
@@ -61,6 +64,11 @@ def test_sweep_runs_zero2_trials_through_ray_and_fills_the_store(live_server, tm
         again = run_sweep(config, url=live_server.url, token=live_server.token, resume=True,
                           ray_init=RAY_INIT)
         assert (again.skipped, again.completed, again.failed) == (2, 0, 0)
+        assert client.list_trials(experiment_id=summary.experiment_id)["count"] == 2
+
+        # the same through the command line, token from the environment
+        monkeypatch.setenv("HYPERLAW_TOKEN", live_server.token)
+        assert cli.main(["sweep", str(path), "--resume", "--url", live_server.url]) == 0
         assert client.list_trials(experiment_id=summary.experiment_id)["count"] == 2
 
         # without --resume the sweep refuses to run over existing trials
@@ -153,3 +161,7 @@ def test_a_failed_worker_is_restarted_from_its_checkpoint(live_server, tmp_path)
     wall = {p["step"]: p["wall_time_s"] for p in points}
     assert wall[21] < wall[20]
     assert not (tmp_path / "runs" / "checkpoints" / f"trial-{trial['id']}").exists()
+
+
+def test_cli_rejects_a_bad_sweep_file(tmp_path):
+    assert cli.main(["sweep", str(_sweep_yaml(tmp_path, zero_stage=7))]) == 2
