@@ -48,8 +48,12 @@ def _source_files(sources: list[str]) -> list[Path]:
     files: list[Path] = []
     for source in sources:
         path = Path(source)
-        if path.is_dir():
-            files.extend(p for p in sorted(path.rglob("*")) if p.is_file())
+        if path.is_dir():  # hidden folders and bytecode caches are not text
+            files.extend(
+                p for p in sorted(path.rglob("*"))
+                if p.is_file() and not any(part.startswith(".") or part == "__pycache__"
+                                           for part in p.relative_to(path).parts)
+            )
         elif path.is_file():
             files.append(path)
         else:

@@ -34,6 +34,17 @@ def test_build_corpus_byte_level_split_and_batches(tmp_path):
                  .astype(np.uint8)) == raw[:12]
 
 
+def test_build_corpus_skips_hidden_and_bytecode(tmp_path):
+    (tmp_path / "src" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "src" / ".git").mkdir()
+    (tmp_path / "src" / "keep.txt").write_text("x" * 100)
+    (tmp_path / "src" / "__pycache__" / "m.pyc").write_bytes(b"\0" * 100)
+    (tmp_path / "src" / ".git" / "HEAD").write_text("ref")
+    meta = build_corpus([str(tmp_path / "src")], tmp_path / "out")
+    assert meta["sources"] == ["keep.txt"]
+    assert meta["n_train_tokens"] + meta["n_val_tokens"] == 100
+
+
 def test_build_corpus_errors(tmp_path):
     with pytest.raises(CorpusError, match="neither a file nor a directory"):
         build_corpus([str(tmp_path / "missing")], tmp_path / "out")

@@ -92,8 +92,9 @@ def test_bad_sweep_files_name_the_field(tmp_path, over, message):
         load_sweep_config(_sweep_yaml(tmp_path, **over))
 
 
-def test_shipped_cpu_example_is_valid():
-    config = load_sweep_config("examples/cpu_small.yaml")
+@pytest.mark.parametrize("example", ["examples/cpu_small.yaml", "examples/cpu_small_gpt.yaml"])
+def test_shipped_cpu_examples_are_valid(example):
+    config = load_sweep_config(example)
     specs = expand_trials(config)
     assert len({s["batch_size_tokens"] for s in specs}) >= 3
     assert len({s["learning_rate"] for s in specs}) >= 3
