@@ -143,9 +143,10 @@ def test_adaptive_search_concentrates_around_the_predicted_optimum():
 
 
 def test_a_failed_worker_is_restarted_from_its_checkpoint(live_server, tmp_path):
-    """FailureConfig(max_failures=1): the run dies after step 25, Ray Train restarts it, and
-    it continues from the step-20 checkpoint instead of step 0."""
-    path = _sweep_yaml(tmp_path, experiment="trainer-test-restart", workers_per_trial=1,
+    """FailureConfig(max_failures=1): the 2-worker ZeRO-0 run dies after step 25, Ray Train
+    restarts it, and it continues from the step-20 checkpoint instead of step 0. ZeRO-0 over
+    2 workers also measures b_simple (one worker's gradient vs the all-reduced one)."""
+    path = _sweep_yaml(tmp_path, experiment="trainer-test-restart", workers_per_trial=2,
                        zero_stage=0, max_failures=1, checkpoint_every=10,
                        search={"learning_rate": [0.03], "batch_size_tokens": [64]},
                        n_tokens=[64 * 40])
@@ -161,6 +162,9 @@ def test_a_failed_worker_is_restarted_from_its_checkpoint(live_server, tmp_path)
     # restored from the checkpoint, so its wall clock is behind step 20's
     wall = {p["step"]: p["wall_time_s"] for p in points}
     assert wall[21] < wall[20]
+    assert all(p["b_simple"] is not None and math.isfinite(p["b_simple"])
+               for p in points if p["step"] >= 5)
+    assert points[-1]["eval_loss"] < 0.6 * points[0]["eval_loss"]
     assert not (tmp_path / "runs" / "checkpoints" / f"trial-{trial['id']}").exists()
 
 
