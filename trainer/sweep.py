@@ -349,7 +349,7 @@ class SweepSummary:
     skipped: int = 0
     diverged: int = 0
     trial_ids: list[int] = field(default_factory=list)
-    best: dict[str, Any] | None = None
+    best: dict[str, Any] | None = None  # lowest final_eval_loss over the sweep's trials
     wall_time_s: float = 0.0
 
     def best_description(self) -> str:
@@ -361,15 +361,16 @@ class SweepSummary:
 
 
 def register_trials(config: SweepConfig, client: Any, *, resume: bool
-                    ) -> tuple[int, list[dict[str, Any]], int]:
+                    ) -> tuple[int, list[dict[str, Any]], list[int]]:
     """Create the experiment and its queued trials. Returns (experiment id, the specs still
-    to run with their ``trial_id``, how many were skipped as completed)."""
+    to run with their ``trial_id``, the ids of trials skipped as already completed)."""
     experiment = client.ensure_experiment(config.experiment, config.description)
     exp_id = int(experiment["id"])
     existing = _existing_trials(client, exp_id)
     specs = expand_trials(config, client)
     version = code_version()
-    pending, skipped = [], 0
+    pending: list[dict[str, Any]] = []
+    skipped: list[int] = []
     for spec in specs:
         key = idempotency_key(config, spec)
         attempts = [k for k in existing if k == key or k.startswith(key + "#retry")]
@@ -381,7 +382,7 @@ def register_trials(config: SweepConfig, client: Any, *, resume: bool
         latest_key = max(attempts, key=lambda k: (len(k), k)) if attempts else key
         latest = existing.get(latest_key)
         if latest is not None and latest["status"] == "completed":
-            skipped += 1
+            skipped.append(int(latest["id"]))
             continue
         if latest is not None and latest["status"] in ("failed", "pruned"):
             latest_key = f"{key}#retry{len(attempts)}"
@@ -508,7 +509,8 @@ def run_sweep(
 
     t0 = time.perf_counter()
     with HyperlawClient(url, token) as client:
-        exp_id, pending, skipped = register_trials(config, client, resume=resume)
+        exp_id, pending, skipped_ids = register_trials(config, client, resume=resume)
+    skipped = len(skipped_ids)
     summary = SweepSummary(experiment_id=exp_id, skipped=skipped,
                            trial_ids=[s["trial_id"] for s in pending])
     logger.info("experiment %s (id %d): %d trials to run, %d already completed",
@@ -568,16 +570,17 @@ def run_sweep(
                 ray.shutdown()
 
     with HyperlawClient(url, token) as client:
-        for trial_id in summary.trial_ids:
+        for trial_id in summary.trial_ids + skipped_ids:
             t = client.get_trial(trial_id)
+            ran_now = trial_id in summary.trial_ids
             if t["status"] == "completed":
-                summary.completed += 1
-                summary.diverged += bool(t.get("diverged"))
+                summary.completed += ran_now
+                summary.diverged += ran_now and bool(t.get("diverged"))
                 loss = t.get("final_eval_loss")
                 if loss is not None and math.isfinite(loss) and (
                         summary.best is None or loss < summary.best["final_eval_loss"]):
                     summary.best = t
-            else:
+            elif ran_now:
                 summary.failed += 1
     summary.wall_time_s = time.perf_counter() - t0
     return summary

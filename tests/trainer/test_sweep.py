@@ -64,6 +64,7 @@ def test_sweep_runs_zero2_trials_through_ray_and_fills_the_store(live_server, tm
         again = run_sweep(config, url=live_server.url, token=live_server.token, resume=True,
                           ray_init=RAY_INIT)
         assert (again.skipped, again.completed, again.failed) == (2, 0, 0)
+        assert again.best["id"] == good["id"]  # best over the sweep, skipped trials included
         assert client.list_trials(experiment_id=summary.experiment_id)["count"] == 2
 
         # the same through the command line, token from the environment
