@@ -1,8 +1,11 @@
 """``hyperlaw sweep`` end to end: Ray Tune trials of 2-worker DeepSpeed ZeRO-2 Ray Train runs
 reporting to a live service; resume without duplicates; YAML rules."""
 import math
+import time
+import urllib.request
 
 import pytest
+import ray
 import yaml
 
 from server.client import HyperlawClient
@@ -143,6 +146,19 @@ def test_adaptive_search_concentrates_around_the_predicted_optimum():
         expand_trials(config)
 
 
+def _ray_metrics_lines(name: str, timeout_s: float = 30.0) -> list[str]:
+    """Lines of this node's Prometheus export that carry ``name`` (waits for the export)."""
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        lines = [line for line in text.decode().splitlines()
+                 if name in line and not line.startswith("#")]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(1.0)
+
+
 def test_a_failed_worker_is_restarted_from_its_checkpoint(live_server, tmp_path):
     """FailureConfig(max_failures=1): the 2-worker ZeRO-0 run dies after step 25, Ray Train
     restarts it, and it continues from the step-20 checkpoint instead of step 0. ZeRO-0 over
@@ -151,9 +167,16 @@ def test_a_failed_worker_is_restarted_from_its_checkpoint(live_server, tmp_path)
                        zero_stage=0, max_failures=1, checkpoint_every=10,
                        search={"learning_rate": [0.03], "batch_size_tokens": [64]},
                        n_tokens=[64 * 40])
-    summary = run_sweep(load_sweep_config(path), url=live_server.url, token=live_server.token,
-                        ray_init=RAY_INIT, train_overrides={"fail_at_step": 25})
+    ray.init(**RAY_INIT)  # a cluster the sweep joins (as with --address) and leaves running
+    try:
+        summary = run_sweep(load_sweep_config(path), url=live_server.url,
+                            token=live_server.token, train_overrides={"fail_at_step": 25})
+        exported = _ray_metrics_lines("hyperlaw_train_loss")
+    finally:
+        ray.shutdown()
     assert (summary.completed, summary.failed) == (1, 0)
+    # the trial's loss reached Ray's metrics export (what the dashboard's Metrics tab reads)
+    assert any(f'trial_id="{summary.trial_ids[0]}"' in line for line in exported)
     with HyperlawClient(live_server.url, live_server.token) as client:
         trial = client.get_trial(summary.trial_ids[0])
         points = client.get_points(trial["id"])["data"]
