@@ -1,0 +1,245 @@
+"""The fitting worker: refits on new data (NOTIFY on PostgreSQL, polling on SQLite), keeps
+serving the last good fit when a refit fails, and never runs one fit twice."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import httpx
+import pytest
+from sqlalchemy import func, select, text
+
+from server import crud
+from server.client import HyperlawClient
+from server.core.db import make_engine, make_session_factory, session_scope
+from server.models import Fit, TrialSource, TrialStatus
+from server.schemas import ExperimentCreate, TrialCreate
+from server.worker import (
+    GLOBAL_SCOPE,
+    FittingWorker,
+    advisory_key,
+    default_fitter,
+    experiment_scope,
+    latest_ok_fit,
+    refit_once,
+    refit_scope,
+)
+from server.worker_commands import import_steplaw
+from tests.conftest import REPO_ROOT
+from tests.worker.conftest import seed
+
+
+def add_completed_trial(url: str, experiment: str = "steplaw", *, loss: float = 3.1,
+                        learning_rate: float = 1e-3, n_params: int = 300_000_000) -> int:
+    """A completed trained trial, created as the API would (crud, which notifies)."""
+    engine = make_engine(url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            exp, _ = crud.create_experiment(session=session,
+                                            experiment_in=ExperimentCreate(name=experiment))
+            trial, _ = crud.create_trial(session=session, trial_in=TrialCreate(
+                experiment_id=exp.id, n_params=n_params, n_tokens=20_000_000_000,
+                seq_len=2048, learning_rate=learning_rate, batch_size_tokens=1_048_576,
+                status=TrialStatus.COMPLETED, source=TrialSource.TRAINED, final_loss=loss))
+            return trial.id
+    finally:
+        engine.dispose()
+
+
+def fits(url: str) -> list[Fit]:
+    engine = make_engine(url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            return list(session.scalars(select(Fit).order_by(Fit.id)))
+    finally:
+        engine.dispose()
+
+
+def latest_ok(url: str, scope: str = GLOBAL_SCOPE) -> Fit | None:
+    engine = make_engine(url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            return latest_ok_fit(session, scope)
+    finally:
+        engine.dispose()
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_failing_refit_keeps_serving_the_previous_fit(fresh_db, live_server_factory,
+                                                       engine_for):
+    seed(fresh_db)
+    good = latest_ok(fresh_db)
+    server = live_server_factory(database_url=fresh_db)
+    query = {"n_params": 1e9, "n_tokens": 1e11}
+    before = httpx.get(server.url + "/v1/recommendations", params=query).json()
+    assert before["fit_ids"] == [good.id]
+
+    add_completed_trial(fresh_db)
+
+    def broken(runs, **options):
+        raise RuntimeError("singular matrix in the surface fit")
+
+    outcomes = refit_once(engine_for(fresh_db), fitter=broken)
+    assert [(o.action, o.status) for o in outcomes] == [("fitted", "failed")] * 2
+    assert all("singular matrix" in o.message for o in outcomes)
+    assert refit_once(engine_for(fresh_db), fitter=broken) == []  # recorded, not retried
+
+    stored = httpx.get(server.url + "/v1/fits", params={"status": "failed"}).json()
+    assert stored["count"] == 2
+    assert all("RuntimeError: singular matrix" in f["message"] for f in stored["data"])
+    time.sleep(1.1)  # past the cache's check interval: the server looks again
+    after = httpx.get(server.url + "/v1/recommendations", params=query).json()
+    assert after["fit_ids"] == [good.id]
+    assert after["learning_rate"] == before["learning_rate"]
+
+    # Too little data, for real: an experiment of three runs is insufficient_data, stored
+    # with the reason, and its scope answers 503 with that reason.
+    for lr in (1e-3, 2e-3, 4e-3):
+        add_completed_trial(fresh_db, "tiny", learning_rate=lr)
+    by_scope = {o.scope: o for o in refit_once(engine_for(fresh_db))}
+    assert by_scope[GLOBAL_SCOPE].status == "ok"
+    tiny = [o for s, o in by_scope.items() if s != GLOBAL_SCOPE]
+    assert [o.status for o in tiny] == ["insufficient_data"] and "groups" in tiny[0].message
+    answer = httpx.get(server.url + "/v1/recommendations",
+                       params={**query, "experiment": "tiny"})
+    assert answer.status_code == 503
+    assert "insufficient_data" in answer.json()["detail"]
+    assert "hyperlaw import steplaw" in answer.json()["detail"]
+
+
+def test_two_workers_run_each_fit_once(fresh_pg, engine_for):
+    import_steplaw(fresh_pg)
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def slow_counting_fitter(runs, **options):
+        with lock:
+            calls.append(len(runs))
+        time.sleep(1.0)  # widen the window in which the other worker could start the same fit
+        return default_fitter(runs, **options)
+
+    def run_both() -> list[list]:
+        barrier = threading.Barrier(2)
+        results: list[list] = [[], []]
+
+        def work(i: int) -> None:
+            engine = engine_for(fresh_pg)
+            barrier.wait()
+            results[i] = refit_once(engine, fitter=slow_counting_fitter)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        return results
+
+    results = run_both()
+    assert len(calls) == 2  # global and experiment: each fitted by exactly one worker
+    actions = sorted(o.action for r in results for o in r)
+    assert actions.count("fitted") == 2 and set(actions) <= {"fitted", "locked", "up_to_date"}
+    assert len(fits(fresh_pg)) == 2
+
+    add_completed_trial(fresh_pg)
+    run_both()
+    assert len(calls) == 4 and len(fits(fresh_pg)) == 4
+    with engine_for(fresh_pg).connect() as conn:
+        held = conn.scalar(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"))
+    assert held == 0
+
+
+def test_killed_worker_leaves_nothing_locked(fresh_pg, engine_for, tmp_path):
+    import_steplaw(fresh_pg)
+    script = tmp_path / "stuck_worker.py"
+    script.write_text(textwrap.dedent(f"""
+        import time
+        from server.core.db import make_engine
+        from server.worker import refit_scope
+
+        def stuck(runs, **options):
+            time.sleep(600)
+
+        refit_scope(make_engine({fresh_pg!r}), "global", fitter=stuck)
+    """))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO_ROOT, env=env)
+    engine = engine_for(fresh_pg)
+    key = advisory_key("recommender", GLOBAL_SCOPE)
+
+    def lock_held() -> bool:
+        with engine.connect() as conn:
+            return bool(conn.scalar(text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND ((classid::bigint << 32) | objid::bigint) = (:k)::bigint"), {"k": key}))
+
+    try:
+        wait_for(lock_held, 60, "the stuck worker to take the advisory lock")
+        assert refit_scope(engine, GLOBAL_SCOPE).action == "locked"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    wait_for(lambda: not lock_held(), 30, "the killed worker's lock to vanish")
+    outcome = refit_scope(engine, GLOBAL_SCOPE)
+    assert (outcome.action, outcome.status) == ("fitted", "ok")
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_worker_thread_notices_new_trials(backend, make_database):
+    """On PostgreSQL the poll period is long (fallback check after 15 x 30 s), so only the
+    NOTIFY of the completed trial can wake the worker in time; SQLite polls."""
+    from server.core.db import upgrade
+
+    url = make_database(backend)
+    upgrade(url)
+    seed(url)
+    first = latest_ok(url)
+    worker = FittingWorker(url, poll_s=30.0 if backend == "postgresql" else 0.2)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.0)  # let it finish its first (no-op) pass and start waiting
+        trial_id = add_completed_trial(url)
+        newer = wait_for(lambda: (f := latest_ok(url)) is not None and f.id != first.id and f,
+                         60, "a refit after the new trial")
+        assert newer.n_trials == 1912 and trial_id in newer.trial_ids
+    finally:
+        worker.stop()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+
+
+def test_trial_posted_through_the_api_reaches_a_later_fit(fresh_pg, live_server_factory):
+    seed(fresh_pg)
+    server = live_server_factory(database_url=fresh_pg, worker=True)
+    client = HyperlawClient(server.url, server.token)
+    query = {"n_params": 5e8, "n_tokens": 5e10}
+    before = client.recommend(**query)
+    assert before["n_trials"] == 1911
+
+    experiment = client.ensure_experiment("steplaw")
+    trial = client.create_trial(
+        experiment_id=experiment["id"], n_params=400_000_000, n_tokens=30_000_000_000,
+        seq_len=2048, learning_rate=1.5e-3, batch_size_tokens=2_097_152, status="running")
+    client.update_trial(trial["id"], status="completed", final_loss=2.61,
+                        final_eval_loss=2.63, steps_done=14305)
+
+    after = wait_for(lambda: (r := client.recommend(**query))["n_trials"] == 1912 and r, 60,
+                     "the served fit to include the new trial")
+    assert after["fit_ids"] != before["fit_ids"]
+    fit = client.get_fit(after["fit_ids"][0])
+    assert trial["id"] in fit["trial_ids"] and fit["status"] == "ok"
+    assert fit["data_watermark"].startswith("v") and f"id={trial['id']}" in fit["data_watermark"]
