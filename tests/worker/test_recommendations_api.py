@@ -1,0 +1,104 @@
+"""``GET /v1/recommendations``: the answer's shape, and a 4xx for every bad query."""
+from __future__ import annotations
+
+import math
+
+import httpx
+import pytest
+
+QUERY = {"n_params": "1e9", "n_tokens": "1e11"}
+
+
+@pytest.fixture(scope="module")
+def server(seeded_pg, tmp_path_factory):
+    from tests.conftest import start_live_server
+
+    live = start_live_server(seeded_pg, log_dir=tmp_path_factory.mktemp("reco"))
+    yield live
+    live.stop()
+
+
+def get(server, **params) -> httpx.Response:
+    return httpx.get(server.url + "/v1/recommendations", params=params, timeout=10)
+
+
+def test_answer_has_every_field(server):
+    body = get(server, **QUERY).json()
+    for key in ("learning_rate", "batch_size_tokens", "batch_size_sequences",
+                "critical_batch_size_tokens"):
+        assert math.isfinite(body[key]) and body[key] > 0
+        assert set(body[f"{key}_interval"]) == {"low", "high", "level"}
+    assert body["batch_size_sequences"] == pytest.approx(body["batch_size_tokens"] / 2048)
+    assert len(body["fit_ids"]) == 1 and body["n_trials"] == 1911 and body["fitted_at"]
+    assert body["warnings"] == [] and body["learning_rate_for_batch"] is None
+    assert body["sources"]["critical_batch_size_tokens"]
+
+
+def test_imposed_batch_size_adds_its_learning_rate_and_overheads(server):
+    free = get(server, **QUERY).json()
+    small = get(server, **QUERY, batch_size_tokens=free["batch_size_tokens"] / 8).json()
+    large = get(server, **QUERY, batch_size_tokens=free["critical_batch_size_tokens"] * 8).json()
+    for body in (small, large):
+        assert math.isfinite(body["learning_rate_for_batch"])
+        assert body["step_overhead"] >= 0 and body["token_overhead"] >= 0
+    # far below the CBS one pays mostly in steps, far above it only in tokens
+    assert small["step_overhead"] > small["token_overhead"] > 0
+    assert large["token_overhead"] > 0 and large["step_overhead"] == 0
+    assert small["learning_rate_for_batch"] < free["learning_rate"]
+
+
+def test_extrapolation_is_warned_with_the_fitted_range(server):
+    body = get(server, n_params="1e12", n_tokens="1e13").json()
+    assert any("n_params=1e+12 is outside the fitted range" in w for w in body["warnings"])
+
+
+def test_experiment_by_name_and_id(server):
+    by_name = get(server, **QUERY, experiment="steplaw").json()
+    scope_id = by_name["scope"].split(":")[1]
+    by_id = get(server, **QUERY, experiment=scope_id).json()
+    assert by_name["fit_ids"] == by_id["fit_ids"] != get(server, **QUERY).json()["fit_ids"]
+    missing = get(server, **QUERY, experiment="no-such-experiment")
+    assert missing.status_code == 404 and "no-such-experiment" in missing.json()["detail"]
+
+
+@pytest.mark.parametrize("params, field, words", [
+    ({"n_tokens": "1e11"}, "n_params", "is required"),
+    ({"n_params": "1e9"}, "n_tokens", "is required"),
+    ({"n_params": "0", "n_tokens": "1e11"}, "n_params", "must be > 0"),
+    ({"n_params": "-1e9", "n_tokens": "1e11"}, "n_params", "must be > 0"),
+    ({"n_params": "nan", "n_tokens": "1e11"}, "n_params", "must be finite"),
+    ({"n_params": "1e9", "n_tokens": "inf"}, "n_tokens", "must be finite"),
+    ({"n_params": "many", "n_tokens": "1e11"}, "n_params", "must be a number"),
+    ({**QUERY, "seq_len": "0"}, "seq_len", "must be > 0"),
+    ({**QUERY, "seq_len": "2048.5"}, "seq_len", "must be an integer"),
+    ({**QUERY, "batch_size_tokens": "-4"}, "batch_size_tokens", "must be > 0"),
+    ({**QUERY, "batch_size_tokens": "-inf"}, "batch_size_tokens", "must be finite"),
+    ({**QUERY, "experiment": ""}, "experiment", "at least 1"),
+])
+def test_invalid_query_gets_422_naming_the_field(server, params, field, words):
+    answer = get(server, **params)
+    assert answer.status_code == 422
+    detail = answer.json()["detail"]
+    assert [d["field"] for d in detail] == [field]
+    assert words in detail[0]["message"] and detail[0]["message"].startswith(field)
+
+
+def test_no_fit_is_503_saying_how_to_get_one(make_database, live_server_factory):
+    from server.core.db import upgrade
+
+    url = make_database("sqlite")
+    upgrade(url)
+    live = live_server_factory(database_url=url)
+    answer = get(live, **QUERY)
+    assert answer.status_code == 503 and answer.headers["retry-after"]
+    assert "hyperlaw import steplaw" in answer.json()["detail"]
+    assert "hyperlaw fit" in answer.json()["detail"]
+
+
+def test_read_token_required_when_configured(seeded_pg, live_server_factory):
+    live = live_server_factory(database_url=seeded_pg,
+                               env={"HYPERLAW_READ_REQUIRES_TOKEN": "true"})
+    assert get(live, **QUERY).status_code == 401
+    ok = httpx.get(live.url + "/v1/recommendations", params=QUERY,
+                   headers={"Authorization": f"Bearer {live.token}"})
+    assert ok.status_code == 200 and math.isfinite(ok.json()["learning_rate"])
