@@ -8,6 +8,7 @@ database round trip and no refit, only the recommender's closed forms.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ class RecommenderCache:
 
     ``get(scope)`` answers from memory while the entry was checked within
     ``check_interval_s``; otherwise the caller must ``refresh(scope)`` (a database query,
-    and a reload only when a newer ok fit exists). ``invalidate()`` forces a check.
+    and a reload only when a newer ok fit exists).
     """
 
     def __init__(self, session_factory: sessionmaker[Session], check_interval_s: float):
@@ -75,48 +76,45 @@ class RecommenderCache:
         self._lock = threading.Lock()
 
     def get(self, scope: str) -> tuple[ServedFit | None, bool]:
-        """(entry, fresh). Claims the next check for one caller so others keep serving."""
+        """(entry, fresh). A stale entry is handed out with fresh=False to one caller, who
+        must ``refresh``; callers in the meantime keep serving the entry."""
         entry = self._entries.get(scope)
+        if entry is None:
+            return None, False
         now = time.monotonic()
-        checked = self._checked.get(scope)
-        if checked is not None and now - checked < self._interval:
+        if now - self._checked.get(scope, -math.inf) < self._interval:
             return entry, True
-        if entry is not None:
-            self._checked[scope] = now  # this caller checks; the rest use the entry
-            return entry, False
-        return None, False
+        self._checked[scope] = now  # claimed: this caller checks, the others serve
+        return entry, False
 
-    def invalidate(self) -> None:
-        self._checked.clear()
-
-    def refresh(self, scope: str) -> ServedFit | None:
+    def refresh(self, scope: str) -> ServedFit:
+        """Reload when a newer ok fit exists; raises ``NoFitError`` when there is none."""
         from fitting.recommender import Recommender
 
         with self._lock:
             with session_scope(self._factory) as session:
                 fit_id = latest_ok_fit_id(session, scope)
+                if fit_id is None:
+                    last = session.scalars(
+                        select(Fit).where(Fit.kind == RECOMMENDER_KIND, Fit.scope == scope)
+                        .order_by(Fit.id.desc()).limit(1)
+                    ).first()
+                    self._entries.pop(scope, None)
+                    why = (f"; the last fit ({last.id}) is {last.status}: {last.message}"
+                           if last is not None else "")
+                    raise NoFitError(f"no recommender fit for scope {scope} yet{why}. "
+                                     f"To get one: {HOW_TO_FIT}")
                 entry = self._entries.get(scope)
-                if fit_id is not None and (entry is None or entry.fit_id != fit_id):
+                if entry is None or entry.fit_id != fit_id:
                     fit = latest_ok_fit(session, scope)
                     entry = ServedFit(
                         fit_id=fit.id, scope=scope,
                         recommender=Recommender.from_dict(fit.params),
                         fitted_at=fit.created_at.isoformat(), n_trials=fit.n_trials,
                     )
-                elif fit_id is None:
-                    entry = None
-                    why = session.scalars(
-                        select(Fit).where(Fit.kind == RECOMMENDER_KIND, Fit.scope == scope)
-                        .order_by(Fit.id.desc()).limit(1)
-                    ).first()
-            self._entries[scope] = entry
+                    self._entries[scope] = entry
             self._checked[scope] = time.monotonic()
-        if entry is None:
-            last = (f"; the last fit ({why.id}) is {why.status}: {why.message}"
-                    if why is not None else "")
-            raise NoFitError(f"no recommender fit for scope {scope} yet{last}. To get one: "
-                             f"{HOW_TO_FIT}")
-        return entry
+            return entry
 
 
 def _cache(request: Request) -> RecommenderCache:
@@ -150,6 +148,13 @@ def _resolve_scope(request: Request, experiment: str | None) -> str:
     if found is None:
         raise NotFoundError(f"experiment {experiment!r} not found")
     return experiment_scope(found)
+
+
+def _check_experiment(request: Request, scope: str) -> None:
+    experiment_id = int(scope.split(":", 1)[1])
+    with session_scope(request.app.state.session_factory) as session:
+        if session.get(Experiment, experiment_id) is None:
+            raise NotFoundError(f"experiment {experiment_id} not found")
 
 
 router = APIRouter(tags=["recommendations"])
@@ -196,7 +201,12 @@ async def get_recommendation(
     cache = _cache(request)
     entry, fresh = cache.get(scope)
     if not fresh:
-        entry = await run_in_threadpool(cache.refresh, scope)
+        try:
+            entry = await run_in_threadpool(cache.refresh, scope)
+        except NoFitError:
+            if experiment is not None:  # an unknown experiment id is a 404, not a 503
+                await run_in_threadpool(_check_experiment, request, scope)
+            raise
     try:
         answer = entry.recommender.recommend(n_params, n_tokens, seq_len=seq_len,
                                              batch_size_tokens=batch_size_tokens)
