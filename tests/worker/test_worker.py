@@ -243,3 +243,27 @@ def test_trial_posted_through_the_api_reaches_a_later_fit(fresh_pg, live_server_
     fit = client.get_fit(after["fit_ids"][0])
     assert trial["id"] in fit["trial_ids"] and fit["status"] == "ok"
     assert fit["data_watermark"].startswith("v") and f"id={trial['id']}" in fit["data_watermark"]
+
+
+def test_worker_command_fits_and_stops_on_sigterm(make_database, tmp_path):
+    from server.core.db import upgrade
+
+    url = make_database("sqlite")
+    upgrade(url)
+    import_steplaw(url)
+    env = {**os.environ, "HYPERLAW_DATABASE_URL": url, "HYPERLAW_WORKER_POLL_S": "0.2",
+           "PYTHONPATH": str(REPO_ROOT)}
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], cwd=REPO_ROOT,
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: len(fits(url)) == 2, 90, "the worker's first fits")
+        add_completed_trial(url)
+        wait_for(lambda: len(fits(url)) == 4, 90, "the worker's refits")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0, log_path.read_text()
+    assert "fitting worker stopped" in log_path.read_text()
+    assert {f.status for f in fits(url)} == {"ok"}
