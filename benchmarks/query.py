@@ -6,9 +6,10 @@ port, then drives it with a lean asyncio HTTP/1.1 keep-alive load generator in t
 (``--connections`` concurrent connections, each sending its next request when the previous
 answer arrived) for ``--seconds`` after a warm-up, capped at ``--max-requests``. Latency is
 per request, from writing it to reading the whole body. The load generator shares the
-machine's cores with the server.
+machine's cores with the server. Once the server is saturated, more connections add only
+queueing: latency ≈ connections / throughput (Little's law), hence the modest default.
 
-Usage: ``python benchmarks/query.py [--connections 16] [--seconds 10]``. The last line is
+Usage: ``python benchmarks/query.py [--connections 8] [--seconds 10]``. The last line is
 ``query rps=<float> p50_ms=<float> p99_ms=<float>``.
 """
 from __future__ import annotations
@@ -174,7 +175,7 @@ async def load(port: int, connections: int, seconds: float, warmup: float,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--max-requests", type=int, default=200_000)
