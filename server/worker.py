@@ -221,25 +221,24 @@ def _build_fit(scope: str, mark: str, trials: list[Trial], fitter: Fitter,
     try:
         runs = trials_to_runs(trials)
         rec = fitter(runs, **options)
+        state = rec.to_dict()
+        intervals = None
+        if rec.status is FitStatus.OK:
+            ref = _reference_point(rec.fitted_range)
+            if ref is not None:
+                answer = rec.recommend(*ref).as_dict()
+                intervals = {"at": {"n_params": ref[0], "n_tokens": ref[1]}}
+                intervals.update({k: v for k, v in answer.items() if k.endswith("_interval")})
     except Exception as exc:  # a failed refit is data: stored with its reason
         log.exception("recommender fit of %s failed", scope)
         return Fit(status=FitStatus.FAILED.value,
                    message=f"fit raised {type(exc).__name__}: {exc}", params=None,
                    intervals=None, quality={"seconds": time.perf_counter() - started}, **base)
-    state = rec.to_dict()
     quality = dict(state.get("quality") or {})
     quality.update(n_runs=rec.n_runs, n_groups=state.get("n_groups"),
                    seconds=round(time.perf_counter() - started, 3))
-    intervals = None
-    status = rec.status.value
-    if rec.status is FitStatus.OK:
-        ref = _reference_point(rec.fitted_range)
-        if ref is not None:
-            answer = rec.recommend(*ref).as_dict()
-            intervals = {"at": {"n_params": ref[0], "n_tokens": ref[1]}}
-            intervals.update({k: v for k, v in answer.items() if k.endswith("_interval")})
-    return Fit(status=status, message=rec.reason or None, params=state, intervals=intervals,
-               quality=quality, **base)
+    return Fit(status=rec.status.value, message=rec.reason or None, params=state,
+               intervals=intervals, quality=quality, **base)
 
 
 def refit_scope(engine: Engine, scope: str, *, fitter: Fitter = default_fitter,
