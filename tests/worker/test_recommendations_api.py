@@ -105,3 +105,20 @@ def test_read_token_required_when_configured(seeded_pg, live_server_factory):
     ok = httpx.get(live.url + "/v1/recommendations", params=QUERY,
                    headers={"Authorization": f"Bearer {live.token}"})
     assert ok.status_code == 200 and math.isfinite(ok.json()["learning_rate"])
+
+
+def test_fit_from_another_recommender_version_is_503_not_500(make_database,
+                                                            live_server_factory):
+    from server.core.db import make_engine, make_session_factory, session_scope, upgrade
+    from server.models import Fit
+
+    url = make_database("sqlite")
+    upgrade(url)
+    engine = make_engine(url)
+    with session_scope(make_session_factory(engine)) as session:
+        session.add(Fit(kind="recommender", scope="global", status="ok",
+                        params={"method": "loss_surface", "version": 999}, n_trials=0,
+                        data_watermark="v999:n=0:id=0:t=-"))
+    engine.dispose()
+    answer = get(live_server_factory(database_url=url), **QUERY)
+    assert answer.status_code == 503 and "cannot be loaded" in answer.json()["detail"]

@@ -107,11 +107,16 @@ class RecommenderCache:
                 entry = self._entries.get(scope)
                 if entry is None or entry.fit_id != fit_id:
                     fit = latest_ok_fit(session, scope)
-                    entry = ServedFit(
-                        fit_id=fit.id, scope=scope,
-                        recommender=Recommender.from_dict(fit.params),
-                        fitted_at=fit.created_at.isoformat(), n_trials=fit.n_trials,
-                    )
+                    try:
+                        recommender = Recommender.from_dict(fit.params)
+                    except (ValueError, KeyError, TypeError) as exc:
+                        # stored by another version of the recommender; the worker refits
+                        # (the state version is part of the data watermark)
+                        raise NoFitError(f"fit {fit.id} of scope {scope} cannot be loaded "
+                                         f"({exc}); a running worker refits it") from exc
+                    entry = ServedFit(fit_id=fit.id, scope=scope, recommender=recommender,
+                                      fitted_at=fit.created_at.isoformat(),
+                                      n_trials=fit.n_trials)
                     self._entries[scope] = entry
             self._checked[scope] = time.monotonic()
             return entry
