@@ -119,6 +119,15 @@ def start_server(url: str, port: int, log_path: Path) -> subprocess.Popen:
     raise RuntimeError("hyperlaw serve did not start within 60 s")
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _read_response(reader: asyncio.StreamReader) -> int:
     """Read one HTTP/1.1 response with Content-Length; returns its status code."""
     head = await reader.readuntil(b"\r\n\r\n")
@@ -196,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         proc = start_server(url, port,
                             Path(tempfile.gettempdir()) / f"hyperlaw-bench-{port}.log")
+        cpu_before = cpu_seconds(proc.pid)
         latencies, errors, elapsed = asyncio.run(
             load(port, args.connections, args.seconds, args.warmup, args.max_requests))
+        cpu_after = cpu_seconds(proc.pid)
     finally:
         if proc is not None:
             proc.terminate()
@@ -217,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
              "%.0f requests/s, p50 %.2f ms, p90 %.2f ms, p99 %.2f ms, max %.2f ms",
              len(ms), args.connections, elapsed, args.warmup, rps, p50,
              float(np.percentile(ms, 90)), p99, float(ms.max()))
+    if cpu_before is not None and cpu_after is not None:
+        # includes the warm-up requests, which are not counted in len(ms)
+        log.info("server CPU: %.2f s over %.1f s of load (%.0f %% of one core)",
+                 cpu_after - cpu_before, elapsed + args.warmup,
+                 100 * (cpu_after - cpu_before) / (elapsed + args.warmup))
     sys.stdout.write(f"query rps={rps:.1f} p50_ms={p50:.3f} p99_ms={p99:.3f}\n")
     return 0
 
