@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 
 from server import crud
 from server.client import HyperlawClient
@@ -24,7 +24,6 @@ from server.worker import (
     FittingWorker,
     advisory_key,
     default_fitter,
-    experiment_scope,
     latest_ok_fit,
     refit_once,
     refit_scope,
