@@ -259,17 +259,20 @@ def refit_scope(engine: Engine, scope: str, *, fitter: Fitter = default_fitter,
         except IntegrityError:
             return FitOutcome(scope, "raced")
         return _stored(fit)
-    with session_scope(factory) as session:
-        got = session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"),
-                             {"k": advisory_key(RECOMMENDER_KIND, scope)})
-        if not got:
-            return FitOutcome(scope, "locked")
-        trials, mark = load_scope(session, scope)
-        if _fit_exists(session, scope, mark):
-            return FitOutcome(scope, "up_to_date")
-        fit = _build_fit(scope, mark, trials, fitter, options)
-        session.add(fit)
-        session.flush()
+    try:
+        with session_scope(factory) as session:
+            got = session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"),
+                                 {"k": advisory_key(RECOMMENDER_KIND, scope)})
+            if not got:
+                return FitOutcome(scope, "locked")
+            trials, mark = load_scope(session, scope)
+            if _fit_exists(session, scope, mark):
+                return FitOutcome(scope, "up_to_date")
+            fit = _build_fit(scope, mark, trials, fitter, options)
+            session.add(fit)
+            session.flush()
+    except IntegrityError:  # only without the lock's protection, e.g. an older worker
+        return FitOutcome(scope, "raced")
     return _stored(fit)
 
 
