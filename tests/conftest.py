@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,6 +60,47 @@ def drop_pg_database(url: str) -> None:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{target.database}" WITH (FORCE)'))
     finally:
         engine.dispose()
+
+
+def _postgres_answers() -> bool:
+    engine = create_engine(make_url(_admin_url()), connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect():
+            return True
+    except Exception:
+        return False
+    finally:
+        engine.dispose()
+
+
+def _start_local_postgres() -> None:
+    """Start the machine's own PostgreSQL cluster (Debian's pg_ctlcluster), if it has one."""
+    versions = sorted(Path("/etc/postgresql").glob("*/main"))
+    if not versions or not shutil.which("pg_ctlcluster"):
+        return
+    version = versions[-1].parent.name
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
+                   capture_output=True, timeout=60, check=False)
+
+
+def pytest_sessionstart(session) -> None:
+    """The tests need a real PostgreSQL: the one named by HYPERLAW_TEST_DATABASE_URL, else the
+    local server on 127.0.0.1:5432, which is started here when it is installed but down."""
+    if _postgres_answers():
+        return
+    if "HYPERLAW_TEST_DATABASE_URL" not in os.environ:
+        _start_local_postgres()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if _postgres_answers():
+                return
+            time.sleep(1)
+    pytest.exit(
+        f"no PostgreSQL answers at {make_url(_admin_url()).render_as_string(hide_password=True)}:"
+        " start one, or set HYPERLAW_TEST_DATABASE_URL to a server where the tests may create"
+        " and drop databases",
+        returncode=3,
+    )
 
 
 @pytest.fixture(scope="session")

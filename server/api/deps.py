@@ -18,7 +18,7 @@ from server.core.config import Settings
 from server.core.db import session_scope
 from server.models import ApiToken, TokenScope, utcnow
 
-_bearer = HTTPBearer(auto_error=False, description="API token: `hyperlaw token create`")
+bearer_scheme = HTTPBearer(auto_error=False, description="API token: `hyperlaw token create`")
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -33,12 +33,15 @@ def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _authorize(
+def authorize(
     needed: TokenScope,
     request: Request,
     session: Session,
     credentials: HTTPAuthorizationCredentials | None,
 ) -> ApiToken | None:
+    """Check the bearer token for ``needed`` scope (401 without a valid one, 403 without the
+    scope); None when the route is open to anonymous reads. Routes that avoid a per-request
+    session (``/v1/recommendations``) call this directly."""
     settings: Settings = request.app.state.settings
     if needed == TokenScope.READ and not settings.read_requires_token:
         return None
@@ -62,17 +65,17 @@ def _authorize(
 def require_read(
     request: Request,
     session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> ApiToken | None:
-    return _authorize(TokenScope.READ, request, session, credentials)
+    return authorize(TokenScope.READ, request, session, credentials)
 
 
 def require_write(
     request: Request,
     session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> ApiToken | None:
-    return _authorize(TokenScope.WRITE, request, session, credentials)
+    return authorize(TokenScope.WRITE, request, session, credentials)
 
 
 ReadAuth = Depends(require_read)

@@ -20,7 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.api.deps import _authorize, _bearer
+from server.api.deps import authorize, bearer_scheme
 from server.core.db import session_scope
 from server.core.nonfinite import dumps
 from server.core.errors import FieldError, HyperlawError, InputError, NotFoundError
@@ -133,14 +133,14 @@ def _cache(request: Request) -> RecommenderCache:
 
 def _read_auth(
     request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> None:
     """Read scope, checked only when the service requires tokens for reads (no database
     session otherwise: this route must stay cheap)."""
     if not request.app.state.settings.read_requires_token:
         return
     with session_scope(request.app.state.session_factory) as session:
-        _authorize(TokenScope.READ, request, session, credentials)
+        authorize(TokenScope.READ, request, session, credentials)
 
 
 def _resolve_scope(request: Request, experiment: str | None) -> str:
