@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.log_level != "DEBUG":  # each migration step is news; alembic's plugin setup is not
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     return int(args.func(args) or 0)
 
 
