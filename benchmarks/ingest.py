@@ -29,39 +29,21 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from server.client import HyperlawClient  # noqa: E402
+from server.core.db import create_postgres_database as create_database  # noqa: E402
+from server.core.db import drop_postgres_database as drop_database  # noqa: E402
 
 log = logging.getLogger("benchmarks.ingest")
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 POINTS_PER_TRIAL = 10_000
-
-
-def create_database(admin_url: str, prefix: str) -> str:
-    admin = make_url(admin_url)
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    return admin.set(database=name).render_as_string(hide_password=False)
-
-
-def drop_database(admin_url: str, url: str) -> None:
-    engine = create_engine(make_url(admin_url), isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
-    engine.dispose()
 
 
 def curve(step: int, rng: random.Random) -> dict:

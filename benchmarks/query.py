@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -53,33 +52,6 @@ def _driver_url(url: str) -> str:
     if url.startswith("postgresql://"):
         return url.replace("postgresql://", "postgresql+psycopg2://", 1)
     return url
-
-
-def create_database(admin_url: str) -> str:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    admin = make_url(admin_url)
-    name = f"hyperlaw_bench_{uuid.uuid4().hex[:10]}"
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        engine.dispose()
-    return admin.set(database=name).render_as_string(hide_password=False)
-
-
-def drop_database(admin_url: str, url: str) -> None:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    engine = create_engine(make_url(admin_url), isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
-    finally:
-        engine.dispose()
 
 
 def seed(url: str) -> None:
@@ -198,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         if not value > 0:
             parser.error(f"--{name} must be > 0")
 
-    url = create_database(args.admin_url)
+    from server.core.db import create_postgres_database, drop_postgres_database
+
+    url = create_postgres_database(args.admin_url, "hyperlaw_bench")
     proc = None
     try:
         seed(url)
@@ -216,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        drop_database(args.admin_url, url)
+        drop_postgres_database(args.admin_url, url)
     if errors:
         log.error("%d of %d requests failed (status %s)", len(errors), len(latencies),
                   sorted(set(errors)))

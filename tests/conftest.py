@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,25 +41,15 @@ def _admin_url() -> str:
 
 def create_pg_database(prefix: str = "hyperlaw_test") -> str:
     """Create an empty PostgreSQL database; returns its URL."""
-    admin = make_url(_admin_url())
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        engine.dispose()
-    return admin.set(database=name).render_as_string(hide_password=False)
+    from server.core.db import create_postgres_database
+
+    return create_postgres_database(_admin_url(), prefix)
 
 
 def drop_pg_database(url: str) -> None:
-    target = make_url(url)
-    engine = create_engine(make_url(_admin_url()), isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{target.database}" WITH (FORCE)'))
-    finally:
-        engine.dispose()
+    from server.core.db import drop_postgres_database
+
+    drop_postgres_database(_admin_url(), url)
 
 
 def _postgres_answers() -> bool:

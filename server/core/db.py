@@ -145,3 +145,37 @@ def upgrade(url: str, revision: str = "head") -> None:
 def downgrade(url: str, revision: str = "base") -> None:
     """Migrate the database at ``url`` down to ``revision`` (default: empty)."""
     command.downgrade(alembic_config(url), revision)
+
+
+# --- scratch databases (tests and benchmarks) ---------------------------------------------
+
+def create_postgres_database(admin_url: str, prefix: str) -> str:
+    """Create an empty database named ``<prefix>_<random>`` on the server of ``admin_url``
+    (a role allowed to CREATE DATABASE); returns the new database's URL."""
+    import uuid
+
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(admin_url)
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        engine.dispose()
+    return admin.set(database=name).render_as_string(hide_password=False)
+
+
+def drop_postgres_database(admin_url: str, url: str) -> None:
+    """Drop the database of ``url`` (closing its connections) through ``admin_url``."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    engine = create_engine(make_url(admin_url), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
+    finally:
+        engine.dispose()
