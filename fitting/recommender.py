@@ -400,10 +400,11 @@ def _params_row(fit: surf.SurfaceFit, overhead: float) -> dict[str, float]:
 
 
 def fit_recommender(runs: Runs, *, overhead: float = 0.2, window: float = 0.01,
-                    f_scale: float = 0.002, n_bootstrap: int = 50, seed: int = 0) -> Recommender:
+                    f_scale: float = 0.002, cubic: bool = True, n_bootstrap: int = 50,
+                    seed: int = 0) -> Recommender:
     """Fit the recommender of the module docstring to ``runs``.
 
-    ``overhead`` is the CBS's ε; ``window`` and ``f_scale`` go to
+    ``overhead`` is the CBS's ε; ``window``, ``f_scale`` and ``cubic`` go to
     :func:`fitting.surface.fit_surface`; ``n_bootstrap`` group-bootstrap refits give the
     intervals (0 = no intervals, NaN bounds).
     """
@@ -411,7 +412,7 @@ def fit_recommender(runs: Runs, *, overhead: float = 0.2, window: float = 0.01,
     if int(n_bootstrap) != n_bootstrap or n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}")
     options = {"overhead": overhead, "window": window, "f_scale": f_scale,
-               "n_bootstrap": int(n_bootstrap), "seed": seed}
+               "cubic": bool(cubic), "n_bootstrap": int(n_bootstrap), "seed": seed}
     if len(runs):
         finite = ~runs.diverged
         ratio = runs.n_tokens / runs.n_params
@@ -433,7 +434,7 @@ def fit_recommender(runs: Runs, *, overhead: float = 0.2, window: float = 0.01,
         return Recommender(status=FitStatus.INSUFFICIENT_DATA,
                            reason="no runs with a finite loss", params=None, draws=[],
                            quality={}, **common)
-    fit = surf.fit_surface(runs, window=window, f_scale=f_scale)
+    fit = surf.fit_surface(runs, window=window, f_scale=f_scale, cubic=cubic)
     if fit.status is not FitStatus.OK:
         return Recommender(status=fit.status, reason=fit.reason, params=None, draws=[],
                            quality={}, **common)
@@ -447,7 +448,7 @@ def fit_recommender(runs: Runs, *, overhead: float = 0.2, window: float = 0.01,
     for _ in range(int(n_bootstrap)):
         pick = rng.integers(0, len(groups), len(groups))
         idx = np.concatenate([groups[i][2] for i in pick])
-        boot = surf.fit_surface(runs.subset(idx), window=window, f_scale=f_scale)
+        boot = surf.fit_surface(runs.subset(idx), window=window, f_scale=f_scale, cubic=cubic)
         if boot.status is FitStatus.OK:
             draws.append(_params_row(boot, overhead))
     if n_bootstrap:

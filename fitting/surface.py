@@ -20,6 +20,13 @@ squares on ln L with a soft-L1 robust loss (scale ``f_scale`` in ln L) and weigh
 every group about the same total weight. The window and the robust loss were chosen by
 leave-one-group-out regret on the Step Law sweep (see ``benchmarks/recommend_quality.py``).
 
+With ``cubic=False`` the cubic terms are held at 0 (a quadratic valley); the default keeps
+them, also a leave-one-group-out choice (the benchmark's nested row re-makes it per fold).
+
+:func:`fit_group_optima` fits the same valley shape with a free optimum (x_g, y_g) per group
+instead of the two power laws: where each group's own runs put its smooth minimum, a
+diagnostic of how far the groups scatter about the laws.
+
 The level of the loss at the optimum is then summarised by a local power law fitted to the
 group offsets, c(n, d) = loss_0 + loss_n·n + loss_d·d (L_opt ∝ N^loss_n · D^loss_d), which
 is what the critical batch size needs (see :func:`critical_log_batch_offset`).
@@ -89,12 +96,16 @@ def optimum_log(p, log_n, log_d):
     return (p.eta_0 + p.eta_n * n + p.eta_d * d, p.batch_0 + p.batch_n * n + p.batch_d * d)
 
 
+def _valley(log_curv_eta, log_curv_batch, coupling, cubic_eta, cubic_batch, cubic_mixed, u, v):
+    """Q(u, v) of the module docstring from its six shape parameters."""
+    return (np.exp(log_curv_eta) * u * u + np.exp(log_curv_batch) * v * v + coupling * u * v
+            + cubic_eta * u ** 3 + cubic_batch * v ** 3 + cubic_mixed * u * u * v)
+
+
 def excess_log_loss(p, u, v):
     """Q(u, v): ln L above the group's optimum at ln η offset u and ln B offset v."""
-    a = np.exp(p.log_curv_eta)
-    b = np.exp(p.log_curv_batch)
-    return (a * u * u + b * v * v + p.coupling * u * v
-            + p.cubic_eta * u ** 3 + p.cubic_batch * v ** 3 + p.cubic_mixed * u * u * v)
+    return _valley(p.log_curv_eta, p.log_curv_batch, p.coupling, p.cubic_eta, p.cubic_batch,
+                   p.cubic_mixed, u, v)
 
 
 def best_eta_offset(p, v):
@@ -186,27 +197,38 @@ def _select(runs: Runs, window: float, min_runs_per_group: int):
     return chosen
 
 
-def fit_surface(runs: Runs, *, window: float = 0.01, f_scale: float = 0.002,
-                min_runs_per_group: int = 6) -> SurfaceFit:
-    """Fit the surface of the module docstring to ``runs`` (see there for the method)."""
-    from scipy.optimize import least_squares
-
-    if not window > 0:
-        raise ValueError(f"window must be > 0, got {window}")
-    if not f_scale > 0:
-        raise ValueError(f"f_scale must be > 0, got {f_scale}")
-    chosen = _select(runs, window, min_runs_per_group)
-
-    def insufficient(reason: str, n_used: int = 0) -> SurfaceFit:
-        return SurfaceFit(FitStatus.INSUFFICIENT_DATA, reason, None, n_used, len(chosen),
-                          float("nan"))
-
+def _usable(runs: Runs, chosen, min_runs_per_group: int):
+    """The selected groups with >= ``min_runs_per_group`` runs over >= 3 η and >= 3 B."""
     good = []
     for idx in chosen:
         lr = np.unique(runs.learning_rate[idx])
         bs = np.unique(runs.batch_size_tokens[idx])
         if idx.size >= min_runs_per_group and lr.size >= 3 and bs.size >= 3:
             good.append(idx)
+    return good
+
+
+def _check_options(window: float, f_scale: float) -> None:
+    if not window > 0:
+        raise ValueError(f"window must be > 0, got {window}")
+    if not f_scale > 0:
+        raise ValueError(f"f_scale must be > 0, got {f_scale}")
+
+
+def fit_surface(runs: Runs, *, window: float = 0.01, f_scale: float = 0.002,
+                min_runs_per_group: int = 6, cubic: bool = True) -> SurfaceFit:
+    """Fit the surface of the module docstring to ``runs`` (see there for the method);
+    ``cubic=False`` holds cubic_eta, cubic_batch and cubic_mixed at 0."""
+    from scipy.optimize import least_squares
+
+    _check_options(window, f_scale)
+    chosen = _select(runs, window, min_runs_per_group)
+
+    def insufficient(reason: str, n_used: int = 0) -> SurfaceFit:
+        return SurfaceFit(FitStatus.INSUFFICIENT_DATA, reason, None, n_used, len(chosen),
+                          float("nan"))
+
+    good = _usable(runs, chosen, min_runs_per_group)
     if len(good) < 4:
         return insufficient(
             f"need at least 4 (n_params, n_tokens) groups, each with >= {min_runs_per_group} "
@@ -231,14 +253,19 @@ def fit_surface(runs: Runs, *, window: float = 0.01, f_scale: float = 0.002,
     counts = np.bincount(gi)
     weights = 1.0 / np.sqrt(counts[gi] / counts.mean())  # each group weighs about the same
 
+    free = np.arange(len(PARAM_NAMES)) if cubic else np.arange(9)  # cubic terms last
+
+    def expand(theta):
+        q = np.zeros(len(PARAM_NAMES))
+        q[free] = theta[ng:]
+        return np.concatenate([theta[:ng], q])
+
     def residuals(theta):
-        c = theta[:ng]
-        q = theta[ng:]
+        full = expand(theta)
+        c, q = full[:ng], full[ng:]
         u = x - (q[0] + q[1] * n + q[2] * d)
         v = y - (q[3] + q[4] * n + q[5] * d)
-        pred = (c[gi] + np.exp(q[6]) * u * u + np.exp(q[7]) * v * v + q[8] * u * v
-                + q[9] * u ** 3 + q[10] * v ** 3 + q[11] * u * u * v)
-        return (pred - t) * weights
+        return (c[gi] + _valley(*q[6:], u, v) - t) * weights
 
     best = [g[np.argmin(runs.loss[g])] for g in good]
     q0 = np.zeros(len(PARAM_NAMES))
@@ -247,12 +274,12 @@ def fit_surface(runs: Runs, *, window: float = 0.01, f_scale: float = 0.002,
     q0[6] = q0[7] = math.log(0.005)
     c0 = np.log(runs.loss[best])
     try:
-        sol = least_squares(residuals, np.concatenate([c0, q0]), loss="soft_l1",
+        sol = least_squares(residuals, np.concatenate([c0, q0[free]]), loss="soft_l1",
                             f_scale=f_scale, x_scale="jac")
     except (ValueError, np.linalg.LinAlgError) as exc:
         return SurfaceFit(FitStatus.FAILED, f"optimiser failed: {exc}", None, sel.size, ng,
                           float("nan"))
-    theta = sol.x
+    theta = expand(sol.x)
     q = dict(zip(PARAM_NAMES, (float(v) for v in theta[ng:])))
     a, b = math.exp(q["log_curv_eta"]), math.exp(q["log_curv_batch"])
     if not sol.success or not np.all(np.isfinite(theta)) or 4 * a * b <= q["coupling"] ** 2:
@@ -265,5 +292,69 @@ def fit_surface(runs: Runs, *, window: float = 0.01, f_scale: float = 0.002,
     loss_coef = np.linalg.lstsq(design, theta[:ng], rcond=None)[0]
     params = SurfaceParams(n_ref=n_ref, d_ref=d_ref, **q, loss_0=float(loss_coef[0]),
                            loss_n=float(loss_coef[1]), loss_d=float(loss_coef[2]))
-    rms = float(np.sqrt(np.mean((residuals(theta) / weights) ** 2)))
+    rms = float(np.sqrt(np.mean((residuals(sol.x) / weights) ** 2)))
     return SurfaceFit(FitStatus.OK, "", params, sel.size, ng, rms)
+
+
+@dataclass(frozen=True)
+class GroupOptima:
+    """Result of :func:`fit_group_optima`: one row per usable (N, D) group (arrays)."""
+
+    status: FitStatus
+    reason: str
+    n_params: np.ndarray
+    n_tokens: np.ndarray
+    learning_rate: np.ndarray       # e^x_g, the group's own smooth argmin in η
+    batch_size_tokens: np.ndarray   # e^y_g, in tokens
+
+
+def fit_group_optima(runs: Runs, *, window: float = 0.01, f_scale: float = 0.002,
+                     min_runs_per_group: int = 6, cubic: bool = True) -> GroupOptima:
+    """Each group's own smooth optimum under one shared valley shape:
+
+        ln L = c_g + Q(ln η − x_g, ln B − y_g)
+
+    fitted jointly (same run selection, weights and robust loss as :func:`fit_surface`), with
+    a free (c_g, x_g, y_g) per group and Q's six shape parameters shared. No law in N or D
+    links the groups, so a group's optimum is where its own runs put it.
+    """
+    from scipy.optimize import least_squares
+
+    _check_options(window, f_scale)
+    good = _usable(runs, _select(runs, window, min_runs_per_group), min_runs_per_group)
+    empty = np.zeros(0)
+    if not good:
+        return GroupOptima(FitStatus.INSUFFICIENT_DATA,
+                           f"no group has >= {min_runs_per_group} finite runs over >= 3 "
+                           f"learning rates and >= 3 batch sizes near its best",
+                           empty, empty, empty, empty)
+    ng = len(good)
+    sel = np.concatenate(good)
+    gi = np.concatenate([np.full(g.size, k) for k, g in enumerate(good)])
+    x = np.log(runs.learning_rate[sel])
+    y = np.log(runs.batch_size_tokens[sel])
+    t = np.log(runs.loss[sel])
+    counts = np.bincount(gi)
+    weights = 1.0 / np.sqrt(counts[gi] / counts.mean())
+    n_shape = 6 if cubic else 3
+
+    def residuals(theta):
+        c, xg, yg = theta[:ng], theta[ng:2 * ng], theta[2 * ng:3 * ng]
+        shape = np.zeros(6)
+        shape[:n_shape] = theta[3 * ng:]
+        return (c[gi] + _valley(*shape, x - xg[gi], y - yg[gi]) - t) * weights
+
+    best = np.array([g[np.argmin(runs.loss[g])] for g in good])
+    shape0 = np.zeros(n_shape)
+    shape0[:2] = math.log(0.005)
+    theta0 = np.concatenate([np.log(runs.loss[best]), np.log(runs.learning_rate[best]),
+                             np.log(runs.batch_size_tokens[best]), shape0])
+    try:
+        sol = least_squares(residuals, theta0, loss="soft_l1", f_scale=f_scale, x_scale="jac")
+    except (ValueError, np.linalg.LinAlgError) as exc:
+        return GroupOptima(FitStatus.FAILED, f"optimiser failed: {exc}",
+                           empty, empty, empty, empty)
+    if not sol.success or not np.all(np.isfinite(sol.x)):
+        return GroupOptima(FitStatus.FAILED, "fit did not converge", empty, empty, empty, empty)
+    return GroupOptima(FitStatus.OK, "", runs.n_params[best], runs.n_tokens[best],
+                       np.exp(sol.x[ng:2 * ng]), np.exp(sol.x[2 * ng:3 * ng]))
