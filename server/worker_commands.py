@@ -110,7 +110,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         _out("every scope is up to date (or there are no completed trials)")
     for o in outcomes:
         detail = f" fit {o.fit_id} {o.status}" if o.fit_id is not None else ""
-        _out(f"{o.scope}: {o.action}{detail}{f' ({o.message})' if o.message else ''}")
+        _out(f"{o.scope} {o.kind}: {o.action}{detail}"
+             f"{f' ({o.message})' if o.message else ''}")
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
@@ -323,13 +324,15 @@ def cmd_import_runs(args: argparse.Namespace) -> int:
 # --- quickstart ----------------------------------------------------------------------------
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    """Migrate, import the bundled Step Law sweep into an empty store, fit, serve."""
+    """Migrate, import the bundled Step Law sweep into an empty store, fit the recommender,
+    serve. The estimators' fits (slower) are left to the server's fitting worker, so the
+    first answer does not wait for them."""
     from sqlalchemy import func, select
 
     from server.commands import cmd_serve
     from server.core.db import make_engine, make_session_factory, session_scope, upgrade
     from server.models import Trial
-    from server.worker import refit_once
+    from server.worker import FIT_KINDS, RECOMMENDER_KIND, refit_once
 
     settings = _settings()
     url = settings.database_url
@@ -344,11 +347,12 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             _out(f"empty database: importing the bundled Step Law sweep ({STEPLAW_CITATION})")
             _id, created, _existing = import_steplaw(url)
             _out(f"imported {created} runs")
-        outcomes = refit_once(engine)
+        outcomes = refit_once(engine, kinds=[RECOMMENDER_KIND])
         for o in outcomes:
             _out(f"fit {o.scope}: {o.action} {o.status or ''} {o.message or ''}".rstrip())
         if not outcomes:
             _out("fits are up to date")
+        _out(f"the server's fitting worker fits {', '.join(FIT_KINDS[1:])} in the background")
     finally:
         engine.dispose()
     host = args.host or settings.host

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from server.core.db import make_session_factory, session_scope
 from server.models import Fit, Trial
 from server.worker import (
     GLOBAL_SCOPE,
+    RECOMMENDER_KIND,
     experiment_scope,
     latest_ok_fit,
     refit_once,
@@ -42,10 +44,11 @@ def test_import_fit_recommend(fresh_db, engine_for):
 
     engine = engine_for(fresh_db)
     assert stale_scopes(engine) == [GLOBAL_SCOPE, experiment_scope(experiment_id)]
-    outcomes = refit_once(engine)
+    only = [RECOMMENDER_KIND]  # the estimators' fits: tests/worker/test_estimator_fits.py
+    outcomes = refit_once(engine, kinds=only)
     assert [(o.scope, o.action, o.status) for o in outcomes] == [
         (GLOBAL_SCOPE, "fitted", "ok"), (experiment_scope(experiment_id), "fitted", "ok")]
-    assert refit_once(engine) == []  # nothing changed, nothing refitted
+    assert refit_once(engine, kinds=only) == []  # nothing changed, nothing refitted
 
     with session_scope(make_session_factory(engine)) as session:
         fit = latest_ok_fit(session)
@@ -101,7 +104,10 @@ def test_cli_commands(fresh_db):
     assert "1911 trials imported" in imported.stdout and "arXiv:2503.04715" in imported.stdout
     fitted = run_cli(fresh_db, "fit")
     assert fitted.returncode == 0, fitted.stderr
-    assert "global: fitted" in fitted.stdout and " ok" in fitted.stdout
+    for kind in ("recommender", "near_optimal", "bell"):
+        assert re.search(rf"^global {kind}: fitted fit \d+ ok$", fitted.stdout, re.M), kind
+    assert re.search(r"^global cbs: fitted fit \d+ insufficient_data \(no trial has steps",
+                     fitted.stdout, re.M)
     again = run_cli(fresh_db, "fit")
     assert "up to date" in again.stdout
     bad = run_cli(fresh_db, "recommend", "--n-params", "-5", "--n-tokens", "1e11")
@@ -132,7 +138,7 @@ def test_import_runs_csv(fresh_db, tmp_path, engine_for):
     done = run_cli(fresh_db, "import", "runs", str(path), "--experiment", "past")
     assert done.returncode == 0, done.stderr
     assert "1911 trials imported" in done.stdout
-    outcomes = refit_once(engine_for(fresh_db))
+    outcomes = refit_once(engine_for(fresh_db), kinds=[RECOMMENDER_KIND])
     assert {o.status for o in outcomes} == {"ok"}
     with session_scope(make_session_factory(engine_for(fresh_db))) as session:
         fits = session.scalars(select(Fit)).all()

@@ -1,5 +1,5 @@
 """The fitting worker: refits on new data (NOTIFY on PostgreSQL, polling on SQLite), keeps
-serving the last good fit when a refit fails, and never runs one fit twice."""
+serving the last good fit when a refit fails, and never runs one fit twice (of any kind)."""
 from __future__ import annotations
 
 import os
@@ -20,7 +20,9 @@ from server.core.db import make_engine, make_session_factory, session_scope
 from server.models import Fit, TrialSource, TrialStatus
 from server.schemas import ExperimentCreate, TrialCreate
 from server.worker import (
+    FIT_KINDS,
     GLOBAL_SCOPE,
+    RECOMMENDER_KIND,
     FittingWorker,
     advisory_key,
     default_fitter,
@@ -28,6 +30,7 @@ from server.worker import (
     refit_once,
     refit_scope,
 )
+from server.worker_estimators import ESTIMATORS, Estimator
 from server.worker_commands import import_steplaw
 from tests.conftest import REPO_ROOT
 from tests.worker.conftest import seed
@@ -50,11 +53,14 @@ def add_completed_trial(url: str, experiment: str = "steplaw", *, loss: float = 
         engine.dispose()
 
 
-def fits(url: str) -> list[Fit]:
+def fits(url: str, kind: str | None = None) -> list[Fit]:
     engine = make_engine(url)
     try:
         with session_scope(make_session_factory(engine)) as session:
-            return list(session.scalars(select(Fit).order_by(Fit.id)))
+            stmt = select(Fit).order_by(Fit.id)
+            if kind is not None:
+                stmt = stmt.where(Fit.kind == kind)
+            return list(session.scalars(stmt))
     finally:
         engine.dispose()
 
@@ -92,10 +98,11 @@ def test_failing_refit_keeps_serving_the_previous_fit(fresh_db, live_server_fact
     def broken(runs, **options):
         raise RuntimeError("singular matrix in the surface fit")
 
-    outcomes = refit_once(engine_for(fresh_db), fitter=broken)
+    only = [RECOMMENDER_KIND]
+    outcomes = refit_once(engine_for(fresh_db), fitter=broken, kinds=only)
     assert [(o.action, o.status) for o in outcomes] == [("fitted", "failed")] * 2
     assert all("singular matrix" in o.message for o in outcomes)
-    assert refit_once(engine_for(fresh_db), fitter=broken) == []  # recorded, not retried
+    assert refit_once(engine_for(fresh_db), fitter=broken, kinds=only) == []  # not retried
 
     stored = httpx.get(server.url + "/v1/fits", params={"status": "failed"}).json()
     assert stored["count"] == 2
@@ -109,7 +116,7 @@ def test_failing_refit_keeps_serving_the_previous_fit(fresh_db, live_server_fact
     # with the reason, and its scope answers 503 with that reason.
     for lr in (1e-3, 2e-3, 4e-3):
         add_completed_trial(fresh_db, "tiny", learning_rate=lr)
-    by_scope = {o.scope: o for o in refit_once(engine_for(fresh_db))}
+    by_scope = {o.scope: o for o in refit_once(engine_for(fresh_db), kinds=only)}
     assert by_scope[GLOBAL_SCOPE].status == "ok"
     tiny = [o for s, o in by_scope.items() if s != GLOBAL_SCOPE]
     assert [o.status for o in tiny] == ["insufficient_data"] and "groups" in tiny[0].message
@@ -122,14 +129,25 @@ def test_failing_refit_keeps_serving_the_previous_fit(fresh_db, live_server_fact
 
 def test_two_workers_run_each_fit_once(fresh_pg, engine_for):
     import_steplaw(fresh_pg)
-    calls: list[int] = []
+    calls: list[str] = []
     lock = threading.Lock()
 
     def slow_counting_fitter(runs, **options):
         with lock:
-            calls.append(len(runs))
+            calls.append(RECOMMENDER_KIND)
         time.sleep(1.0)  # widen the window in which the other worker could start the same fit
         return default_fitter(runs, **options)
+
+    def counting(estimator: Estimator) -> Estimator:
+        def fit(trials, curves):
+            with lock:
+                calls.append(estimator.kind)
+            time.sleep(0.5)
+            return estimator.fit(trials, curves)
+
+        return Estimator(estimator.kind, fit, estimator.needs_curves)
+
+    estimators = {kind: counting(e) for kind, e in ESTIMATORS.items()}
 
     def run_both() -> list[list]:
         barrier = threading.Barrier(2)
@@ -138,24 +156,26 @@ def test_two_workers_run_each_fit_once(fresh_pg, engine_for):
         def work(i: int) -> None:
             engine = engine_for(fresh_pg)
             barrier.wait()
-            results[i] = refit_once(engine, fitter=slow_counting_fitter)
+            results[i] = refit_once(engine, fitter=slow_counting_fitter,
+                                    estimators=estimators)
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
         for t in threads:
             t.start()
         for t in threads:
-            t.join(timeout=120)
+            t.join(timeout=300)
         return results
 
+    n = 2 * len(FIT_KINDS)  # every kind for global and experiment: each by exactly one worker
     results = run_both()
-    assert len(calls) == 2  # global and experiment: each fitted by exactly one worker
+    assert sorted(calls) == sorted(FIT_KINDS * 2)
     actions = sorted(o.action for r in results for o in r)
-    assert actions.count("fitted") == 2 and set(actions) <= {"fitted", "locked", "up_to_date"}
-    assert len(fits(fresh_pg)) == 2
+    assert actions.count("fitted") == n and set(actions) <= {"fitted", "locked", "up_to_date"}
+    assert len(fits(fresh_pg)) == n
 
     add_completed_trial(fresh_pg)
     run_both()
-    assert len(calls) == 4 and len(fits(fresh_pg)) == 4
+    assert sorted(calls) == sorted(FIT_KINDS * 4) and len(fits(fresh_pg)) == 2 * n
     with engine_for(fresh_pg).connect() as conn:
         held = conn.scalar(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"))
     assert held == 0
@@ -204,7 +224,7 @@ def test_worker_thread_notices_new_trials(backend, make_database):
 
     url = make_database(backend)
     upgrade(url)
-    seed(url)
+    seed(url, kinds=None)  # every kind, so the worker's first pass has nothing to do
     first = latest_ok(url)
     worker = FittingWorker(url, poll_s=30.0 if backend == "postgresql" else 0.2)
     thread = threading.Thread(target=worker.run, daemon=True)
@@ -256,13 +276,16 @@ def test_worker_command_fits_and_stops_on_sigterm(make_database, tmp_path):
     with open(log_path, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], cwd=REPO_ROOT,
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
+    n = 2 * len(FIT_KINDS)
     try:
-        wait_for(lambda: len(fits(url)) == 2, 90, "the worker's first fits")
+        wait_for(lambda: len(fits(url)) == n, 180, "the worker's first fits")
         add_completed_trial(url)
-        wait_for(lambda: len(fits(url)) == 4, 90, "the worker's refits")
+        wait_for(lambda: len(fits(url)) == 2 * n, 180, "the worker's refits")
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
     assert code == 0, log_path.read_text()
     assert "fitting worker stopped" in log_path.read_text()
-    assert {f.status for f in fits(url)} == {"ok"}
+    status = {(f.kind, f.status) for f in fits(url)}
+    assert status == {(RECOMMENDER_KIND, "ok"), ("near_optimal", "ok"), ("bell", "ok"),
+                      ("cbs", "insufficient_data")}
