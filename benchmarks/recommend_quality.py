@@ -6,10 +6,65 @@ the copy bundled in ``fitting/bundled``): fit each method on the other 16 groups
 in (ln η, ln B) (Euclidean), and score regret = its smoothed loss / the group's best − 1.
 Fixed published formulas need no fit and are scored the same way.
 
-Prints one row per method (mean, median and max regret in %), then, as its last line,
-``recommender mean_regret_pct=<float> max_regret_pct=<float>``.
+Prints one row per method (mean, median and max regret in %), two in-sample reference rows,
+a line on the recommender's hardest group and, as its last line,
+``recommender mean_regret_pct=<float> max_regret_pct=<float>``. ``--nested`` adds two rows
+whose options are chosen inside each fold by an inner leave-one-group-out on its 16 training
+groups: the window alone, and every option that was set by looking at this benchmark (window
+× robust-loss scale × cubic terms, ``NESTED_GRID``). Those are the honest figures for a
+recommender tuned on the data at hand; publish them beside the default row. Measured
+(mean / median / max %): window chosen per fold 0.0674 / 0.0447 / 0.2343; window, robust
+scale and cubic terms chosen per fold 0.0734 / 0.0669 / 0.2343 (about 6 minutes on 2 cores),
+against 0.0594 / 0.0381 / 0.2343 for the defaults, which were chosen on the test groups.
 
     python benchmarks/recommend_quality.py [--csv PATH] [--json OUT.json] [--nested]
+
+Why the max stays at 0.234 % (goal: < 0.07 % mean, < 0.2 % max; figures from this script).
+The recommender's max, 0.2343 %, is on N = 4.29e8, D = 2.27e10, where the published and the
+refitted Step Law laws score the same (the three rows that hit that group's best cell, B in
+N and D, the bell laws and the quadratic valley, miss by 0.215 %, 0.262 % and 0.215 %
+elsewhere). A second group, N = 2.68e8, D = 2.5e10, scores 0.215 % with every method of the
+table but DeepSeek's law (1.13 %), so the max would stay above 0.2 % even if the first group
+were solved.
+
+* The grid is coarse next to the valley. Runs are √2 apart in η and 1.33–2× apart in B;
+  on the hard group one step from its best run (η = 1.95e-3, B = 192 seqs) costs 0.039 %
+  (η = 1.38e-3), 0.189 % (η = 2.76e-3), 0.189 % (B = 128) and 0.234 % (B = 256). The
+  recommendation (η = 2.00e-3, B = 237 seqs) is scored on the run at (1.95e-3, 256)
+  because 237 > √(192·256) = 222 seqs: its B is 7 % too large for the best cell.
+* That cell is the one the group's own runs point to. Fitted with the group included (row
+  "law fitted in-sample") the laws give the same point. With a free optimum per group under
+  the shared valley shape (``fitting.surface.fit_group_optima``, row "group's own optimum")
+  the group's own smooth minimum is (1.94e-3, 235 seqs), 3 % below the law in η and 1 % in
+  B, in the same cell. Both rows score 0.2343 % on this group (their max): a recommender
+  that knew the smooth surface through the held-out runs would be charged the same.
+* What is scored there is noise. The runs near each group's best scatter about the fitted
+  surface by 0.13 % rms (in ln L). On the hard group the group's own smooth surface has the
+  scored run (1.95e-3, 256) 0.02 % below the best run (1.95e-3, 192); observed, it is
+  0.234 % above it: the best run lies 0.11 % below that surface and the scored run 0.14 %
+  above. Regret is taken against the luckiest of 118 runs, so it carries that run's
+  downward noise. The raw final loss (the ``loss`` column) is worse: at fixed η it jumps by
+  about 1 % or more between neighbouring batch sizes (the last batch's loss) and its best
+  on this group is (2.76e-3, 352 seqs); ranking needs the smoothed column, used here.
+* The second group is the other kind: its own optimum (3.52e-3, 319 seqs; 0 % regret) lies
+  0.18 above the law in ln η and 0.12 in ln B, where the 17 groups' own optima scatter about
+  the laws by 0.09 (ln η) and 0.08 (ln B) rms. Interpolating its two same-N neighbours' own
+  optima (D = 1.42e10 and 8e10) in ln D gives (2.90e-3, 260 seqs), in the law's cell
+  (2.76e-3, 256), at 0.215 %: the other groups do not point to where this one lies.
+
+Changes tried (leave-one-group-out mean / max %, against 0.0594 / 0.2343). With the
+recommender's own options: robust scale f_scale 0.004 or 0.01: 0.0822 / 0.2343; window
+0.75 %: 0.0674 / 0.2343, 1.25 %: 0.0923 / 0.2343; no cubic terms (row "quadratic valley"):
+0.0799 / 0.2148 (hard group 0 %, the second still 0.215 %). In scratch code, not kept:
+plain least squares: 0.0822 / 0.2343; Huber or Cauchy loss: 0.0594 / 0.2343; no η–B
+coupling term: 0.0594 / 0.2343; free per-N offsets of both optimum laws (ridge-shrunk):
+0.0861 / 0.2343; the valley's scale free per group: 0.0822 / 0.2343, or a
+power law in N and D: 0.0708 / 0.2343; an N·D term in both laws: 0.0832 / 0.2400; the median
+of 30 group-bootstrap refits as the point estimate: 0.0708 / 0.2343. None gets the max under
+0.2 %, and the one that lowers it raises the mean, so the method stays as it is. Most of the
+differences between these variants are two groups (N = 2.15e8, D = 2e10 and N = 4.29e8,
+D = 8e9) flipping between 0 and 0.194 % as the recommendation crosses a cell boundary: a few
+hundredths of a percent in the mean is within this benchmark's resolution.
 """
 from __future__ import annotations
 
@@ -30,6 +85,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fitting.data import Runs, bundled_steplaw_path, load_steplaw_csv  # noqa: E402
 from fitting.recommender import fit_recommender  # noqa: E402
+from fitting.surface import fit_group_optima  # noqa: E402
 
 logger = logging.getLogger("recommend_quality")
 
@@ -62,16 +118,22 @@ def recommender(runs: Runs, **options) -> Predictor:
 
 
 WINDOWS = (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02)
+# Every option of the recommender that was set by looking at this benchmark's score: the
+# near-optimal window, the robust loss's scale (0.01 in ln L is about plain least squares
+# here) and the cubic terms of the valley. The defaults come first, so ties keep them.
+NESTED_GRID = tuple({"window": w, "f_scale": f, "cubic": c}
+                    for c in (True, False) for f in (0.002, 0.01) for w in WINDOWS)
 
 
-def recommender_nested(runs: Runs) -> Predictor:
-    """The recommender with its window chosen by an inner leave-one-group-out on the
-    training groups only: an honest estimate for a window tuned on the data at hand."""
-    scores = [leave_one_group_out(runs, functools.partial(recommender, window=w)).mean()
-              for w in WINDOWS]
-    window = WINDOWS[int(np.argmin(scores))]
-    logger.debug("inner leave-one-group-out chose window=%g", window)
-    return recommender(runs, window=window)
+def recommender_nested(runs: Runs, grid: tuple[dict, ...] = NESTED_GRID) -> Predictor:
+    """The recommender with its options (one of ``grid``) chosen by an inner
+    leave-one-group-out on the training groups only: an honest estimate of options tuned on
+    the data at hand."""
+    scores = [leave_one_group_out(runs, functools.partial(recommender, **options)).mean()
+              for options in grid]
+    options = grid[int(np.argmin(scores))]
+    logger.debug("inner leave-one-group-out chose %s", options)
+    return recommender(runs, **options)
 
 
 def steplaw_refit(runs: Runs, **options) -> Predictor | None:
@@ -107,10 +169,16 @@ METHODS: list[tuple[str, Method]] = [
     # Sensitivity to the near-optimal window (the default, 1 %, was chosen on this benchmark).
     ("recommender window=0.5%", functools.partial(recommender, window=0.005)),
     ("recommender window=2%", functools.partial(recommender, window=0.02)),
+    ("recommender quadratic valley", functools.partial(recommender, cubic=False)),
     ("recommender", recommender),
 ]
-# Slow (about 1,600 surface fits, minutes on 2 cores): only with --nested.
-NESTED = ("recommender window nested-LOO", recommender_nested)
+# Slow (inner leave-one-group-out in every fold: about 1,600 surface fits for the window
+# alone, 6,500 for all options; minutes on 2 cores): only with --nested.
+NESTED = [
+    ("recommender window nested-LOO",
+     functools.partial(recommender_nested, grid=tuple({"window": w} for w in WINDOWS))),
+    ("recommender all-options nested", recommender_nested),
+]
 
 
 def nearest_regret(runs: Runs, idx: np.ndarray, learning_rate: float, batch: float) -> float:
@@ -121,6 +189,38 @@ def nearest_regret(runs: Runs, idx: np.ndarray, learning_rate: float, batch: flo
     picked = loss[int(np.argmin(dist))]
     best = np.nanmin(loss)
     return float(picked / best - 1.0) if np.isfinite(picked) else float("inf")
+
+
+def in_sample_references(runs: Runs) -> dict[str, np.ndarray]:
+    """Regret per group of two fits that have seen the group's own runs (not predictions):
+    the recommender's laws fitted on every group, and each group's own smooth optimum under
+    the shared valley shape (``fitting.surface.fit_group_optima``). Where these already miss
+    a group's best cell, no law in N and D fitted without the group can be expected to hit
+    it."""
+    law = recommender(runs)
+    optima = fit_group_optima(runs)
+    by_group = {(n, d): (lr, b) for n, d, lr, b in zip(
+        optima.n_params, optima.n_tokens, optima.learning_rate, optima.batch_size_tokens)}
+    law_regret, own_regret = [], []
+    for n, d, idx in runs.groups():
+        law_regret.append(nearest_regret(runs, idx, *law(n, d)))
+        own_regret.append(nearest_regret(runs, idx, *by_group[(n, d)])
+                          if (n, d) in by_group else float("nan"))
+    return {"law fitted in-sample": np.array(law_regret),
+            "group's own optimum": np.array(own_regret)}
+
+
+def describe_group(runs: Runs, idx: np.ndarray, learning_rate: float, batch: float) -> str:
+    """One line: the recommendation, the grid run it is scored on, and the group's best."""
+    dist = ((np.log(runs.learning_rate[idx]) - math.log(learning_rate)) ** 2
+            + (np.log(runs.batch_size_tokens[idx]) - math.log(batch)) ** 2)
+    picked = idx[int(np.argmin(dist))]
+    best = idx[int(np.nanargmin(runs.loss[idx]))]
+    seq = runs.seq_len[idx[0]]
+    return (f"recommended η={learning_rate:.3e} B={batch / seq:.0f} seqs; scored on "
+            f"η={runs.learning_rate[picked]:.3e} B={runs.batch_size_tokens[picked] / seq:.0f} "
+            f"({100 * (runs.loss[picked] / runs.loss[best] - 1):.3f} %); best "
+            f"η={runs.learning_rate[best]:.3e} B={runs.batch_size_tokens[best] / seq:.0f}")
 
 
 def leave_one_group_out(runs: Runs, method: Method) -> np.ndarray | None:
@@ -144,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="Step Law format CSV (default: the bundled copy)")
     parser.add_argument("--json", type=Path, default=None, help="write per-group regrets here")
     parser.add_argument("--nested", action="store_true",
-                        help="also score the recommender with its window chosen by an inner "
-                             "leave-one-group-out (slow)")
+                        help="also score the recommender with its window, and with all its "
+                             "tuned options, chosen by an inner leave-one-group-out (slow)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs = load_steplaw_csv(args.csv or bundled_steplaw_path())
@@ -154,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(groups)} (N, D) groups; leave one group out, regret of the nearest grid run")
     print(f"{'method':<30} {'mean %':>8} {'median %':>9} {'max %':>8} {'seconds':>8}")
     results = {}
-    methods = METHODS[:-1] + [NESTED] + METHODS[-1:] if args.nested else METHODS
+    methods = METHODS[:-1] + NESTED + METHODS[-1:] if args.nested else METHODS
     for name, method in methods:
         start = time.perf_counter()
         regrets = leave_one_group_out(runs, method)
@@ -166,10 +266,22 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = pct.tolist()
         print(f"{name:<30} {pct.mean():8.4f} {np.median(pct):9.4f} {pct.max():8.4f} "
               f"{elapsed:8.1f}")
+    print("in-sample references (the group's own runs are in the fit; not predictions):")
+    for name, regrets in in_sample_references(runs).items():
+        pct = 100.0 * regrets
+        results[f"in-sample: {name}"] = pct.tolist()
+        print(f"{name:<30} {np.nanmean(pct):8.4f} {np.nanmedian(pct):9.4f} "
+              f"{np.nanmax(pct):8.4f}")
     if args.json:
         payload = {"groups": [[n, d] for n, d, _ in groups], "regret_pct": results}
         args.json.write_text(json.dumps(payload, indent=2))
     rec = np.array(results["recommender"])
+    worst = int(np.argmax(rec))
+    n, d, idx = groups[worst]
+    keep = np.ones(len(runs), bool)
+    keep[idx] = False
+    print(f"recommender's hardest group N={n:.3g} D={d:.3g}: "
+          + describe_group(runs, idx, *recommender(runs.subset(keep))(n, d)))
     print(f"recommender mean_regret_pct={rec.mean():.4f} max_regret_pct={rec.max():.4f}")
     return 0
 
