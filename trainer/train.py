@@ -329,14 +329,26 @@ def init_distributed() -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), created
 
 
-def deepspeed_config(config: TrainConfig, layout: BatchLayout) -> dict[str, Any]:
-    """The DeepSpeed configuration, built in code. Batch sizes are in sequences."""
+def deepspeed_config(config: TrainConfig, layout: BatchLayout,
+                     accelerator: str = "cpu") -> dict[str, Any]:
+    """The DeepSpeed configuration, built in code. Batch sizes are in sequences.
+
+    ``accelerator`` is DeepSpeed's device name ("cpu", "cuda"). On the CPU, ZeRO stages 1–2
+    run without ``contiguous_gradients``: that buffer exists to keep a GPU allocator from
+    fragmenting, and on the CPU it only costs one more copy of every gradient inside each
+    backward hook (plus a fresh ``reduce_bucket_size``-element buffer per step); the
+    reduction itself is the same all-reduce of the same bucket either way, so this holds at
+    every world size (benchmarks/train_throughput.py has the numbers). Stage 3 manages its
+    gradients itself and keeps DeepSpeed's defaults, as do GPUs."""
+    zero: dict[str, Any] = {"stage": config.zero_stage}
+    if accelerator == "cpu" and config.zero_stage in (1, 2):
+        zero["contiguous_gradients"] = False
     return {
         "train_batch_size": layout.batch_size_sequences,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size_sequences,
         "gradient_accumulation_steps": layout.gradient_accumulation_steps,
         "gradient_clipping": config.optimizer.grad_clip,
-        "zero_optimization": {"stage": config.zero_stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
@@ -414,6 +426,7 @@ def train(
     the trial failed only when the retries are spent."""
     import deepspeed
     import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
 
     from trainer.data import SyntheticRegression, SyntheticRegressionConfig, TokenCorpus, batch_generator
     from trainer.model import GPT, GPTConfig, LinearRegression, LinearRegressionConfig
@@ -463,8 +476,9 @@ def train(
     else:
         optimizer = torch.optim.SGD(groups, lr=config.learning_rate, momentum=opt.beta1,
                                     weight_decay=opt.weight_decay)
+    accelerator = get_accelerator().device_name()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(config, layout))
+                                           config=deepspeed_config(config, layout, accelerator))
     device = engine.device  # cpu here; cuda:<local rank> on GPUs
     params = [p for p in engine.module.parameters()]
     if world_size == 1 and config.zero_stage == 0:
