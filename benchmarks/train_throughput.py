@@ -116,7 +116,7 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-sequences", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved repetitions")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="GPU peak for MFU (default: H100 SXM dense BF16/TF32-sparse-free)")
     args = parser.parse_args()
