@@ -28,6 +28,10 @@ gradient accumulation, of the first micro batch) is read before the all-reduce a
 with the all-reduced gradient. With ZeRO stages 1–3 DeepSpeed reduces (and partitions)
 gradients inside ``backward``, so no per-worker gradient exists to read: b_simple is not
 measured there (points carry null) and grad_norm comes from DeepSpeed's global norm.
+Clipping to ``optimizer.grad_clip``: DeepSpeed clips under ZeRO 1–3 (it holds the gradient
+partitions); under ZeRO-0 the trainer clips the all-reduced gradient itself with the norm it
+computes anyway for grad_norm and b_simple, one fused norm instead of a second per-parameter
+one (and a collective) inside DeepSpeed's step.
 
 A loss that becomes NaN/inf, or exceeds ``divergence_factor`` × the first loss, ends the run
 as diverged: recorded with its non-finite loss, not raised.
@@ -339,7 +343,8 @@ def deepspeed_config(config: TrainConfig, layout: BatchLayout,
     backward hook (plus a fresh ``reduce_bucket_size``-element buffer per step); the
     reduction itself is the same all-reduce of the same bucket either way, so this holds at
     every world size (benchmarks/train_throughput.py has the numbers). Stage 3 manages its
-    gradients itself and keeps DeepSpeed's defaults, as do GPUs."""
+    gradients itself and keeps DeepSpeed's defaults, as do GPUs. Under ZeRO-0 the trainer
+    clips, not DeepSpeed (module docstring)."""
     zero: dict[str, Any] = {"stage": config.zero_stage}
     if accelerator == "cpu" and config.zero_stage in (1, 2):
         zero["contiguous_gradients"] = False
@@ -347,7 +352,7 @@ def deepspeed_config(config: TrainConfig, layout: BatchLayout,
         "train_batch_size": layout.batch_size_sequences,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size_sequences,
         "gradient_accumulation_steps": layout.gradient_accumulation_steps,
-        "gradient_clipping": config.optimizer.grad_clip,
+        "gradient_clipping": config.optimizer.grad_clip if config.zero_stage > 0 else 0.0,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
@@ -378,6 +383,18 @@ def _grad_sq_norm(params: list[torch.nn.Parameter]) -> float:
     if not grads:
         return 0.0
     return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0)) ** 2
+
+
+def _clip_grad_sq_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Σ over parameters of |grad|² before clipping; with ``max_norm`` > 0 the gradients are
+    then scaled by min(1, max_norm / (|grad| + 1e-6)), as torch and DeepSpeed clip."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total) ** 2
 
 
 @dataclass
@@ -632,8 +649,8 @@ def train(
                 if micro == 0 and measure_noise and world_size == 1 and gas > 1:
                     # DeepSpeed scaled the loss by 1/gas: undo it for one micro batch's gradient
                     g_small_sq = _grad_sq_norm(params) * gas * gas
-                if boundary and config.zero_stage == 0:
-                    g_big_sq = _grad_sq_norm(params)
+                if boundary and config.zero_stage == 0:  # the trainer clips under ZeRO-0
+                    g_big_sq = _clip_grad_sq_norm(params, opt.grad_clip)
                 engine.step()
             step += 1
             if use_ewa:

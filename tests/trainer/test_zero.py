@@ -142,15 +142,16 @@ def test_merge_equal_groups_keeps_distinct_hyperparameters_apart():
 
 @pytest.mark.parametrize("accelerator,stage,contiguous", [
     ("cpu", 0, None), ("cpu", 1, False), ("cpu", 2, False), ("cpu", 3, None),
-    ("cuda", 2, None),
+    ("cuda", 0, None), ("cuda", 2, None),
 ])
-def test_contiguous_gradients_off_only_for_zero_1_2_on_the_cpu(corpus_dir, accelerator, stage,
-                                                               contiguous):
-    raw = _config(corpus_dir, stage, "wsd")
-    config = TrainConfig.from_dict(raw)
-    zero = deepspeed_config(config, batch_layout(128, 16, 1), accelerator)["zero_optimization"]
-    assert zero["stage"] == stage
-    assert zero.get("contiguous_gradients") is contiguous
+def test_zero_settings_per_stage_and_accelerator(corpus_dir, accelerator, stage, contiguous):
+    """contiguous_gradients off only for ZeRO 1-2 on the CPU; DeepSpeed clips under ZeRO 1-3,
+    the trainer under ZeRO-0."""
+    config = TrainConfig.from_dict(_config(corpus_dir, stage, "wsd"))
+    built = deepspeed_config(config, batch_layout(128, 16, 1), accelerator)
+    assert built["zero_optimization"]["stage"] == stage
+    assert built["zero_optimization"].get("contiguous_gradients") is contiguous
+    assert built["gradient_clipping"] == (0.05 if stage > 0 else 0.0)
 
 
 def test_zero_stages_train_like_zero0_on_one_process(corpus_dir):
