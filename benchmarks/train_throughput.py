@@ -28,7 +28,7 @@ The last line is machine-readable: ``ratio_zero0=<float> ratio_zero2=<float>`` (
 tokens/s divided by plain PyTorch tokens/s; goal ≥ 0.9). On a CUDA machine it also prints the
 model FLOPs utilisation, with 6·N·tokens + 12·n_layer·d_model·seq_len·tokens FLOPs per
 training step (Kaplan et al. 2020; attention included) against the GPU's peak given by
-``--peak-tflops``.
+``--peak-tflops``: the trainer computes in fp32, so the default is an H100 SXM's fp32 peak.
 """
 from __future__ import annotations
 
@@ -117,8 +117,9 @@ def main() -> int:
     parser.add_argument("--batch-sequences", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved repetitions")
-    parser.add_argument("--peak-tflops", type=float, default=989.0,
-                        help="GPU peak for MFU (default: H100 SXM dense BF16/TF32-sparse-free)")
+    parser.add_argument("--peak-tflops", type=float, default=67.0,
+                        help="GPU peak for MFU in the trainer's precision, fp32 (default: "
+                             "H100 SXM, 67 TFLOP/s without tensor cores)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
