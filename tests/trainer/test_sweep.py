@@ -105,6 +105,15 @@ def test_shipped_cpu_examples_are_valid(example):
     assert len({idempotency_key(config, s) for s in specs}) == len(specs)
 
 
+def test_shipped_gpu_example_is_valid():
+    config = load_sweep_config("examples/gpu_small_gpt.yaml")
+    specs = expand_trials(config)
+    assert config.use_gpu == "auto" and config.workers_per_trial == 1
+    assert {s["zero_stage"] for s in specs} == {2}
+    assert len({s["batch_size_tokens"] for s in specs}) == 3
+    assert len({idempotency_key(config, s) for s in specs}) == len(specs)
+
+
 def test_gpt_sweep_counts_n_from_the_shape(tmp_path):
     corpus = tmp_path / "corpus"
     config = parse_sweep_config({
