@@ -6,6 +6,8 @@ WORKDIR /app
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential \
     && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md ./
+COPY hyperlaw ./hyperlaw
+COPY client ./client
 COPY server ./server
 COPY fitting ./fitting
 COPY trainer ./trainer

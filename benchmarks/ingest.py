@@ -37,7 +37,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from server.client import HyperlawClient  # noqa: E402
+from client import HyperlawClient  # noqa: E402
 from server.core.db import create_postgres_database as create_database  # noqa: E402
 from server.core.db import drop_postgres_database as drop_database  # noqa: E402
 

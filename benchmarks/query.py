@@ -75,7 +75,7 @@ def start_server(url: str, port: int, log_path: Path) -> subprocess.Popen:
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "--log-level", "WARNING", "serve",
+            [sys.executable, "-m", "hyperlaw", "--log-level", "WARNING", "serve",
              "--host", "127.0.0.1", "--port", str(port)],
             cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60

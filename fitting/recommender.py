@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from fitting.data import Runs
-from fitting.results import FitStatus, Interval, percentile_interval
+from fitting.results import FitStatus, Interval, ParameterError, percentile_interval
 from fitting import surface as surf
 
 logger = logging.getLogger(__name__)
@@ -104,10 +104,11 @@ class Recommendation:
 def _check_positive(name: str, value) -> float:
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ParameterError(name, "number", f"{name} must be a number, got {value!r}") from None
     if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+        raise ParameterError(name, "positive_finite",
+                             f"{name} must be finite and > 0, got {value!r}")
     return number
 
 
@@ -232,13 +233,15 @@ class Recommender:
                   batch_size_tokens: float | None = None) -> Recommendation:
         """Recommend η, B and the CBS for a model of ``n_params`` trained on ``n_tokens``.
 
-        Raises ``ValueError`` for bad input and :class:`RecommenderUnavailable` when the
+        Raises :class:`~fitting.results.ParameterError` (a ``ValueError`` naming the field
+        and the rule) for bad input and :class:`RecommenderUnavailable` when the
         fit's status is not ok.
         """
         n_params = _check_positive("n_params", n_params)
         n_tokens = _check_positive("n_tokens", n_tokens)
         if isinstance(seq_len, bool) or float(_check_positive("seq_len", seq_len)) != int(seq_len):
-            raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+            raise ParameterError("seq_len", "positive_integer",
+                                 f"seq_len must be a positive integer, got {seq_len!r}")
         seq_len = int(seq_len)
         if batch_size_tokens is not None:
             batch_size_tokens = _check_positive("batch_size_tokens", batch_size_tokens)

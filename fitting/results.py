@@ -12,6 +12,16 @@ from dataclasses import dataclass
 import numpy as np
 
 
+class ParameterError(ValueError):
+    """An argument that breaks a rule: ``field`` names the argument, ``rule`` the rule it
+    breaks (e.g. ``positive_finite``), and the message says both in a sentence."""
+
+    def __init__(self, field: str, rule: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.rule = rule
+
+
 class FitStatus(str, enum.Enum):
     OK = "ok"
     INSUFFICIENT_DATA = "insufficient_data"

@@ -34,7 +34,7 @@ from server.core.db import (
     make_session_factory,
 )
 from server.core.errors import HyperlawError, InputError
-from server.core.nonfinite import dumps
+from client.wire import dumps
 from server.schemas import NONFINITE_NOTE
 
 log = logging.getLogger(__name__)

@@ -17,14 +17,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
-from server.core.nonfinite import encode_nonfinite
+from client.wire import MAX_POINTS_PER_REQUEST, encode_nonfinite
 from server.models import TokenScope, TrialSource, TrialStatus
 
 NONFINITE_NOTE = (
     'Non-finite values are written as the strings "NaN", "Infinity" and "-Infinity", '
     "and accepted in the same form."
 )
-MAX_POINTS_PER_REQUEST = 10_000
 INT64_MAX = 2**63 - 1
 
 PositiveInt = Annotated[int, Field(gt=0, le=INT64_MAX)]

@@ -187,7 +187,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     if args.batch_size_tokens is not None:
         params["batch_size_tokens"] = args.batch_size_tokens
     if args.url:
-        from server.client import HyperlawAPIError, HyperlawClient, HyperlawUnavailable
+        from client import HyperlawAPIError, HyperlawClient, HyperlawUnavailable
 
         if args.experiment is not None:
             params["experiment"] = args.experiment
@@ -207,7 +207,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             log.error("%s", exc)
             return 2
     if args.json:
-        from server.core.nonfinite import dumps
+        from client.wire import dumps
 
         _out(dumps(body, indent=2))
     else:

@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from server.core import nonfinite
+from client import wire
 from server.models import Trial, TrialSource
 
 NEAR_OPTIMAL_KIND = "near_optimal"
@@ -111,7 +111,7 @@ class Estimator:
 
 def plain(value: Any) -> Any:
     """Dataclasses, enums, tuples and numpy values as plain JSON types (non-finite floats
-    stay floats: the JSON columns encode them, see ``server.core.nonfinite``)."""
+    stay floats: the JSON columns encode them, see ``client.wire``)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, enum.Enum):
@@ -131,7 +131,7 @@ def checked_json(name: str, value: Any) -> Any:
     """``plain(value)``, raising ``ValueError`` naming ``name`` if it cannot be stored."""
     out = plain(value)
     try:
-        nonfinite.dumps(out)
+        wire.dumps(out)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name} is not JSON-serialisable: {exc}") from exc
     return out

@@ -75,7 +75,7 @@ def _sweep(args: argparse.Namespace) -> int:
         return 2
     if args.output_dir:
         config = config.with_output_dir(args.output_dir)
-    from server.client import HyperlawAPIError, HyperlawUnavailable
+    from client import HyperlawAPIError, HyperlawUnavailable
 
     url = args.url or os.environ.get("HYPERLAW_URL") or "http://127.0.0.1:8000"
     try:

@@ -411,7 +411,7 @@ def _trial_driver(tune_config: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from server.client import HyperlawClient
+    from client import HyperlawClient
 
     spec = tune_config["spec"]
     run = tune_config["run"]
@@ -505,7 +505,7 @@ def run_sweep(
     import ray
     from ray import tune
 
-    from server.client import HyperlawClient
+    from client import HyperlawClient
 
     t0 = time.perf_counter()
     with HyperlawClient(url, token) as client:

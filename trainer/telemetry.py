@@ -5,7 +5,7 @@
 ``heartbeat()`` says the run is alive, ``finish(status, **final)`` records the outcome and
 ``close(timeout_s)`` delivers everything still queued.
 
-``ServiceTelemetry`` backs it with the hyperlaw service (``server.client.HyperlawClient``):
+``ServiceTelemetry`` backs it with the hyperlaw service (``client.HyperlawClient``):
 points are buffered in memory and posted in batches by a background thread. A failed post
 (service down, retries of the client exhausted) keeps the batch at the front of the buffer
 and tries again later, so a short outage loses nothing; whatever still cannot be delivered

@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
-from server.core import nonfinite
+from client import wire
 from server.core.errors import StorageUnavailableError
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,10 @@ def make_engine(url: str, *, sqlite_immediate: bool = True, **kwargs) -> Engine:
     WAL readers never block writers).
 
     JSON columns store non-finite floats as "NaN"/"Infinity"/"-Infinity" and read them
-    back as floats (``server.core.nonfinite``): PostgreSQL's json type refuses bare NaN.
+    back as floats (``client.wire``): PostgreSQL's json type refuses bare NaN.
     """
-    kwargs.setdefault("json_serializer", nonfinite.dumps)
-    kwargs.setdefault("json_deserializer", nonfinite.loads)
+    kwargs.setdefault("json_serializer", wire.dumps)
+    kwargs.setdefault("json_deserializer", wire.loads)
     if is_sqlite(url):
         engine = create_engine(
             url,

@@ -94,7 +94,7 @@ def test_thin_group_says_insufficient_data(tmp_path, capsys):
 
 
 def test_through_the_hyperlaw_entry_point(table6_csv):
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "cbs", str(table6_csv),
+    proc = subprocess.run([sys.executable, "-m", "hyperlaw", "cbs", str(table6_csv),
                            "--b-opt", "256", "--json"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
-from server.client import HyperlawClient
+from client import HyperlawClient
 from server.core.db import make_engine
 from tests.conftest import LiveServer, make_token, start_live_server
 

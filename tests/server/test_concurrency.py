@@ -30,7 +30,7 @@ def expected_point(trial_id: int, step: int) -> dict:
 
 def ingest(url: str, token: str, trial_ids: list[int], seed: int, ready, failures,
            retries) -> None:
-    from server.client import HyperlawClient
+    from client import HyperlawClient
 
     rng = random.Random(seed)
     client = HyperlawClient(url, token, timeout=10, max_retries=15, backoff_s=0.05)

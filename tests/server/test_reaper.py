@@ -8,7 +8,7 @@ import uuid
 
 from sqlalchemy import update
 
-from server.client import HyperlawAPIError, HyperlawClient
+from client import HyperlawAPIError, HyperlawClient
 from server.core.config import Settings
 from server.core.db import make_engine, make_session_factory, session_scope
 from server.main import create_app

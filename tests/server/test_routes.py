@@ -7,7 +7,7 @@ import uuid
 import pytest
 from sqlalchemy import insert, select
 
-from server.client import HyperlawAPIError
+from client import HyperlawAPIError
 from server.models import Fit, Point
 
 

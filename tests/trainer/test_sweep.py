@@ -8,7 +8,7 @@ import pytest
 import ray
 import yaml
 
-from server.client import HyperlawClient
+from client import HyperlawClient
 from trainer import cli
 from trainer.sweep import (
     SweepConfigError, expand_trials, idempotency_key, load_sweep_config, parse_sweep_config,

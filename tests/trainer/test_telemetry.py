@@ -3,7 +3,7 @@ import socket
 import threading
 import time
 
-from server.client import HyperlawClient
+from client import HyperlawClient
 from trainer.telemetry import ServiceTelemetry
 
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from server.client import HyperlawClient
+from client import HyperlawClient
 from trainer.train import InjectedFailure, train
 
 

@@ -33,7 +33,7 @@ KEYS = ("learning_rate", "batch_size_tokens", "batch_size_sequences",
 def run_cli(url: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYPERLAW_DATABASE_URL": url}
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "server.cli", "--log-level", "WARNING", *args],
+    return subprocess.run([sys.executable, "-m", "hyperlaw", "--log-level", "WARNING", *args],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 

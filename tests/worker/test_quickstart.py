@@ -21,7 +21,7 @@ def start(data_home, port, log_path) -> subprocess.Popen:
     env.update(XDG_DATA_HOME=str(data_home), PYTHONPATH=str(REPO_ROOT))
     with open(log_path, "wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "quickstart", "--port", str(port)],
+            [sys.executable, "-m", "hyperlaw", "quickstart", "--port", str(port)],
             cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 

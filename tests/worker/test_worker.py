@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select, text
 
 from server import crud
-from server.client import HyperlawClient
+from client import HyperlawClient
 from server.core.db import make_engine, make_session_factory, session_scope
 from server.models import Fit, TrialSource, TrialStatus
 from server.schemas import ExperimentCreate, TrialCreate
@@ -274,7 +274,7 @@ def test_worker_command_fits_and_stops_on_sigterm(make_database, tmp_path):
            "PYTHONPATH": str(REPO_ROOT)}
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], cwd=REPO_ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "hyperlaw", "worker"], cwd=REPO_ROOT,
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
     n = 2 * len(FIT_KINDS)
     try:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.api.deps import authorize, bearer_scheme
 from server.core.db import session_scope
-from server.core.nonfinite import dumps
+from client.wire import dumps
 from server.core.errors import FieldError, HyperlawError, InputError, NotFoundError
 from server.models import Experiment, Fit, TokenScope
 from server.worker import (

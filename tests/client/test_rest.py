@@ -1,5 +1,5 @@
-"""server.client against the live service (and, for 5xx/429 retries, a scripted stub server
-standing in for a failing service)."""
+"""client.HyperlawClient against the live service (and, for 5xx/429 retries, a scripted
+stub server standing in for a failing service)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from server.client import HyperlawAPIError, HyperlawClient, HyperlawUnavailable
+from client import HyperlawAPIError, HyperlawClient, HyperlawUnavailable
 from tests.conftest import free_port
 
 

@@ -1,4 +1,7 @@
-"""The one encoding of non-finite floats in JSON, used on the wire and in JSON columns.
+"""The API's JSON wire format, shared by the service and its clients.
+
+Non-finite floats: the one encoding of them in JSON, used on the wire and in the service's
+JSON columns.
 
 JSON has no NaN or infinity (PostgreSQL's ``json`` type and Starlette's responses both
 refuse them), but diverged runs produce them. hyperlaw writes them as the strings
@@ -11,6 +14,9 @@ import json
 import math
 from collections.abc import Mapping
 from typing import Any
+
+#: The most loss-curve points one ``POST /v1/trials/{id}/points`` may carry.
+MAX_POINTS_PER_REQUEST = 10_000
 
 _TO_STR = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _FROM_STR = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}

@@ -1,7 +1,7 @@
 """The `hyperlaw` command line.
 
 One entry point; each package contributes its subcommands through a ``register(subparsers)``
-function in its own command module. Registration must stay cheap (no torch, ray or scipy
+function in its own ``cli`` module. Registration must stay cheap (no torch, ray or scipy
 imports at module level) so that ``hyperlaw --help`` answers at once.
 """
 from __future__ import annotations

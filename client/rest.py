@@ -31,14 +31,15 @@ from typing import Any
 
 import httpx
 
-from server.core.nonfinite import decode_nonfinite, dumps
+from client.wire import MAX_POINTS_PER_REQUEST, decode_nonfinite, dumps
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-MAX_POINTS_PER_REQUEST = 10_000
 POST_CONCURRENCY = 2
 _MAX_SLEEP_S = 10.0
+
+
 class HyperlawAPIError(Exception):
     """The API refused the request (a 4xx other than 429)."""
 
