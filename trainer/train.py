@@ -377,23 +377,16 @@ def merge_equal_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return merged
 
 
-def _grad_sq_norm(params: list[torch.nn.Parameter]) -> float:
-    """Σ over parameters of |grad|² (one fused norm over all gradients)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0)) ** 2
-
-
-def _clip_grad_sq_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Σ over parameters of |grad|² before clipping; with ``max_norm`` > 0 the gradients are
-    then scaled by min(1, max_norm / (|grad| + 1e-6)), as torch and DeepSpeed clip."""
+def _grad_sq_norm(params: list[torch.nn.Parameter], clip_to: float = 0.0) -> float:
+    """Σ over parameters of |grad|² (one fused norm over all gradients), before clipping;
+    with ``clip_to`` > 0 the gradients are then scaled by min(1, clip_to / (|grad| + 1e-6)),
+    as torch and DeepSpeed clip."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    if clip_to > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, clip_to, total)
     return float(total) ** 2
 
 
@@ -522,7 +515,7 @@ def train(
     if rank == 0 and telemetry is not None:
         sink = telemetry
     elif rank == 0 and config.service_url and config.trial_id is not None:
-        from server.client import HyperlawClient
+        from client import HyperlawClient
 
         spool = (Path(config.spool_dir) / f"trial-{config.trial_id}.jsonl"
                  if config.spool_dir else None)
@@ -650,7 +643,7 @@ def train(
                     # DeepSpeed scaled the loss by 1/gas: undo it for one micro batch's gradient
                     g_small_sq = _grad_sq_norm(params) * gas * gas
                 if boundary and config.zero_stage == 0:  # the trainer clips under ZeRO-0
-                    g_big_sq = _clip_grad_sq_norm(params, opt.grad_clip)
+                    g_big_sq = _grad_sq_norm(params, clip_to=opt.grad_clip)
                 engine.step()
             step += 1
             if use_ewa:
