@@ -66,6 +66,7 @@ differences between these variants are two groups (N = 2.15e8, D = 2e10 and N = 
 D = 8e9) flipping between 0 and 0.194 % as the recommendation crosses a cell boundary: a few
 hundredths of a percent in the mean is within this benchmark's resolution.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,14 +97,16 @@ Method = Callable[[Runs], Predictor]
 
 def steplaw_published(_: Runs) -> Predictor:
     """Li et al. 2025, eq. (published fit): η = 1.79·N^-0.713·D^0.307, B = 0.58·D^0.571."""
-    return lambda n, d: (1.79 * n ** -0.713 * d ** 0.307, 0.58 * d ** 0.571)
+    return lambda n, d: (1.79 * n**-0.713 * d**0.307, 0.58 * d**0.571)
 
 
 def deepseek_published(_: Runs) -> Predictor:
     """DeepSeek LLM (2024): η = 0.3118·C^-0.125, B = 0.2920·C^0.3271 tokens, C = 6·N·D."""
+
     def predict(n, d):
         c = 6.0 * n * d
-        return 0.3118 * c ** -0.125, 0.2920 * c ** 0.3271
+        return 0.3118 * c**-0.125, 0.2920 * c**0.3271
+
     return predict
 
 
@@ -114,6 +117,7 @@ def recommender(runs: Runs, **options) -> Predictor:
     def predict(n, d):
         r = rec.recommend(n, d)
         return r.learning_rate, r.batch_size_tokens
+
     return predict
 
 
@@ -121,16 +125,22 @@ WINDOWS = (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02)
 # Every option of the recommender that was set by looking at this benchmark's score: the
 # near-optimal window, the robust loss's scale (0.01 in ln L is about plain least squares
 # here) and the cubic terms of the valley. The defaults come first, so ties keep them.
-NESTED_GRID = tuple({"window": w, "f_scale": f, "cubic": c}
-                    for c in (True, False) for f in (0.002, 0.01) for w in WINDOWS)
+NESTED_GRID = tuple(
+    {"window": w, "f_scale": f, "cubic": c}
+    for c in (True, False)
+    for f in (0.002, 0.01)
+    for w in WINDOWS
+)
 
 
 def recommender_nested(runs: Runs, grid: tuple[dict, ...] = NESTED_GRID) -> Predictor:
     """The recommender with its options (one of ``grid``) chosen by an inner
     leave-one-group-out on the training groups only: an honest estimate of options tuned on
     the data at hand."""
-    scores = [leave_one_group_out(runs, functools.partial(recommender, **options)).mean()
-              for options in grid]
+    scores = [
+        leave_one_group_out(runs, functools.partial(recommender, **options)).mean()
+        for options in grid
+    ]
     options = grid[int(np.argmin(scores))]
     logger.debug("inner leave-one-group-out chose %s", options)
     return recommender(runs, **options)
@@ -143,8 +153,15 @@ def steplaw_refit(runs: Runs, **options) -> Predictor | None:
         module = importlib.import_module("fitting.near_optimal")
     except ImportError:
         return None
-    fit = module.fit_near_optimal(runs.n_params, runs.n_tokens, runs.learning_rate,
-                                  runs.batch_size_tokens, runs.loss, n_bootstrap=0, **options)
+    fit = module.fit_near_optimal(
+        runs.n_params,
+        runs.n_tokens,
+        runs.learning_rate,
+        runs.batch_size_tokens,
+        runs.loss,
+        n_bootstrap=0,
+        **options,
+    )
     return lambda n, d: tuple(float(v) for v in fit.predict(n, d))
 
 
@@ -155,8 +172,14 @@ def bell_laws(runs: Runs) -> Predictor | None:
         bell = importlib.import_module("fitting.bell")
     except ImportError:
         return None
-    fit = bell.fit_bell_surface(runs.n_params, runs.n_tokens, runs.learning_rate,
-                                runs.batch_size_tokens, runs.loss, n_bootstrap=0)
+    fit = bell.fit_bell_surface(
+        runs.n_params,
+        runs.n_tokens,
+        runs.learning_rate,
+        runs.batch_size_tokens,
+        runs.loss,
+        n_bootstrap=0,
+    )
     return lambda n, d: tuple(float(v) for v in fit.predict(n, d))
 
 
@@ -175,16 +198,19 @@ METHODS: list[tuple[str, Method]] = [
 # Slow (inner leave-one-group-out in every fold: about 1,600 surface fits for the window
 # alone, 6,500 for all options; minutes on 2 cores): only with --nested.
 NESTED = [
-    ("recommender window nested-LOO",
-     functools.partial(recommender_nested, grid=tuple({"window": w} for w in WINDOWS))),
+    (
+        "recommender window nested-LOO",
+        functools.partial(recommender_nested, grid=tuple({"window": w} for w in WINDOWS)),
+    ),
     ("recommender all-options nested", recommender_nested),
 ]
 
 
 def nearest_regret(runs: Runs, idx: np.ndarray, learning_rate: float, batch: float) -> float:
     """Regret of the group's run nearest to (η, B) in (ln η, ln B): loss/best − 1."""
-    dist = ((np.log(runs.learning_rate[idx]) - math.log(learning_rate)) ** 2
-            + (np.log(runs.batch_size_tokens[idx]) - math.log(batch)) ** 2)
+    dist = (np.log(runs.learning_rate[idx]) - math.log(learning_rate)) ** 2 + (
+        np.log(runs.batch_size_tokens[idx]) - math.log(batch)
+    ) ** 2
     loss = runs.loss[idx]
     picked = loss[int(np.argmin(dist))]
     best = np.nanmin(loss)
@@ -199,59 +225,81 @@ def in_sample_references(runs: Runs) -> dict[str, np.ndarray]:
     it."""
     law = recommender(runs)
     optima = fit_group_optima(runs)
-    by_group = {(n, d): (lr, b) for n, d, lr, b in zip(
-        optima.n_params, optima.n_tokens, optima.learning_rate, optima.batch_size_tokens)}
+    by_group = {
+        (n, d): (lr, b)
+        for n, d, lr, b in zip(
+            optima.n_params,
+            optima.n_tokens,
+            optima.learning_rate,
+            optima.batch_size_tokens,
+            strict=True,
+        )
+    }
     law_regret, own_regret = [], []
-    for n, d, idx in runs.groups():
-        law_regret.append(nearest_regret(runs, idx, *law(n, d)))
-        own_regret.append(nearest_regret(runs, idx, *by_group[(n, d)])
-                          if (n, d) in by_group else float("nan"))
-    return {"law fitted in-sample": np.array(law_regret),
-            "group's own optimum": np.array(own_regret)}
+    for group in runs.groups():
+        n, d = group.n_params, group.n_tokens
+        law_regret.append(nearest_regret(runs, group.index, *law(n, d)))
+        own_regret.append(
+            nearest_regret(runs, group.index, *by_group[(n, d)])
+            if (n, d) in by_group
+            else float("nan")
+        )
+    return {
+        "law fitted in-sample": np.array(law_regret),
+        "group's own optimum": np.array(own_regret),
+    }
 
 
 def describe_group(runs: Runs, idx: np.ndarray, learning_rate: float, batch: float) -> str:
     """One line: the recommendation, the grid run it is scored on, and the group's best."""
-    dist = ((np.log(runs.learning_rate[idx]) - math.log(learning_rate)) ** 2
-            + (np.log(runs.batch_size_tokens[idx]) - math.log(batch)) ** 2)
+    dist = (np.log(runs.learning_rate[idx]) - math.log(learning_rate)) ** 2 + (
+        np.log(runs.batch_size_tokens[idx]) - math.log(batch)
+    ) ** 2
     picked = idx[int(np.argmin(dist))]
     best = idx[int(np.nanargmin(runs.loss[idx]))]
     seq = runs.seq_len[idx[0]]
-    return (f"recommended η={learning_rate:.3e} B={batch / seq:.0f} seqs; scored on "
-            f"η={runs.learning_rate[picked]:.3e} B={runs.batch_size_tokens[picked] / seq:.0f} "
-            f"({100 * (runs.loss[picked] / runs.loss[best] - 1):.3f} %); best "
-            f"η={runs.learning_rate[best]:.3e} B={runs.batch_size_tokens[best] / seq:.0f}")
+    return (
+        f"recommended η={learning_rate:.3e} B={batch / seq:.0f} seqs; scored on "
+        f"η={runs.learning_rate[picked]:.3e} B={runs.batch_size_tokens[picked] / seq:.0f} "
+        f"({100 * (runs.loss[picked] / runs.loss[best] - 1):.3f} %); best "
+        f"η={runs.learning_rate[best]:.3e} B={runs.batch_size_tokens[best] / seq:.0f}"
+    )
 
 
 def leave_one_group_out(runs: Runs, method: Method) -> np.ndarray | None:
     """Regret per held-out group (fitting ``method`` on the other groups)."""
-    groups = runs.groups()
     regrets = []
-    for n, d, idx in groups:
+    for group in runs.groups():
         keep = np.ones(len(runs), bool)
-        keep[idx] = False
+        keep[group.index] = False
         predictor = method(runs.subset(keep))
         if predictor is None:
             return None
-        lr, batch = predictor(n, d)
-        regrets.append(nearest_regret(runs, idx, lr, batch))
+        lr, batch = predictor(group.n_params, group.n_tokens)
+        regrets.append(nearest_regret(runs, group.index, lr, batch))
     return np.array(regrets)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--csv", type=Path, default=None,
-                        help="Step Law format CSV (default: the bundled copy)")
+    parser.add_argument(
+        "--csv", type=Path, default=None, help="Step Law format CSV (default: the bundled copy)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write per-group regrets here")
-    parser.add_argument("--nested", action="store_true",
-                        help="also score the recommender with its window, and with all its "
-                             "tuned options, chosen by an inner leave-one-group-out (slow)")
+    parser.add_argument(
+        "--nested",
+        action="store_true",
+        help="also score the recommender with its window, and with all its "
+        "tuned options, chosen by an inner leave-one-group-out (slow)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs = load_steplaw_csv(args.csv or bundled_steplaw_path())
     groups = runs.groups()
-    print(f"Step Law sweep (Li et al. 2025, arXiv 2503.04715): {len(runs)} runs, "
-          f"{len(groups)} (N, D) groups; leave one group out, regret of the nearest grid run")
+    print(
+        f"Step Law sweep (Li et al. 2025, arXiv 2503.04715): {len(runs)} runs, "
+        f"{len(groups)} (N, D) groups; leave one group out, regret of the nearest grid run"
+    )
     print(f"{'method':<30} {'mean %':>8} {'median %':>9} {'max %':>8} {'seconds':>8}")
     results = {}
     methods = METHODS[:-1] + NESTED + METHODS[-1:] if args.nested else METHODS
@@ -264,24 +312,24 @@ def main(argv: list[str] | None = None) -> int:
             continue
         pct = 100.0 * regrets
         results[name] = pct.tolist()
-        print(f"{name:<30} {pct.mean():8.4f} {np.median(pct):9.4f} {pct.max():8.4f} "
-              f"{elapsed:8.1f}")
+        print(f"{name:<30} {pct.mean():8.4f} {np.median(pct):9.4f} {pct.max():8.4f} {elapsed:8.1f}")
     print("in-sample references (the group's own runs are in the fit; not predictions):")
     for name, regrets in in_sample_references(runs).items():
         pct = 100.0 * regrets
         results[f"in-sample: {name}"] = pct.tolist()
-        print(f"{name:<30} {np.nanmean(pct):8.4f} {np.nanmedian(pct):9.4f} "
-              f"{np.nanmax(pct):8.4f}")
+        print(f"{name:<30} {np.nanmean(pct):8.4f} {np.nanmedian(pct):9.4f} {np.nanmax(pct):8.4f}")
     if args.json:
-        payload = {"groups": [[n, d] for n, d, _ in groups], "regret_pct": results}
+        payload = {"groups": [[g.n_params, g.n_tokens] for g in groups], "regret_pct": results}
         args.json.write_text(json.dumps(payload, indent=2))
     rec = np.array(results["recommender"])
-    worst = int(np.argmax(rec))
-    n, d, idx = groups[worst]
+    hardest = groups[int(np.argmax(rec))]
+    n, d = hardest.n_params, hardest.n_tokens
     keep = np.ones(len(runs), bool)
-    keep[idx] = False
-    print(f"recommender's hardest group N={n:.3g} D={d:.3g}: "
-          + describe_group(runs, idx, *recommender(runs.subset(keep))(n, d)))
+    keep[hardest.index] = False
+    print(
+        f"recommender's hardest group N={n:.3g} D={d:.3g}: "
+        + describe_group(runs, hardest.index, *recommender(runs.subset(keep))(n, d))
+    )
     print(f"recommender mean_regret_pct={rec.mean():.4f} max_regret_pct={rec.max():.4f}")
     return 0
 

@@ -2,16 +2,10 @@
 Phenomenon in Optimal Learning Rate and Batch Size Scaling"; used by Filatov et al. 2024,
 "Time Transfer").
 
-1. **Profile minimum.** For one (N, D, B), the loss-versus-η profile L(η) is fitted near
-   its lowest run by a quadratic in u = ln η,
-
-       L(u) ≈ c₀ + c₁·u + c₂·u²,   η* = exp(−c₁ / (2c₂)),   sensitivity = d²L/du² = 2c₂,
-
-   over the lowest finite run and up to ``n_neighbours`` runs on each side. The curvature
-   is the learning-rate sensitivity (loss added per squared e-fold of η; ``relative_curvature``
-   divides it by the minimum loss). Diverged runs (non-finite loss) bound the stable range;
-   a minimum at the edge of the tried range is ``insufficient_data``, not a guess. The same
-   routine gives the optimal batch size of a group from its loss-versus-B profile.
+1. **Profile minimum** (:func:`fitting.profile.profile_minimum`). For one (N, D, B), η*(B)
+   is the vertex of a quadratic in ln η fitted to the loss-versus-η profile near its lowest
+   run, η* = exp(−c₁ / (2c₂)), with the curvature 2c₂ as the learning-rate sensitivity; the
+   same routine gives a group's optimal batch size from its loss-versus-B profile.
 
 2. **Bell fit.** Per (N, D), over the batch sizes B whose η*(B) was found,
 
@@ -26,6 +20,7 @@ Phenomenon in Optimal Learning Rate and Batch Size Scaling"; used by Filatov et 
    (Filatov et al. find α_B ≈ 1), η_peak ∝ D^α_η, the optimal B ∝ D^γ, and the same jointly
    in (N, D) when N varies independently of D.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,108 +29,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from fitting.powerlaw import PowerLawFit, fit_power_law
+from fitting.profile import ProfileMinimum, profile_minimum
 from fitting.results import FitStatus, Interval, percentile_interval
 
-_NAN_IV = Interval(math.nan, math.nan, 0.9)
-
-
-# --------------------------------------------------------------------------- profile minimum
-@dataclass(frozen=True)
-class ProfileMinimum:
-    """The minimiser ``x_opt`` of a loss-versus-x profile (x = η or B) and its curvature.
-
-    ``curvature`` = d²L/d(ln x)² at the minimum; ``relative_curvature`` = curvature/loss_min.
-    ``n_points`` finite runs in the profile (``n_used`` of them in the quadratic),
-    ``n_diverged`` non-finite ones. ``rmse`` is that of the quadratic on the runs it used.
-    """
-
-    x_opt: float
-    x_opt_interval: Interval
-    loss_min: float
-    curvature: float
-    relative_curvature: float
-    rmse: float
-    n_points: int
-    n_used: int
-    n_diverged: int
-    status: FitStatus = FitStatus.OK
-    reason: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status is FitStatus.OK
-
-
-def _quadratic_vertex(u: np.ndarray, y: np.ndarray) -> tuple[float, float, float, np.ndarray]:
-    """(vertex u, value at the vertex, curvature 2c₂, coefficients) of a least-squares
-    quadratic; the vertex is clamped to [min u, max u]."""
-    coef = np.polyfit(u, y, 2)  # c₂, c₁, c₀
-    c2, c1, c0 = coef
-    if c2 <= 0:
-        return math.nan, math.nan, float(2 * c2), coef
-    vertex = float(np.clip(-c1 / (2 * c2), u.min(), u.max()))
-    return vertex, float(np.polyval(coef, vertex)), float(2 * c2), coef
-
-
-def profile_minimum(x, loss, *, n_neighbours: int = 2, n_bootstrap: int = 200, seed: int = 0,
-                    level: float = 0.9, what: str = "learning_rate") -> ProfileMinimum:
-    """Minimiser of L(x) by a quadratic in ln x around the lowest run (module docstring).
-
-    ``x`` > 0 (``what`` names it in messages); ``loss`` NaN/±inf for diverged runs. The
-    interval is a residual bootstrap of the quadratic (seeded).
-    """
-    xv = np.asarray(x, dtype=float).reshape(-1)
-    lv = np.asarray(loss, dtype=float).reshape(-1)
-    if xv.size != lv.size:
-        raise ValueError(f"{what} has {xv.size} values, loss has {lv.size}")
-    if not np.all(np.isfinite(xv)) or np.any(xv <= 0):
-        raise ValueError(f"{what} must be finite and > 0 for every run")
-    if n_neighbours < 1:
-        raise ValueError("n_neighbours must be >= 1")
-    finite = np.isfinite(lv)
-    n_div = int((~finite).sum())
-    # Several runs at one x: keep the best of them (the profile is a lower envelope).
-    ux = np.unique(xv[finite])
-    uy = np.array([lv[finite & (xv == v)].min() for v in ux])
-    n_pts = int(finite.sum())
-
-    def fail(status: FitStatus, reason: str, x_opt: float = math.nan) -> ProfileMinimum:
-        return ProfileMinimum(x_opt, Interval(math.nan, math.nan, level), math.nan, math.nan,
-                              math.nan, math.nan, n_pts, 0, n_div, status, reason)
-
-    if ux.size < 3:
-        return fail(FitStatus.INSUFFICIENT_DATA,
-                    f"{ux.size} distinct {what} values with a finite loss ({n_div} diverged); "
-                    "a quadratic minimum needs 3")
-    i = int(np.argmin(uy))
-    if i == 0 or i == ux.size - 1:
-        side = "smallest" if i == 0 else "largest"
-        bound = ""
-        if i == ux.size - 1 and np.any(~finite & (xv > ux[-1])):
-            bound = "; larger values diverged, so the optimum is near the stability edge"
-        return fail(FitStatus.INSUFFICIENT_DATA,
-                    f"lowest loss at the {side} {what} tried ({ux[i]:.4g}){bound}: the minimum "
-                    "is not bracketed", x_opt=float(ux[i]))
-    lo, hi = max(0, i - n_neighbours), min(ux.size, i + n_neighbours + 1)
-    u = np.log(ux[lo:hi])
-    y = uy[lo:hi]
-    centre = float(np.log(ux[i]))
-    vertex, y_min, curv, coef = _quadratic_vertex(u - centre, y)
-    if not math.isfinite(vertex):
-        return fail(FitStatus.FAILED,
-                    f"the loss around the lowest run is not convex in ln {what} "
-                    f"(curvature {curv:.3g}); no minimum to report", x_opt=float(ux[i]))
-    fitted = np.polyval(coef, u - centre)
-    resid = y - fitted
-    rmse = float(np.sqrt(np.mean(resid ** 2)))
-    rng = np.random.default_rng(seed)
-    draws = np.full(n_bootstrap, np.nan)
-    for j in range(n_bootstrap):
-        v, *_ = _quadratic_vertex(u - centre, fitted + rng.choice(resid, resid.size))
-        draws[j] = v
-    iv = percentile_interval(np.exp(centre + draws), level)
-    return ProfileMinimum(float(math.exp(centre + vertex)), iv, y_min, curv, curv / y_min,
-                          rmse, n_pts, int(u.size), n_div)
+__all__ = [
+    "BellFit",
+    "BellGroup",
+    "BellSurfaceFit",
+    "ProfileMinimum",
+    "bell_learning_rate",
+    "fit_bell",
+    "fit_bell_surface",
+    "profile_minimum",
+]
 
 
 # --------------------------------------------------------------------------- bell fit
@@ -145,7 +51,8 @@ class BellFit:
 
     ``b_crit`` is in the unit of the batch sizes given, bounded to within e² of the batch
     sizes fitted. ``b_crit_in_range`` says whether it lies within them (outside, only
-    η_peak/√b_crit or η_peak·√b_crit is determined, and the interval shows it). ``r2_log``/``rmse_log`` are those of ln η*.
+    η_peak/√b_crit or η_peak·√b_crit is determined, and the interval shows it).
+    ``r2_log``/``rmse_log`` are those of ln η*.
     """
 
     eta_peak: float
@@ -168,7 +75,24 @@ class BellFit:
         return bell_learning_rate(batch_size, self.eta_peak, self.b_crit)
 
 
-def bell_learning_rate(batch_size, eta_peak: float, b_crit: float):
+def _bell_not_ok(status: FitStatus, reason: str, *, n_points: int, level: float) -> BellFit:
+    """A :class:`BellFit` with no fit: NaN numbers, ``status`` and ``reason`` say why."""
+    nan_iv = Interval(math.nan, math.nan, level)
+    return BellFit(
+        eta_peak=math.nan,
+        b_crit=math.nan,
+        eta_peak_interval=nan_iv,
+        b_crit_interval=nan_iv,
+        b_crit_in_range=False,
+        r2_log=math.nan,
+        rmse_log=math.nan,
+        n_points=n_points,
+        status=status,
+        reason=reason,
+    )
+
+
+def bell_learning_rate(batch_size, eta_peak: float | np.ndarray, b_crit: float | np.ndarray):
     """η*(B) = 2·η_peak / (√(b_crit/B) + √(B/b_crit))."""
     b = np.asarray(batch_size, dtype=float)
     out = 2.0 * eta_peak / (np.sqrt(b_crit / b) + np.sqrt(b / b_crit))
@@ -177,13 +101,22 @@ def bell_learning_rate(batch_size, eta_peak: float, b_crit: float):
 
 def _log_bell(theta: np.ndarray, log_b: np.ndarray) -> np.ndarray:
     """ln η*(B) with θ = (ln η_peak, ln b_crit): ln η_peak − ln cosh(½(ln B − ln b_crit))."""
-    v = 0.5 * (log_b - theta[1])
+    log_eta_peak, log_b_crit = theta
+    v = 0.5 * (log_b - log_b_crit)
     log_cosh = np.abs(v) + np.log1p(np.exp(-2.0 * np.abs(v))) - math.log(2.0)
-    return theta[0] - log_cosh
+    return log_eta_peak - log_cosh
 
 
-def fit_bell(batch_size, optimal_learning_rate, *, loss: str = "soft_l1", f_scale: float = 0.1,
-             n_bootstrap: int = 200, seed: int = 0, level: float = 0.9) -> BellFit:
+def fit_bell(
+    batch_size,
+    optimal_learning_rate,
+    *,
+    loss: str = "soft_l1",
+    f_scale: float = 0.1,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+    level: float = 0.9,
+) -> BellFit:
     """Fit the bell curve (module docstring) to pairs (B, η*(B)) of one (N, D) group.
 
     Needs 3 distinct batch sizes (else ``insufficient_data``). Intervals: bootstrap over
@@ -199,11 +132,13 @@ def fit_bell(batch_size, optimal_learning_rate, *, loss: str = "soft_l1", f_scal
         if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
             raise ValueError(f"{name} must be finite and > 0 for every point")
     n = int(bv.size)
-    nan_iv = Interval(math.nan, math.nan, level)
     if np.unique(bv).size < 3:
-        return BellFit(math.nan, math.nan, nan_iv, nan_iv, False, math.nan, math.nan, n,
-                       FitStatus.INSUFFICIENT_DATA,
-                       f"{np.unique(bv).size} distinct batch sizes; the bell fit needs 3")
+        return _bell_not_ok(
+            FitStatus.INSUFFICIENT_DATA,
+            f"{np.unique(bv).size} distinct batch sizes; the bell fit needs 3",
+            n_points=n,
+            level=level,
+        )
     log_b, log_e = np.log(bv), np.log(ev)
 
     # ln b_crit is kept within e² (≈ 7.4×) of the batch sizes seen: beyond that the data only
@@ -215,8 +150,13 @@ def fit_bell(batch_size, optimal_learning_rate, *, loss: str = "soft_l1", f_scal
         best, cost = None, math.inf
         for x0 in starts:
             x0 = np.clip(x0, np.array(lower) + 1e-9, np.array(upper) - 1e-9)
-            res = least_squares(lambda t: _log_bell(t, lb) - le, x0, loss=loss,
-                                f_scale=f_scale, bounds=(lower, upper))
+            res = least_squares(
+                lambda t: _log_bell(t, lb) - le,
+                x0,
+                loss=loss,
+                f_scale=f_scale,
+                bounds=(lower, upper),
+            )
             if res.success and res.cost < cost:
                 best, cost = res.x, res.cost
         return best
@@ -227,13 +167,14 @@ def fit_bell(batch_size, optimal_learning_rate, *, loss: str = "soft_l1", f_scal
     starts = [np.array([log_e.max(), q]) for q in (*qs, qs[0] - 1.5, qs[-1] + 1.5)]
     theta = solve(log_b, log_e, starts)
     if theta is None:
-        return BellFit(math.nan, math.nan, nan_iv, nan_iv, False, math.nan, math.nan, n,
-                       FitStatus.FAILED, "no starting point converged")
+        return _bell_not_ok(
+            FitStatus.FAILED, "no starting point converged", n_points=n, level=level
+        )
     resid = log_e - _log_bell(theta, log_b)
     ss_tot = float(np.sum((log_e - log_e.mean()) ** 2))
     r2 = 1.0 - float(resid @ resid) / ss_tot if ss_tot > 0 else math.nan
     rng = np.random.default_rng(seed)
-    draws = np.full((n_bootstrap, 2), np.nan)
+    draws = np.full((n_bootstrap, 2), np.nan)  # θ of each refit
     for j in range(n_bootstrap):
         idx = rng.integers(0, n, n)
         if np.unique(bv[idx]).size < 3:
@@ -241,11 +182,18 @@ def fit_bell(batch_size, optimal_learning_rate, *, loss: str = "soft_l1", f_scal
         th = solve(log_b[idx], log_e[idx], [theta])
         if th is not None:
             draws[j] = th
-    in_range = bool(bv.min() <= math.exp(theta[1]) <= bv.max())
-    return BellFit(float(math.exp(theta[0])), float(math.exp(theta[1])),
-                   percentile_interval(np.exp(draws[:, 0]), level),
-                   percentile_interval(np.exp(draws[:, 1]), level), in_range, r2,
-                   float(np.sqrt(np.mean(resid ** 2))), n)
+    log_eta_peak, log_b_crit = theta
+    log_eta_peak_draws, log_b_crit_draws = draws.T
+    return BellFit(
+        eta_peak=float(math.exp(log_eta_peak)),
+        b_crit=float(math.exp(log_b_crit)),
+        eta_peak_interval=percentile_interval(np.exp(log_eta_peak_draws), level),
+        b_crit_interval=percentile_interval(np.exp(log_b_crit_draws), level),
+        b_crit_in_range=bool(bv.min() <= math.exp(log_b_crit) <= bv.max()),
+        r2_log=r2,
+        rmse_log=float(np.sqrt(np.mean(resid**2))),
+        n_points=n,
+    )
 
 
 # --------------------------------------------------------------------------- across groups
@@ -294,36 +242,43 @@ class BellSurfaceFit:
     def ok(self) -> bool:
         return self.status is FitStatus.OK
 
-    def _law(self, name: str) -> tuple[PowerLawFit, bool]:
+    def _law(self, name: str) -> PowerLawFit:
+        """The law ``name``: its joint version in (N, D) when that is ok, else the one in D
+        (which ignores n_params when asked to predict)."""
         joint = getattr(self, f"{name}_joint")
-        return (joint, True) if joint.ok else (getattr(self, name), False)
+        return joint if joint.ok else getattr(self, name)
 
     def learning_rate_for_batch(self, n_params, n_tokens, batch_size_tokens):
         """η*(B) = 2·η_peak/(√(b_crit/B) + √(B/b_crit)) with η_peak and b_crit from their
         power laws (joint in (N, D) when that law is ok, else in D)."""
         if self.status is not FitStatus.OK:
             raise ValueError(f"bell surface fit is {self.status.value}: {self.reason}")
-        values = []
-        for name in ("eta_peak_law", "b_crit_law"):
-            law, joint = self._law(name)
-            values.append(law.predict(n_params=n_params, n_tokens=n_tokens) if joint
-                          else law.predict(n_tokens=n_tokens))
-        return bell_learning_rate(batch_size_tokens, *values)
+        eta_peak = self._law("eta_peak_law").predict(n_params=n_params, n_tokens=n_tokens)
+        b_crit = self._law("b_crit_law").predict(n_params=n_params, n_tokens=n_tokens)
+        return bell_learning_rate(batch_size_tokens, eta_peak, b_crit)
 
     def predict(self, n_params, n_tokens):
         """``(learning_rate, batch_size_tokens)``: B from the B_opt law (joint in (N, D)
         when ok, else in D), η from the bell curve at that B."""
-        law, joint = self._law("batch_size_opt_law")
+        law = self._law("batch_size_opt_law")
         if not law.ok:
             raise ValueError(f"batch_size_opt_law is {law.status.value}: {law.reason}")
-        batch = (law.predict(n_params=n_params, n_tokens=n_tokens) if joint
-                 else law.predict(n_tokens=n_tokens))
+        batch = law.predict(n_params=n_params, n_tokens=n_tokens)
         return self.learning_rate_for_batch(n_params, n_tokens, batch), batch
 
 
-def fit_bell_surface(n_params, n_tokens, learning_rate, batch_size_tokens, loss, *,
-                     n_bootstrap: int = 100, seed: int = 0, level: float = 0.9,
-                     n_neighbours: int = 2) -> BellSurfaceFit:
+def fit_bell_surface(
+    n_params,
+    n_tokens,
+    learning_rate,
+    batch_size_tokens,
+    loss,
+    *,
+    n_bootstrap: int = 100,
+    seed: int = 0,
+    level: float = 0.9,
+    n_neighbours: int = 2,
+) -> BellSurfaceFit:
     """Per (N, D) group: η*(B) from each batch size's η profile, the bell fit and B_opt;
     then b_crit, η_peak and B_opt as power laws in D (and jointly in N, D).
 
@@ -332,9 +287,12 @@ def fit_bell_surface(n_params, n_tokens, learning_rate, batch_size_tokens, loss,
     bell fit (the laws need them).
     """
     arrays = {}
-    for name, value in (("n_params", n_params), ("n_tokens", n_tokens),
-                        ("learning_rate", learning_rate),
-                        ("batch_size_tokens", batch_size_tokens)):
+    for name, value in (
+        ("n_params", n_params),
+        ("n_tokens", n_tokens),
+        ("learning_rate", learning_rate),
+        ("batch_size_tokens", batch_size_tokens),
+    ):
         arr = np.asarray(value, dtype=float).reshape(-1)
         if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
             raise ValueError(f"{name} must be finite and > 0 for every run")
@@ -344,36 +302,67 @@ def fit_bell_surface(n_params, n_tokens, learning_rate, batch_size_tokens, loss,
     for name, arr in arrays.items():
         if arr.size != size:
             raise ValueError(f"{name} has {arr.size} values, loss has {size}")
-    n, d, lr, bs = (arrays[k] for k in ("n_params", "n_tokens", "learning_rate",
-                                        "batch_size_tokens"))
+    n, d, lr, bs = (
+        arrays[k] for k in ("n_params", "n_tokens", "learning_rate", "batch_size_tokens")
+    )
     groups = []
     for gn, gd in np.unique(np.column_stack([n, d]), axis=0):
         in_group = (n == gn) & (d == gd)
         sizes, etas, sens, skipped, best_loss = [], [], [], [], []
         for k, b in enumerate(np.unique(bs[in_group])):
             sel = in_group & (bs == b)
-            prof = profile_minimum(lr[sel], lv[sel], n_neighbours=n_neighbours,
-                                   n_bootstrap=0, seed=seed + k)
+            prof = profile_minimum(
+                lr[sel], lv[sel], n_neighbours=n_neighbours, n_bootstrap=0, seed=seed + k
+            )
             if np.isfinite(lv[sel]).any():
-                best_loss.append((b, prof.loss_min if prof.ok else np.nanmin(
-                    np.where(np.isfinite(lv[sel]), lv[sel], np.nan))))
+                best_loss.append(
+                    (
+                        b,
+                        prof.loss_min
+                        if prof.ok
+                        else np.nanmin(np.where(np.isfinite(lv[sel]), lv[sel], np.nan)),
+                    )
+                )
             if prof.ok:
                 sizes.append(float(b))
                 etas.append(prof.x_opt)
                 sens.append(prof.relative_curvature)
             else:
                 skipped.append((float(b), prof.reason))
-        bell = fit_bell(sizes, etas, n_bootstrap=n_bootstrap, seed=seed, level=level) if sizes \
-            else BellFit(math.nan, math.nan, _NAN_IV, _NAN_IV, False, math.nan, math.nan, 0,
-                         FitStatus.INSUFFICIENT_DATA, "no batch size had a bracketed η optimum")
+        if sizes:
+            bell = fit_bell(sizes, etas, n_bootstrap=n_bootstrap, seed=seed, level=level)
+        else:
+            bell = _bell_not_ok(
+                FitStatus.INSUFFICIENT_DATA,
+                "no batch size had a bracketed η optimum",
+                n_points=0,
+                level=level,
+            )
         if best_loss:
             bb, bl = np.array(best_loss).T
-            b_opt = profile_minimum(bb, bl, n_neighbours=n_neighbours, n_bootstrap=n_bootstrap,
-                                    seed=seed, level=level, what="batch_size_tokens")
+            b_opt = profile_minimum(
+                bb,
+                bl,
+                n_neighbours=n_neighbours,
+                n_bootstrap=n_bootstrap,
+                seed=seed,
+                level=level,
+                what="batch_size_tokens",
+            )
         else:
             b_opt = profile_minimum([1.0], [math.nan], what="batch_size_tokens")
-        groups.append(BellGroup(float(gn), float(gd), tuple(sizes), tuple(etas), tuple(sens),
-                                bell, b_opt, tuple(skipped)))
+        groups.append(
+            BellGroup(
+                n_params=float(gn),
+                n_tokens=float(gd),
+                batch_sizes=tuple(sizes),
+                optimal_learning_rates=tuple(etas),
+                sensitivities=tuple(sens),
+                bell=bell,
+                batch_size_opt=b_opt,
+                skipped=tuple(skipped),
+            )
+        )
 
     def law(values, group_list, joint):
         ys = np.array(values, dtype=float)
@@ -395,10 +384,17 @@ def fit_bell_surface(n_params, n_tokens, learning_rate, batch_size_tokens, loss,
     status, reason = FitStatus.OK, ""
     if len(ok) < 3:
         status = FitStatus.INSUFFICIENT_DATA
-        reason = (f"{len(ok)} of {len(groups)} (N, D) groups have a bell fit with b_crit "
-                  "inside their batch sizes; the power laws in D need 3")
+        reason = (
+            f"{len(ok)} of {len(groups)} (N, D) groups have a bell fit with b_crit "
+            "inside their batch sizes; the power laws in D need 3"
+        )
     out_of_range = sum(1 for g in groups if g.bell.ok and not g.bell.b_crit_in_range)
-    return BellSurfaceFit(tuple(groups), n_points=int(np.isfinite(lv).sum()),
-                          n_groups_out_of_range=out_of_range,
-                          n_diverged=int((~np.isfinite(lv)).sum()), status=status,
-                          reason=reason, **laws)
+    return BellSurfaceFit(
+        groups=tuple(groups),
+        n_points=int(np.isfinite(lv).sum()),
+        n_groups_out_of_range=out_of_range,
+        n_diverged=int((~np.isfinite(lv)).sum()),
+        status=status,
+        reason=reason,
+        **laws,
+    )

@@ -33,15 +33,14 @@ Batch Size Scale in Pre-training?").
 
 Batch sizes may be in any unit (tokens, sequences); B* comes out in the same unit.
 """
+
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -65,8 +64,9 @@ class StepsToTarget:
     reason: str = ""
 
 
-def steps_to_target(steps: Sequence[float], loss: Sequence[float],
-                    target_loss: float) -> StepsToTarget:
+def steps_to_target(
+    steps: Sequence[float], loss: Sequence[float], target_loss: float
+) -> StepsToTarget:
     """First step where ``loss`` ≤ ``target_loss``, linearly interpolated between the last
     evaluation above the target and the first at or below it:
 
@@ -90,18 +90,25 @@ def steps_to_target(steps: Sequence[float], loss: Sequence[float],
     s, lv = s[order], lv[order]
     for i in range(s.size):
         if not math.isfinite(lv[i]):
-            return StepsToTarget(math.inf, target_loss, True,
-                                 f"diverged (loss {lv[i]}) at step {s[i]:g} before reaching "
-                                 f"{target_loss:g}")
+            return StepsToTarget(
+                math.inf,
+                target_loss,
+                True,
+                f"diverged (loss {lv[i]}) at step {s[i]:g} before reaching {target_loss:g}",
+            )
         if lv[i] <= target_loss:
             if i == 0 or lv[i - 1] == lv[i]:
                 return StepsToTarget(float(s[i]), target_loss, False)
             frac = (lv[i - 1] - target_loss) / (lv[i - 1] - lv[i])
             return StepsToTarget(float(s[i - 1] + frac * (s[i] - s[i - 1])), target_loss, False)
     best = int(np.argmin(lv))
-    return StepsToTarget(math.inf, target_loss, True,
-                         f"never reached {target_loss:g} (best {lv[best]:g} at step "
-                         f"{s[best]:g}, last evaluation at step {s[-1]:g})")
+    return StepsToTarget(
+        math.inf,
+        target_loss,
+        True,
+        f"never reached {target_loss:g} (best {lv[best]:g} at step "
+        f"{s[best]:g}, last evaluation at step {s[-1]:g})",
+    )
 
 
 def group_steps_to_target(
@@ -127,15 +134,18 @@ def group_steps_to_target(
         steps, loss = (np.asarray(v, dtype=float) for v in curves[ref])
         target_loss = float(loss[np.argmax(steps)])
         if not math.isfinite(target_loss):
-            raise ValueError(f"the reference run (batch size {ref:g}) ends with a non-finite "
-                             "loss, so it cannot set the target; give target_loss")
+            raise ValueError(
+                f"the reference run (batch size {ref:g}) ends with a non-finite "
+                "loss, so it cannot set the target; give target_loss"
+            )
     by_size = {float(b): v for b, v in curves.items()}
     return sizes, [steps_to_target(*by_size[b], target_loss) for b in sizes]
 
 
 # --------------------------------------------------------------------------- CBS
-def critical_batch_size(a: float, b: float, b_opt: float, *, alpha: float = 1.0,
-                        overhead: float = DEFAULT_OVERHEAD) -> float:
+def critical_batch_size(
+    a: float, b: float, b_opt: float, *, alpha: float = 1.0, overhead: float = DEFAULT_OVERHEAD
+) -> float:
     """B* solving (a + b/B*^α)·B* = (1+ε)·(a + b/B_opt^α)·B_opt, the largest such B.
 
     Closed form for α = 1: B* = (1+ε)·B_opt + ε·b/a. Numeric (Brent) otherwise.
@@ -156,8 +166,9 @@ def critical_batch_size(a: float, b: float, b_opt: float, *, alpha: float = 1.0,
     budget = math.log1p(overhead) + math.log(a * b_opt + b * b_opt ** (1.0 - alpha))
 
     def excess(log_b: float) -> float:  # log of data used at B minus the allowed budget
-        return float(np.logaddexp(math.log(a) + log_b,
-                                  math.log(b) + (1.0 - alpha) * log_b) - budget)
+        return float(
+            np.logaddexp(math.log(a) + log_b, math.log(b) + (1.0 - alpha) * log_b) - budget
+        )
 
     lo = math.log(b_opt)
     if alpha > 1.0 and b > 0:  # S·B decreases up to B_turn; the root lies beyond it
@@ -203,8 +214,8 @@ class CriticalBatchFit:
         """S(B) = a + b/B^α."""
         return self.a + self.b / np.asarray(batch_size, dtype=float) ** self.alpha
 
-    def as_dict(self) -> dict:
-        out = {}
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for key, value in self.__dict__.items():
             if isinstance(value, Interval):
                 out[key] = value.as_dict()
@@ -215,22 +226,67 @@ class CriticalBatchFit:
         return out
 
 
+def _critical_batch_not_ok(
+    status: FitStatus,
+    reason: str,
+    *,
+    alpha: float | None,
+    b_opt: float,
+    overhead: float,
+    n_points: int,
+    n_censored: int,
+    level: float,
+) -> CriticalBatchFit:
+    """A :class:`CriticalBatchFit` with no fit: NaN parameters and intervals, ``status`` and
+    ``reason`` saying why; α is the fixed one (NaN when it was to be fitted)."""
+    nan_iv = Interval(math.nan, math.nan, level)
+    return CriticalBatchFit(
+        a=math.nan,
+        b=math.nan,
+        alpha=alpha if alpha is not None else math.nan,
+        critical_batch_size=math.nan,
+        b_opt=b_opt,
+        overhead=overhead,
+        a_interval=nan_iv,
+        b_interval=nan_iv,
+        alpha_interval=nan_iv,
+        critical_batch_size_interval=nan_iv,
+        r2_log=math.nan,
+        rmse_log=math.nan,
+        n_points=n_points,
+        n_censored=n_censored,
+        status=status,
+        reason=reason,
+    )
+
+
 def _log_steps_model(theta: np.ndarray, log_b: np.ndarray, alpha: float | None) -> np.ndarray:
     """log(a + b/B^α) with θ = (log a, log b[, α])."""
     al = theta[2] if alpha is None else alpha
     return np.logaddexp(theta[0], theta[1] - al * log_b)
 
 
-def _fit_steps(log_b: np.ndarray, log_s: np.ndarray, alpha: float | None, loss: str,
-               f_scale: float, starts: list[np.ndarray]) -> tuple[np.ndarray, float]:
+def _fit_steps(
+    log_b: np.ndarray,
+    log_s: np.ndarray,
+    alpha: float | None,
+    loss: str,
+    f_scale: float,
+    starts: list[np.ndarray],
+) -> tuple[np.ndarray, float]:
     from scipy.optimize import least_squares
 
     best, best_cost = None, math.inf
     lower = [-np.inf, -np.inf] + ([0.05] if alpha is None else [])
     upper = [np.inf, np.inf] + ([5.0] if alpha is None else [])
     for x0 in starts:
-        res = least_squares(lambda t: _log_steps_model(t, log_b, alpha) - log_s, x0,
-                            loss=loss, f_scale=f_scale, bounds=(lower, upper))
+        res = least_squares(
+            lambda t: _log_steps_model(t, log_b, alpha) - log_s,
+            x0,
+            loss=loss,
+            f_scale=f_scale,
+            bounds=(lower, upper),
+        )
         if res.success and res.cost < best_cost:
             best, best_cost = res.x, res.cost
     if best is None:
@@ -244,8 +300,9 @@ def _starts(batch: np.ndarray, steps: np.ndarray, alpha: float | None) -> list[n
     design = np.column_stack([np.ones_like(batch), 1.0 / batch])
     (a0, b0), *_ = np.linalg.lstsq(design, steps, rcond=None)
     s_min, s_max, b_min = steps.min(), steps.max(), batch.min()
-    candidates = [(a0, b0)] + [(f * s_min, max(s_max - f * s_min, 1e-12) * b_min)
-                               for f in (0.05, 0.3, 0.7, 0.95)]
+    candidates = [(a0, b0)] + [
+        (f * s_min, max(s_max - f * s_min, 1e-12) * b_min) for f in (0.05, 0.3, 0.7, 0.95)
+    ]
     alphas = [1.0] if alpha is not None else [0.5, 1.0, 1.5]
     out = []
     for a, b in candidates:
@@ -285,8 +342,9 @@ def fit_critical_batch_size(
     if not np.all(np.isfinite(bs)) or np.any(bs <= 0):
         raise ValueError("batch_size must be finite and > 0 for every run")
     if np.any(sv <= 0):
-        raise ValueError("steps must be > 0 (use inf or nan for a run that never reached "
-                         "the target)")
+        raise ValueError(
+            "steps must be > 0 (use inf or nan for a run that never reached the target)"
+        )
     if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
         raise ValueError("alpha must be finite and > 0, or None to fit it")
     if not math.isfinite(overhead) or overhead <= 0:
@@ -296,39 +354,50 @@ def fit_critical_batch_size(
     reached = np.isfinite(sv)
     n_censored = int((~reached).sum())
     if n_censored:
-        logger.info("%d of %d runs never reached the target; excluded from the fit",
-                    n_censored, sv.size)
+        logger.info(
+            "%d of %d runs never reached the target; excluded from the fit", n_censored, sv.size
+        )
     bs_r, sv_r = bs[reached], sv[reached]
     n_points = int(bs_r.size)
     need = 3 if alpha is not None else 4
     nan = math.nan
-    nan_iv = Interval(nan, nan, level)
     b_ref = float(b_opt) if b_opt is not None else (float(bs_r.min()) if n_points else nan)
+
+    def not_ok(status: FitStatus, reason: str) -> CriticalBatchFit:
+        return _critical_batch_not_ok(
+            status,
+            reason,
+            alpha=alpha,
+            b_opt=b_ref,
+            overhead=overhead,
+            n_points=n_points,
+            n_censored=n_censored,
+            level=level,
+        )
+
     n_distinct = int(np.unique(bs_r).size)
     if n_distinct < need:
-        why = (f"{n_distinct} distinct batch sizes reached the target ({n_censored} runs "
-               f"censored); the fit of log S = log(a + b/B^α) with "
-               f"{'fixed' if alpha is not None else 'free'} α needs at least {need}")
-        return CriticalBatchFit(nan, nan, alpha if alpha is not None else nan, nan, b_ref,
-                                overhead, nan_iv, nan_iv, nan_iv, nan_iv, nan, nan, n_points,
-                                n_censored, FitStatus.INSUFFICIENT_DATA, why)
+        why = (
+            f"{n_distinct} distinct batch sizes reached the target ({n_censored} runs "
+            f"censored); the fit of log S = log(a + b/B^α) with "
+            f"{'fixed' if alpha is not None else 'free'} α needs at least {need}"
+        )
+        return not_ok(FitStatus.INSUFFICIENT_DATA, why)
     log_b, log_s = np.log(bs_r), np.log(sv_r)
     try:
         theta, _ = _fit_steps(log_b, log_s, alpha, loss, f_scale, _starts(bs_r, sv_r, alpha))
     except (RuntimeError, ValueError) as exc:
-        return CriticalBatchFit(nan, nan, alpha if alpha is not None else nan, nan, b_ref,
-                                overhead, nan_iv, nan_iv, nan_iv, nan_iv, nan, nan, n_points,
-                                n_censored, FitStatus.FAILED, f"fit did not converge: {exc}")
+        return not_ok(FitStatus.FAILED, f"fit did not converge: {exc}")
     a, b = math.exp(theta[0]), math.exp(theta[1])
     al = float(theta[2]) if alpha is None else float(alpha)
     cbs = critical_batch_size(a, b, b_ref, alpha=al, overhead=overhead)
     resid = log_s - _log_steps_model(theta, log_b, alpha)
     ss_tot = float(np.sum((log_s - log_s.mean()) ** 2))
     r2 = 1.0 - float(resid @ resid) / ss_tot if ss_tot > 0 else nan
-    rmse = float(np.sqrt(np.mean(resid ** 2)))
+    rmse = float(np.sqrt(np.mean(resid**2)))
 
     rng = np.random.default_rng(seed)
-    draws = np.full((n_bootstrap, 4), nan)  # a, b, α, B*
+    a_draws, b_draws, alpha_draws, cbs_draws = (np.full(n_bootstrap, nan) for _ in range(4))
     for j in range(n_bootstrap):
         idx = rng.integers(0, n_points, n_points)
         if np.unique(bs_r[idx]).size < need:
@@ -339,17 +408,34 @@ def fit_critical_batch_size(
             continue
         a_j, b_j = math.exp(th[0]), math.exp(th[1])
         al_j = float(th[2]) if alpha is None else float(alpha)
-        draws[j] = a_j, b_j, al_j, critical_batch_size(a_j, b_j, b_ref, alpha=al_j,
-                                                       overhead=overhead)
-    ivs = [percentile_interval(draws[:, i], level) for i in range(4)]
-    if alpha is not None:
-        ivs[2] = Interval(float(alpha), float(alpha), level)
-    return CriticalBatchFit(a, b, al, cbs, b_ref, overhead, ivs[0], ivs[1], ivs[2], ivs[3],
-                            r2, rmse, n_points, n_censored)
+        a_draws[j], b_draws[j], alpha_draws[j] = a_j, b_j, al_j
+        cbs_draws[j] = critical_batch_size(a_j, b_j, b_ref, alpha=al_j, overhead=overhead)
+    alpha_iv = (
+        percentile_interval(alpha_draws, level)
+        if alpha is None
+        else Interval(float(alpha), float(alpha), level)
+    )
+    return CriticalBatchFit(
+        a=a,
+        b=b,
+        alpha=al,
+        critical_batch_size=cbs,
+        b_opt=b_ref,
+        overhead=overhead,
+        a_interval=percentile_interval(a_draws, level),
+        b_interval=percentile_interval(b_draws, level),
+        alpha_interval=alpha_iv,
+        critical_batch_size_interval=percentile_interval(cbs_draws, level),
+        r2_log=r2,
+        rmse_log=rmse,
+        n_points=n_points,
+        n_censored=n_censored,
+    )
 
 
-def fit_cbs_scaling(critical_batch_size_values, *, n_params=None, n_tokens=None,
-                    **options) -> PowerLawFit:
+def fit_cbs_scaling(
+    critical_batch_size_values, *, n_params=None, n_tokens=None, **options
+) -> PowerLawFit:
     """Power law of the CBS: B* = c·D^γ (``n_tokens`` only), c·N^β (``n_params`` only) or
     c·N^β·D^γ (both), fitted in log space by :func:`fitting.powerlaw.fit_power_law`
     (``options`` are passed on: ``groups``, ``loss``, ``n_bootstrap``, ``seed``, ``level``).
@@ -362,123 +448,3 @@ def fit_cbs_scaling(critical_batch_size_values, *, n_params=None, n_tokens=None,
     if not regressors:
         raise ValueError("give n_params, n_tokens or both")
     return fit_power_law(critical_batch_size_values, regressors, **options)
-
-
-# --------------------------------------------------------------------------- command
-class StepsCsvError(ValueError):
-    """Bad rows of a ``n_params,batch_size,steps`` CSV: ``errors`` is [(line, reason)]."""
-
-    def __init__(self, path: str, errors: list[tuple[int, str]]):
-        self.errors = errors
-        shown = "\n".join(f"  line {line}: {reason}" for line, reason in errors[:50])
-        super().__init__(f"{path}: {len(errors)} bad row(s):\n{shown}")
-
-
-def read_steps_csv(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(n_params, batch_size, steps)`` from a CSV with those columns (others ignored).
-
-    An empty, ``inf`` or ``nan`` steps cell is a censored run (kept, as +inf). Every bad
-    row is reported with its line number (header = line 1) in one :class:`StepsCsvError`.
-    """
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in ("n_params", "batch_size", "steps") if c not in header]
-        if missing:
-            raise StepsCsvError(path, [(1, f"missing column(s): {', '.join(missing)}")])
-        reader.fieldnames = header
-        rows, errors = [], []
-        for line, row in enumerate(reader, start=2):
-            try:
-                n = float(row["n_params"])
-                b = float(row["batch_size"])
-                cell = (row["steps"] or "").strip()
-                s = math.inf if cell == "" else float(cell)
-            except (TypeError, ValueError):
-                errors.append((line, "n_params, batch_size and steps must be numbers"))
-                continue
-            if not (math.isfinite(n) and n > 0):
-                errors.append((line, f"n_params must be finite and > 0, got {row['n_params']}"))
-            elif not (math.isfinite(b) and b > 0):
-                errors.append((line, f"batch_size must be finite and > 0, got "
-                                     f"{row['batch_size']}"))
-            elif not (s > 0 or math.isnan(s)):
-                errors.append((line, f"steps must be > 0 (empty/inf/nan = never reached), "
-                                     f"got {row['steps']}"))
-            else:
-                rows.append((n, b, math.inf if math.isnan(s) else s))
-    if errors:
-        raise StepsCsvError(path, errors)
-    if not rows:
-        raise StepsCsvError(path, [(1, "no data rows")])
-    arr = np.array(rows, dtype=float)
-    return arr[:, 0], arr[:, 1], arr[:, 2]
-
-
-def cbs_command(path: str, *, overhead: float = DEFAULT_OVERHEAD, b_opt: float | None = None,
-                as_json: bool = False, out=None) -> int:
-    """The ``hyperlaw cbs`` handler: per-n_params fits, then B* = c·N^β. Returns the exit
-    code (2 for a bad file or option)."""
-    out = out or sys.stdout
-    try:
-        if not math.isfinite(overhead) or overhead <= 0:
-            raise ValueError(f"--overhead must be > 0, got {overhead}")
-        if b_opt is not None and not (math.isfinite(b_opt) and b_opt > 0):
-            raise ValueError(f"--b-opt must be > 0, got {b_opt}")
-        n_params, batch, steps = read_steps_csv(path)
-    except (OSError, ValueError) as exc:
-        sys.stderr.write(f"hyperlaw cbs: {exc}\n")
-        return 2
-    groups = []
-    for n in np.unique(n_params):
-        sel = n_params == n
-        fit = fit_critical_batch_size(batch[sel], steps[sel], b_opt=b_opt, overhead=overhead)
-        groups.append((float(n), fit))
-    ok = [(n, f) for n, f in groups if f.ok]
-    law = fit_cbs_scaling(np.array([f.critical_batch_size for _, f in ok]) if ok else [],
-                          n_params=np.array([n for n, _ in ok]), n_bootstrap=200)
-    if as_json:
-        doc = {
-            "groups": [
-                {"n_params": n, "a": _num(f.a), "b": _num(f.b),
-                 "critical_batch_size": _num(f.critical_batch_size),
-                 "critical_batch_size_interval": {
-                     k: _num(v) for k, v in f.critical_batch_size_interval.as_dict().items()},
-                 "b_opt": _num(f.b_opt), "r2_log": _num(f.r2_log), "n_points": f.n_points,
-                 "n_censored": f.n_censored, "status": f.status.value, "reason": f.reason}
-                for n, f in groups
-            ],
-            "power_law": {"coefficient": _num(law.coefficient),
-                          "exponent": _num(law.exponents[0]),
-                          "exponent_interval": {
-                              k: _num(v) for k, v in law.exponent_intervals[0].as_dict().items()},
-                          "r2_log": _num(law.r2_log), "n_points": law.n_points,
-                          "status": law.status.value, "reason": law.reason},
-            "overhead": overhead,
-        }
-        out.write(json.dumps(doc, indent=2) + "\n")
-        return 0
-    out.write(f"log S = log(a + b/B), B* = (1+{overhead:g})·B_opt + {overhead:g}·b/a\n")
-    out.write(f"{'n_params':>12} {'a':>12} {'b':>14} {'B_opt':>10} {'critical_batch_size':>20}"
-              f" {'90% interval':>22} {'runs':>5} {'censored':>8}\n")
-    for n, f in groups:
-        if f.ok:
-            iv = f.critical_batch_size_interval
-            out.write(f"{n:>12.4g} {f.a:>12.6g} {f.b:>14.8g} {f.b_opt:>10.4g} "
-                      f"{f.critical_batch_size:>20.6g} {f'[{iv.low:.4g}, {iv.high:.4g}]':>22} "
-                      f"{f.n_points:>5} {f.n_censored:>8}\n")
-        else:
-            out.write(f"{n:>12.4g}  {f.status.value}: {f.reason}\n")
-    if law.ok:
-        iv = law.exponent_intervals[0]
-        out.write(f"critical_batch_size = {law.coefficient:.6g} · n_params^{law.exponents[0]:.4f}"
-                  f"  (exponent 90% interval [{iv.low:.3f}, {iv.high:.3f}], "
-                  f"R² log {law.r2_log:.3f}, {law.n_points} groups)\n")
-    else:
-        out.write(f"power law: {law.status.value}: {law.reason}\n")
-    return 0
-
-
-def _num(value: float) -> float | str | None:
-    """A JSON-safe number: non-finite values become null."""
-    return float(value) if math.isfinite(value) else None

@@ -31,7 +31,13 @@ every row is good.
   ==================== ======== ==========================================================
 
   Other columns are ignored. Empty optional cells are allowed.
+
+A third, smaller format feeds ``hyperlaw cbs`` (:func:`read_steps_csv`): columns
+``n_params, batch_size, steps``, one run per line, with the steps to a group's target loss
+(empty, ``inf`` or ``nan`` when the run never reached it). Its bad rows are reported the same
+way, in one :class:`StepsCsvError`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -40,6 +46,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -64,6 +71,25 @@ class RunsCsvError(ValueError):
         if more > 0:
             shown += f"\n  ... and {more} more"
         super().__init__(f"{path}: {len(self.errors)} bad row(s), nothing loaded:\n{shown}")
+
+
+class StepsCsvError(ValueError):
+    """Bad rows of a ``n_params,batch_size,steps`` CSV: ``errors`` is [(line, reason)]."""
+
+    def __init__(self, path: str, errors: list[tuple[int, str]]):
+        self.errors = errors
+        shown = "\n".join(f"  line {line}: {reason}" for line, reason in errors[:50])
+        super().__init__(f"{path}: {len(errors)} bad row(s):\n{shown}")
+
+
+@dataclass(frozen=True, eq=False)
+class RunGroup:
+    """One (N, D) group of runs: its ``n_params``, ``n_tokens`` and ``index``, the positions
+    of its runs in the :class:`Runs` it came from (an integer array)."""
+
+    n_params: float
+    n_tokens: float
+    index: np.ndarray
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,7 +148,7 @@ class Runs:
 
     def subset(self, mask: np.ndarray) -> Runs:
         """The runs selected by a boolean mask or an index array."""
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             kwargs[f.name] = None if value is None else value[mask]
@@ -132,13 +158,13 @@ class Runs:
         """An (n, 2) array of (n_params, n_tokens) per run; rows equal = same group."""
         return np.column_stack([self.n_params, self.n_tokens])
 
-    def groups(self) -> list[tuple[float, float, np.ndarray]]:
-        """``(n_params, n_tokens, index_array)`` for each (N, D) group, sorted by N then D."""
+    def groups(self) -> list[RunGroup]:
+        """One :class:`RunGroup` per (N, D) group, sorted by N then D."""
         keys = self.group_keys()
         uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
         inverse = np.asarray(inverse).reshape(-1)
         return [
-            (float(n), float(d), np.flatnonzero(inverse == i))
+            RunGroup(n_params=float(n), n_tokens=float(d), index=np.flatnonzero(inverse == i))
             for i, (n, d) in enumerate(uniq)
         ]
 
@@ -160,7 +186,7 @@ class Runs:
             cols["loss"].append(float("nan") if loss is None else loss)
             for name in optional:
                 optional[name].append(rec.get(name))
-        kwargs: dict[str, object] = dict(cols)
+        kwargs: dict[str, Any] = dict(cols)
         for name, values in optional.items():
             present = [v is not None for v in values]
             if not rows or not any(present):
@@ -205,8 +231,11 @@ def _positive_int(text: str | None, name: str) -> int:
     return int(value)
 
 
-def _read_rows(path: str | Path, required_columns: Iterable[str]):
-    """Yield ``(line_number, row_dict)``; raise RunsCsvError if columns are missing."""
+def _read_rows(
+    path: str | Path, required_columns: Iterable[str]
+) -> list[tuple[int, dict[str, str] | None, str | None]]:
+    """``(line_number, row_dict, None)`` per good row, ``(line_number, None, problem)`` per
+    row of the wrong length; raise RunsCsvError if columns are missing."""
     path = Path(path)
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
@@ -214,12 +243,17 @@ def _read_rows(path: str | Path, required_columns: Iterable[str]):
         missing = [c for c in required_columns if c not in header]
         if missing:
             raise RunsCsvError(str(path), [(1, f"missing column(s): {', '.join(missing)}")])
-        rows = []
+        rows: list[tuple[int, dict[str, str] | None, str | None]] = []
         for row in reader:
             # reader.line_num is the physical line the row ended on.
             if None in row:
-                rows.append((reader.line_num, None, f"{len(header) + len(row[None])} fields, "
-                                                      f"header has {len(header)}"))
+                rows.append(
+                    (
+                        reader.line_num,
+                        None,
+                        f"{len(header) + len(row[None])} fields, header has {len(header)}",
+                    )
+                )
                 continue
             if all((v is None or v.strip() == "") for v in row.values()):
                 continue  # blank line
@@ -248,18 +282,20 @@ def load_steplaw_csv(path: str | Path) -> Runs:
     records: list[dict] = []
     errors: list[tuple[int, str]] = []
     for line, row, problem in _read_rows(path, _STEPLAW_COLUMNS):
-        if problem is not None:
-            errors.append((line, problem))
+        if row is None:  # a row of the wrong length: ``problem`` says how
+            errors.append((line, problem or ""))
             continue
         try:
-            records.append({
-                "n_params": _positive(row["N"], "N"),
-                "n_tokens": _positive(row["D"], "D"),
-                "seq_len": STEPLAW_SEQ_LEN,
-                "learning_rate": _positive(row["lr"], "lr"),
-                "batch_size_tokens": _positive(row["bs"], "bs") * STEPLAW_SEQ_LEN,
-                "loss": _parse_float(row["smooth loss"], "smooth loss", allow_nonfinite=True),
-            })
+            records.append(
+                {
+                    "n_params": _positive(row["N"], "N"),
+                    "n_tokens": _positive(row["D"], "D"),
+                    "seq_len": STEPLAW_SEQ_LEN,
+                    "learning_rate": _positive(row["lr"], "lr"),
+                    "batch_size_tokens": _positive(row["bs"], "bs") * STEPLAW_SEQ_LEN,
+                    "loss": _parse_float(row["smooth loss"], "smooth loss", allow_nonfinite=True),
+                }
+            )
         except ValueError as exc:
             errors.append((line, str(exc)))
     return _finish(path, records, errors)
@@ -274,8 +310,8 @@ def load_runs_csv(path: str | Path) -> Runs:
     lines: list[int] = []
     errors: list[tuple[int, str]] = []
     for line, row, problem in _read_rows(path, (*_REQUIRED, "final_loss")):
-        if problem is not None:
-            errors.append((line, problem))
+        if row is None:  # a row of the wrong length: ``problem`` says how
+            errors.append((line, problem or ""))
             continue
         reasons = []
         rec: dict[str, object] = {}
@@ -290,8 +326,8 @@ def load_runs_csv(path: str | Path) -> Runs:
             reasons.append(str(exc))
         try:
             rec["loss"] = _parse_float(
-                row["final_loss"], "final_loss (write nan for a diverged run)",
-                allow_nonfinite=True)
+                row["final_loss"], "final_loss (write nan for a diverged run)", allow_nonfinite=True
+            )
         except ValueError as exc:
             reasons.append(str(exc))
         for name in ("steps_to_target", "target_loss"):
@@ -319,6 +355,50 @@ def load_runs_csv(path: str | Path) -> Runs:
     if not errors and records:
         has_id = ["trial_id" in r for r in records]
         if any(has_id) and not all(has_id):
-            errors = [(line, "trial_id is empty (give it for every row or none)")
-                      for line, ok in zip(lines, has_id) if not ok]
+            errors = [
+                (line, "trial_id is empty (give it for every row or none)")
+                for line, ok in zip(lines, has_id, strict=True)
+                if not ok
+            ]
     return _finish(path, records, errors)
+
+
+def read_steps_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(n_params, batch_size, steps)`` from a CSV with those columns (others ignored).
+
+    An empty, ``inf`` or ``nan`` steps cell is a censored run (kept, as +inf). Every bad
+    row is reported with its line number (header = line 1) in one :class:`StepsCsvError`.
+    """
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in ("n_params", "batch_size", "steps") if c not in header]
+        if missing:
+            raise StepsCsvError(str(path), [(1, f"missing column(s): {', '.join(missing)}")])
+        reader.fieldnames = header
+        rows, errors = [], []
+        for line, row in enumerate(reader, start=2):
+            try:
+                n = float(row["n_params"])
+                b = float(row["batch_size"])
+                cell = (row["steps"] or "").strip()
+                s = math.inf if cell == "" else float(cell)
+            except (TypeError, ValueError):
+                errors.append((line, "n_params, batch_size and steps must be numbers"))
+                continue
+            if not (math.isfinite(n) and n > 0):
+                errors.append((line, f"n_params must be finite and > 0, got {row['n_params']}"))
+            elif not (math.isfinite(b) and b > 0):
+                errors.append((line, f"batch_size must be finite and > 0, got {row['batch_size']}"))
+            elif not (s > 0 or math.isnan(s)):
+                errors.append(
+                    (line, f"steps must be > 0 (empty/inf/nan = never reached), got {row['steps']}")
+                )
+            else:
+                rows.append((n, b, math.inf if math.isnan(s) else s))
+    if errors:
+        raise StepsCsvError(str(path), errors)
+    if not rows:
+        raise StepsCsvError(str(path), [(1, "no data rows")])
+    arr = np.array(rows, dtype=float)
+    return arr[:, 0], arr[:, 1], arr[:, 2]

@@ -17,6 +17,7 @@ B = 0.58·D^0.571 tokens. Intervals come from a bootstrap over (N, D) groups.
 Diverged runs (non-finite loss) are kept as data: they are counted, never chosen as
 near-optimal, and a group whose runs all diverged is reported and left out.
 """
+
 from __future__ import annotations
 
 import math
@@ -94,8 +95,7 @@ def _positive_array(name: str, values, size: int | None) -> np.ndarray:
     return arr
 
 
-def near_optimal_mask(group_labels: np.ndarray, loss: np.ndarray,
-                      tolerance: float) -> np.ndarray:
+def near_optimal_mask(group_labels: np.ndarray, loss: np.ndarray, tolerance: float) -> np.ndarray:
     """True for runs with a finite loss ≤ (1 + tolerance) · their group's best finite loss."""
     finite = np.isfinite(loss)
     mask = np.zeros(loss.size, dtype=bool)
@@ -107,8 +107,9 @@ def near_optimal_mask(group_labels: np.ndarray, loss: np.ndarray,
     return mask
 
 
-def _n_params_supported(log_b: np.ndarray, log_n: np.ndarray, log_d: np.ndarray,
-                        labels: np.ndarray) -> bool:
+def _n_params_supported(
+    log_b: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, labels: np.ndarray
+) -> bool:
     """Whether N explains log B beyond D: a group-level regression of the groups' mean
     log B on (log N, log D) whose N coefficient has |t| ≥ 2, with ≥ 5 groups."""
     groups = np.unique(labels)
@@ -162,7 +163,8 @@ def fit_near_optimal(
     finite = np.isfinite(lv)
     all_diverged = tuple(
         (float(n[labels == g][0]), float(d[labels == g][0]))
-        for g in np.unique(labels) if not finite[labels == g].any()
+        for g in np.unique(labels)
+        if not finite[labels == g].any()
     )
     mask = near_optimal_mask(labels, lv, tolerance)
     sel_labels = labels[mask]
@@ -170,9 +172,11 @@ def fit_near_optimal(
     lr_law = fit_power_law(lr[mask], {"n_params": n[mask], "n_tokens": d[mask]}, **common)
     if batch_uses_n_params is None:
         batch_uses_n_params = bool(mask.sum()) and _n_params_supported(
-            np.log(bs[mask]), np.log(n[mask]), np.log(d[mask]), sel_labels)
-    b_regs = {"n_params": n[mask], "n_tokens": d[mask]} if batch_uses_n_params else {
-        "n_tokens": d[mask]}
+            np.log(bs[mask]), np.log(n[mask]), np.log(d[mask]), sel_labels
+        )
+    b_regs = (
+        {"n_params": n[mask], "n_tokens": d[mask]} if batch_uses_n_params else {"n_tokens": d[mask]}
+    )
     b_law = fit_power_law(bs[mask], b_regs, **common)
     status, reason = FitStatus.OK, ""
     for what, law in (("learning-rate law", lr_law), ("batch-size law", b_law)):
@@ -180,9 +184,15 @@ def fit_near_optimal(
             status, reason = law.status, f"{what}: {law.reason}"
             break
     return NearOptimalFit(
-        learning_rate_law=lr_law, batch_size_law=b_law,
-        batch_uses_n_params=bool(batch_uses_n_params), tolerance=tolerance,
-        n_points=int(mask.sum()), n_runs=int(size), n_diverged=int((~finite).sum()),
-        n_groups=int(np.unique(labels).size), groups_all_diverged=all_diverged,
-        status=status, reason=reason,
+        learning_rate_law=lr_law,
+        batch_size_law=b_law,
+        batch_uses_n_params=bool(batch_uses_n_params),
+        tolerance=tolerance,
+        n_points=int(mask.sum()),
+        n_runs=int(size),
+        n_diverged=int((~finite).sum()),
+        n_groups=int(np.unique(labels).size),
+        groups_all_diverged=all_diverged,
+        status=status,
+        reason=reason,
     )

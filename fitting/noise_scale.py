@@ -16,6 +16,7 @@ separately and reports
 
 in the unit of B_small and B_big (pass tokens to get tokens).
 """
+
 from __future__ import annotations
 
 import logging

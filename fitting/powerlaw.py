@@ -12,6 +12,7 @@ given, e.g. the (N, D) group of each run) or single points, with a seeded RNG.
 Used by :mod:`fitting.cbs` (CBS in D, N, joint), :mod:`fitting.bell` (b_crit and η_peak in
 D) and :mod:`fitting.near_optimal` (η in (N, D), B in D).
 """
+
 from __future__ import annotations
 
 import math
@@ -64,7 +65,7 @@ class PowerLawFit:
             raise ValueError(f"predict needs {', '.join(missing)}")
         log_y = math.log(self.coefficient) if self.coefficient > 0 else math.nan
         out = log_y
-        for name, beta in zip(self.names, self.exponents):
+        for name, beta in zip(self.names, self.exponents, strict=True):
             x = np.asarray(xs[name], dtype=float)
             if np.any(x <= 0):
                 raise ValueError(f"{name} must be > 0")
@@ -88,12 +89,30 @@ class PowerLawFit:
         }
 
 
-def _nan_fit(names: tuple[str, ...], n_points: int, n_groups: int, status: FitStatus,
-             reason: str, level: float) -> PowerLawFit:
+def _power_law_not_ok(
+    status: FitStatus,
+    reason: str,
+    *,
+    names: tuple[str, ...],
+    n_points: int,
+    n_groups: int,
+    level: float,
+) -> PowerLawFit:
+    """A :class:`PowerLawFit` with no fit: NaN numbers, ``status`` and ``reason`` say why."""
     nan_iv = Interval(math.nan, math.nan, level)
-    return PowerLawFit(names, math.nan, tuple(math.nan for _ in names), nan_iv,
-                       tuple(nan_iv for _ in names), math.nan, math.nan, n_points, n_groups,
-                       status, reason)
+    return PowerLawFit(
+        names=names,
+        coefficient=math.nan,
+        exponents=tuple(math.nan for _ in names),
+        coefficient_interval=nan_iv,
+        exponent_intervals=tuple(nan_iv for _ in names),
+        r2_log=math.nan,
+        rmse_log=math.nan,
+        n_points=n_points,
+        n_groups=n_groups,
+        status=status,
+        reason=reason,
+    )
 
 
 def _solve(design: np.ndarray, target: np.ndarray, loss: str, f_scale: float) -> np.ndarray:
@@ -153,34 +172,44 @@ def fit_power_law(
     if groups is None:
         labels = np.arange(yv.size)
     else:
-        labels = np.asarray(groups).reshape(yv.size, -1)
-        labels = np.unique(labels, axis=0, return_inverse=True)[1].reshape(-1)
+        keys = np.asarray(groups).reshape(yv.size, -1)
+        labels = np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)
     n_points = int(yv.size)
     uniq = np.unique(labels)
     n_groups = int(uniq.size)
     k = len(names) + 1
+
+    def insufficient(reason: str) -> PowerLawFit:
+        return _power_law_not_ok(
+            FitStatus.INSUFFICIENT_DATA,
+            reason,
+            names=names,
+            n_points=n_points,
+            n_groups=n_groups,
+            level=level,
+        )
+
     if n_points < k + 1 or n_groups < k:
-        return _nan_fit(names, n_points, n_groups, FitStatus.INSUFFICIENT_DATA,
-                        f"{n_points} points in {n_groups} groups cannot fit {k} parameters "
-                        f"(need at least {k + 1} points in {k} groups)", level)
+        return insufficient(
+            f"{n_points} points in {n_groups} groups cannot fit {k} "
+            f"parameters (need at least {k + 1} points in {k} groups)"
+        )
     design = np.column_stack([np.ones(n_points), *cols])
     # Identifiability across groups: each log x must vary, and jointly they must have rank.
     centred = design[:, 1:] - design[:, 1:].mean(axis=0)
     for i, name in enumerate(names):
         if np.ptp(centred[:, i]) < 1e-9:
-            return _nan_fit(names, n_points, n_groups, FitStatus.INSUFFICIENT_DATA,
-                            f"{name} takes a single value, so its exponent is undetermined",
-                            level)
+            return insufficient(f"{name} takes a single value, so its exponent is undetermined")
     if np.linalg.matrix_rank(centred, tol=1e-8 * max(1.0, np.abs(centred).max())) < len(names):
-        return _nan_fit(names, n_points, n_groups, FitStatus.INSUFFICIENT_DATA,
-                        f"{', '.join(names)} are collinear in the data, so their exponents "
-                        "cannot be separated", level)
+        return insufficient(
+            f"{', '.join(names)} are collinear in the data, so their exponents cannot be separated"
+        )
     log_y = np.log(yv)
     theta = _solve(design, log_y, loss, f_scale)
     resid = log_y - design @ theta
     ss_tot = float(np.sum((log_y - log_y.mean()) ** 2))
-    r2 = 1.0 - float(np.sum(resid ** 2)) / ss_tot if ss_tot > 0 else math.nan
-    rmse = float(np.sqrt(np.mean(resid ** 2)))
+    r2 = 1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else math.nan
+    rmse = float(np.sqrt(np.mean(resid**2)))
 
     rng = np.random.default_rng(seed)
     draws = np.full((n_bootstrap, k), np.nan)
@@ -195,5 +224,14 @@ def fit_power_law(
         draws[j] = _solve(sub, log_y[idx], loss, f_scale)
     coef_iv = percentile_interval(np.exp(draws[:, 0]), level)
     exp_ivs = tuple(percentile_interval(draws[:, i + 1], level) for i in range(len(names)))
-    return PowerLawFit(names, float(math.exp(theta[0])), tuple(float(t) for t in theta[1:]),
-                       coef_iv, exp_ivs, r2, rmse, n_points, n_groups)
+    return PowerLawFit(
+        names=names,
+        coefficient=float(math.exp(theta[0])),
+        exponents=tuple(float(t) for t in theta[1:]),
+        coefficient_interval=coef_iv,
+        exponent_intervals=exp_ivs,
+        r2_log=r2,
+        rmse_log=rmse,
+        n_points=n_points,
+        n_groups=n_groups,
+    )

@@ -4,6 +4,7 @@ Every estimator returns a frozen dataclass with named fields, a ``status`` and, 
 status is not ``ok``, a ``reason`` a person can act on. Intervals are percentile intervals
 of a bootstrap over runs or groups, at ``level`` (0.9 unless said otherwise).
 """
+
 from __future__ import annotations
 
 import enum

@@ -31,11 +31,13 @@ The level of the loss at the optimum is then summarised by a local power law fit
 group offsets, c(n, d) = loss_0 + loss_n·n + loss_d·d (L_opt ∝ N^loss_n · D^loss_d), which
 is what the critical batch size needs (see :func:`critical_log_batch_offset`).
 """
+
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import asdict, dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -44,34 +46,40 @@ from fitting.results import FitStatus
 
 logger = logging.getLogger(__name__)
 
+_OPTIMUM_NAMES = ("eta_0", "eta_n", "eta_d", "batch_0", "batch_n", "batch_d")  # x*, y*
+_QUADRATIC_NAMES = ("log_curv_eta", "log_curv_batch", "coupling")  # Q's A, Bc, C
+_CUBIC_NAMES = ("cubic_eta", "cubic_batch", "cubic_mixed")  # Q's E, F, H
 #: Names of the fitted shape parameters, in the order of the parameter vector.
-PARAM_NAMES = (
-    "eta_0", "eta_n", "eta_d", "batch_0", "batch_n", "batch_d",
-    "log_curv_eta", "log_curv_batch", "coupling", "cubic_eta", "cubic_batch", "cubic_mixed",
-)
+PARAM_NAMES = _OPTIMUM_NAMES + _QUADRATIC_NAMES + _CUBIC_NAMES
+
+
+#: A parameter's type: a float for one fit, or an array with one entry per bootstrap draw
+#: (every closed form below works on either).
+T = TypeVar("T", float, np.ndarray)
 
 
 @dataclass(frozen=True)
-class SurfaceParams:
-    """Parameters of the surface (see the module docstring for the formula)."""
+class SurfaceParams(Generic[T]):
+    """Parameters of the surface (see the module docstring for the formula): floats for one
+    fit (``SurfaceParams[float]``), or arrays over bootstrap draws."""
 
-    n_ref: float
-    d_ref: float
-    eta_0: float
-    eta_n: float
-    eta_d: float
-    batch_0: float
-    batch_n: float
-    batch_d: float
-    log_curv_eta: float
-    log_curv_batch: float
-    coupling: float
-    cubic_eta: float
-    cubic_batch: float
-    cubic_mixed: float
-    loss_0: float
-    loss_n: float
-    loss_d: float
+    n_ref: T
+    d_ref: T
+    eta_0: T
+    eta_n: T
+    eta_d: T
+    batch_0: T
+    batch_n: T
+    batch_d: T
+    log_curv_eta: T
+    log_curv_batch: T
+    coupling: T
+    cubic_eta: T
+    cubic_batch: T
+    cubic_mixed: T
+    loss_0: T
+    loss_n: T
+    loss_d: T
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}
@@ -83,10 +91,24 @@ class SurfaceFit:
 
     status: FitStatus
     reason: str
-    params: SurfaceParams | None
+    params: SurfaceParams[float] | None
     n_runs_used: int
     n_groups: int
     rms_residual: float  # of ln L over the runs used (robust fit, so outliers inflate it)
+
+
+def _surface_not_ok(
+    status: FitStatus, reason: str, *, n_runs_used: int, n_groups: int
+) -> SurfaceFit:
+    """A :class:`SurfaceFit` with no parameters; ``status`` and ``reason`` say why."""
+    return SurfaceFit(
+        status=status,
+        reason=reason,
+        params=None,
+        n_runs_used=n_runs_used,
+        n_groups=n_groups,
+        rms_residual=float("nan"),
+    )
 
 
 def optimum_log(p, log_n, log_d):
@@ -96,16 +118,24 @@ def optimum_log(p, log_n, log_d):
     return (p.eta_0 + p.eta_n * n + p.eta_d * d, p.batch_0 + p.batch_n * n + p.batch_d * d)
 
 
-def _valley(log_curv_eta, log_curv_batch, coupling, cubic_eta, cubic_batch, cubic_mixed, u, v):
-    """Q(u, v) of the module docstring from its six shape parameters."""
-    return (np.exp(log_curv_eta) * u * u + np.exp(log_curv_batch) * v * v + coupling * u * v
-            + cubic_eta * u ** 3 + cubic_batch * v ** 3 + cubic_mixed * u * u * v)
+def _valley(shape, u, v):
+    """Q(u, v) of the module docstring from its six shape parameters, ``shape`` =
+    (log_curv_eta, log_curv_batch, coupling, cubic_eta, cubic_batch, cubic_mixed), the last
+    six of ``PARAM_NAMES``."""
+    log_curv_eta, log_curv_batch, coupling, cubic_eta, cubic_batch, cubic_mixed = shape
+    return (
+        np.exp(log_curv_eta) * u * u
+        + np.exp(log_curv_batch) * v * v
+        + coupling * u * v
+        + cubic_eta * u**3
+        + cubic_batch * v**3
+        + cubic_mixed * u * u * v
+    )
 
 
 def excess_log_loss(p, u, v):
     """Q(u, v): ln L above the group's optimum at ln η offset u and ln B offset v."""
-    return _valley(p.log_curv_eta, p.log_curv_batch, p.coupling, p.cubic_eta, p.cubic_batch,
-                   p.cubic_mixed, u, v)
+    return _valley([getattr(p, name) for name in _QUADRATIC_NAMES + _CUBIC_NAMES], u, v)
 
 
 def best_eta_offset(p, v):
@@ -176,15 +206,17 @@ def log_tokens_to_target(p, v0: float, tau_max: float = 12.0) -> float:
     inf when it has no root up to tau_max (the batch never gets there)."""
     if not p.loss_d < 0:
         return float("nan")
-    tau = _first_crossing(lambda t: p.loss_d * t + batch_excess(p, v0 - p.batch_d * t),
-                          0.0, tau_max)
+    tau = _first_crossing(
+        lambda t: p.loss_d * t + batch_excess(p, v0 - p.batch_d * t), 0.0, tau_max
+    )
     return float("inf") if math.isnan(tau) else tau
 
 
 def _select(runs: Runs, window: float, min_runs_per_group: int):
     """Indices of runs within ``window`` of their group's best, per group (≥ min runs)."""
     chosen = []
-    for _, _, idx in runs.groups():
+    for group in runs.groups():
+        idx = group.index
         loss = runs.loss[idx]
         finite = np.isfinite(loss)
         if finite.sum() == 0:
@@ -215,8 +247,14 @@ def _check_options(window: float, f_scale: float) -> None:
         raise ValueError(f"f_scale must be > 0, got {f_scale}")
 
 
-def fit_surface(runs: Runs, *, window: float = 0.01, f_scale: float = 0.002,
-                min_runs_per_group: int = 6, cubic: bool = True) -> SurfaceFit:
+def fit_surface(
+    runs: Runs,
+    *,
+    window: float = 0.01,
+    f_scale: float = 0.002,
+    min_runs_per_group: int = 6,
+    cubic: bool = True,
+) -> SurfaceFit:
     """Fit the surface of the module docstring to ``runs`` (see there for the method);
     ``cubic=False`` holds cubic_eta, cubic_batch and cubic_mixed at 0."""
     from scipy.optimize import least_squares
@@ -224,20 +262,23 @@ def fit_surface(runs: Runs, *, window: float = 0.01, f_scale: float = 0.002,
     _check_options(window, f_scale)
     chosen = _select(runs, window, min_runs_per_group)
 
-    def insufficient(reason: str, n_used: int = 0) -> SurfaceFit:
-        return SurfaceFit(FitStatus.INSUFFICIENT_DATA, reason, None, n_used, len(chosen),
-                          float("nan"))
+    def insufficient(reason: str) -> SurfaceFit:
+        return _surface_not_ok(
+            FitStatus.INSUFFICIENT_DATA, reason, n_runs_used=0, n_groups=len(chosen)
+        )
 
     good = _usable(runs, chosen, min_runs_per_group)
     if len(good) < 4:
         return insufficient(
             f"need at least 4 (n_params, n_tokens) groups, each with >= {min_runs_per_group} "
             f"finite runs over >= 3 learning rates and >= 3 batch sizes near its best; "
-            f"have {len(good)}")
+            f"have {len(good)}"
+        )
     first = np.array([g[0] for g in good])
     if np.unique(runs.n_params[first]).size < 2 or np.unique(runs.n_tokens[first]).size < 2:
-        return insufficient("need at least 2 distinct n_params and 2 distinct n_tokens "
-                            "among the usable groups")
+        return insufficient(
+            "need at least 2 distinct n_params and 2 distinct n_tokens among the usable groups"
+        )
 
     sel = np.concatenate(good)
     gi = np.concatenate([np.full(g.size, k) for k, g in enumerate(good)])
@@ -265,7 +306,7 @@ def fit_surface(runs: Runs, *, window: float = 0.01, f_scale: float = 0.002,
         c, q = full[:ng], full[ng:]
         u = x - (q[0] + q[1] * n + q[2] * d)
         v = y - (q[3] + q[4] * n + q[5] * d)
-        return (c[gi] + _valley(*q[6:], u, v) - t) * weights
+        return (c[gi] + _valley(q[6:], u, v) - t) * weights
 
     best = [g[np.argmin(runs.loss[g])] for g in good]
     q0 = np.zeros(len(PARAM_NAMES))
@@ -274,26 +315,44 @@ def fit_surface(runs: Runs, *, window: float = 0.01, f_scale: float = 0.002,
     q0[6] = q0[7] = math.log(0.005)
     c0 = np.log(runs.loss[best])
     try:
-        sol = least_squares(residuals, np.concatenate([c0, q0[free]]), loss="soft_l1",
-                            f_scale=f_scale, x_scale="jac")
+        sol = least_squares(
+            residuals,
+            np.concatenate([c0, q0[free]]),
+            loss="soft_l1",
+            f_scale=f_scale,
+            x_scale="jac",
+        )
     except (ValueError, np.linalg.LinAlgError) as exc:
-        return SurfaceFit(FitStatus.FAILED, f"optimiser failed: {exc}", None, sel.size, ng,
-                          float("nan"))
+        return _surface_not_ok(
+            FitStatus.FAILED, f"optimiser failed: {exc}", n_runs_used=sel.size, n_groups=ng
+        )
     theta = expand(sol.x)
-    q = dict(zip(PARAM_NAMES, (float(v) for v in theta[ng:])))
+    q = dict(zip(PARAM_NAMES, (float(v) for v in theta[ng:]), strict=True))
     a, b = math.exp(q["log_curv_eta"]), math.exp(q["log_curv_batch"])
     if not sol.success or not np.all(np.isfinite(theta)) or 4 * a * b <= q["coupling"] ** 2:
-        return SurfaceFit(FitStatus.FAILED,
-                          f"fit did not converge to a minimum (success={sol.success}, "
-                          f"4·A·B − C² = {4 * a * b - q['coupling'] ** 2:.3g})",
-                          None, sel.size, ng, float("nan"))
+        return _surface_not_ok(
+            FitStatus.FAILED,
+            f"fit did not converge to a minimum (success={sol.success}, "
+            f"4·A·B − C² = {4 * a * b - q['coupling'] ** 2:.3g})",
+            n_runs_used=sel.size,
+            n_groups=ng,
+        )
     # Local power law of the loss at the optimum: c_g = loss_0 + loss_n·n + loss_d·d.
     design = np.column_stack([np.ones(ng), log_n_g - n_ref, log_d_g - d_ref])
-    loss_coef = np.linalg.lstsq(design, theta[:ng], rcond=None)[0]
-    params = SurfaceParams(n_ref=n_ref, d_ref=d_ref, **q, loss_0=float(loss_coef[0]),
-                           loss_n=float(loss_coef[1]), loss_d=float(loss_coef[2]))
+    coef = np.linalg.lstsq(design, theta[:ng], rcond=None)[0]
+    loss_0, loss_n, loss_d = (float(v) for v in coef)
+    params = SurfaceParams(
+        n_ref=n_ref, d_ref=d_ref, **q, loss_0=loss_0, loss_n=loss_n, loss_d=loss_d
+    )
     rms = float(np.sqrt(np.mean((residuals(sol.x) / weights) ** 2)))
-    return SurfaceFit(FitStatus.OK, "", params, sel.size, ng, rms)
+    return SurfaceFit(
+        status=FitStatus.OK,
+        reason="",
+        params=params,
+        n_runs_used=sel.size,
+        n_groups=ng,
+        rms_residual=rms,
+    )
 
 
 @dataclass(frozen=True)
@@ -304,12 +363,31 @@ class GroupOptima:
     reason: str
     n_params: np.ndarray
     n_tokens: np.ndarray
-    learning_rate: np.ndarray       # e^x_g, the group's own smooth argmin in η
-    batch_size_tokens: np.ndarray   # e^y_g, in tokens
+    learning_rate: np.ndarray  # e^x_g, the group's own smooth argmin in η
+    batch_size_tokens: np.ndarray  # e^y_g, in tokens
 
 
-def fit_group_optima(runs: Runs, *, window: float = 0.01, f_scale: float = 0.002,
-                     min_runs_per_group: int = 6, cubic: bool = True) -> GroupOptima:
+def _optima_not_ok(status: FitStatus, reason: str) -> GroupOptima:
+    """A :class:`GroupOptima` with no groups; ``status`` and ``reason`` say why."""
+    empty = np.zeros(0)
+    return GroupOptima(
+        status=status,
+        reason=reason,
+        n_params=empty,
+        n_tokens=empty,
+        learning_rate=empty,
+        batch_size_tokens=empty,
+    )
+
+
+def fit_group_optima(
+    runs: Runs,
+    *,
+    window: float = 0.01,
+    f_scale: float = 0.002,
+    min_runs_per_group: int = 6,
+    cubic: bool = True,
+) -> GroupOptima:
     """Each group's own smooth optimum under one shared valley shape:
 
         ln L = c_g + Q(ln η − x_g, ln B − y_g)
@@ -322,12 +400,12 @@ def fit_group_optima(runs: Runs, *, window: float = 0.01, f_scale: float = 0.002
 
     _check_options(window, f_scale)
     good = _usable(runs, _select(runs, window, min_runs_per_group), min_runs_per_group)
-    empty = np.zeros(0)
     if not good:
-        return GroupOptima(FitStatus.INSUFFICIENT_DATA,
-                           f"no group has >= {min_runs_per_group} finite runs over >= 3 "
-                           f"learning rates and >= 3 batch sizes near its best",
-                           empty, empty, empty, empty)
+        return _optima_not_ok(
+            FitStatus.INSUFFICIENT_DATA,
+            f"no group has >= {min_runs_per_group} finite runs over >= 3 "
+            f"learning rates and >= 3 batch sizes near its best",
+        )
     ng = len(good)
     sel = np.concatenate(good)
     gi = np.concatenate([np.full(g.size, k) for k, g in enumerate(good)])
@@ -339,22 +417,33 @@ def fit_group_optima(runs: Runs, *, window: float = 0.01, f_scale: float = 0.002
     n_shape = 6 if cubic else 3
 
     def residuals(theta):
-        c, xg, yg = theta[:ng], theta[ng:2 * ng], theta[2 * ng:3 * ng]
+        c, xg, yg = theta[:ng], theta[ng : 2 * ng], theta[2 * ng : 3 * ng]
         shape = np.zeros(6)
-        shape[:n_shape] = theta[3 * ng:]
-        return (c[gi] + _valley(*shape, x - xg[gi], y - yg[gi]) - t) * weights
+        shape[:n_shape] = theta[3 * ng :]
+        return (c[gi] + _valley(shape, x - xg[gi], y - yg[gi]) - t) * weights
 
     best = np.array([g[np.argmin(runs.loss[g])] for g in good])
     shape0 = np.zeros(n_shape)
     shape0[:2] = math.log(0.005)
-    theta0 = np.concatenate([np.log(runs.loss[best]), np.log(runs.learning_rate[best]),
-                             np.log(runs.batch_size_tokens[best]), shape0])
+    theta0 = np.concatenate(
+        [
+            np.log(runs.loss[best]),
+            np.log(runs.learning_rate[best]),
+            np.log(runs.batch_size_tokens[best]),
+            shape0,
+        ]
+    )
     try:
         sol = least_squares(residuals, theta0, loss="soft_l1", f_scale=f_scale, x_scale="jac")
     except (ValueError, np.linalg.LinAlgError) as exc:
-        return GroupOptima(FitStatus.FAILED, f"optimiser failed: {exc}",
-                           empty, empty, empty, empty)
+        return _optima_not_ok(FitStatus.FAILED, f"optimiser failed: {exc}")
     if not sol.success or not np.all(np.isfinite(sol.x)):
-        return GroupOptima(FitStatus.FAILED, "fit did not converge", empty, empty, empty, empty)
-    return GroupOptima(FitStatus.OK, "", runs.n_params[best], runs.n_tokens[best],
-                       np.exp(sol.x[ng:2 * ng]), np.exp(sol.x[2 * ng:3 * ng]))
+        return _optima_not_ok(FitStatus.FAILED, "fit did not converge")
+    return GroupOptima(
+        status=FitStatus.OK,
+        reason="",
+        n_params=runs.n_params[best],
+        n_tokens=runs.n_tokens[best],
+        learning_rate=np.exp(sol.x[ng : 2 * ng]),
+        batch_size_tokens=np.exp(sol.x[2 * ng : 3 * ng]),
+    )

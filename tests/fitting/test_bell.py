@@ -1,4 +1,5 @@
 """Bell curve of η*(B): profile minima, the bell fit, and laws across groups."""
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,7 @@ def test_profile_minimum_recovers_vertex_and_curvature():
     rng = np.random.default_rng(0)
     eta = 1e-3 * 2.0 ** np.arange(-4, 5, 0.5)
     u = np.log(eta / 2.3e-3)
-    loss = 3.0 + 0.05 * u ** 2 + rng.normal(0, 1e-4, eta.size)
+    loss = 3.0 + 0.05 * u**2 + rng.normal(0, 1e-4, eta.size)
     prof = profile_minimum(eta, loss, n_bootstrap=100)
     assert prof.status is FitStatus.OK
     assert prof.x_opt == pytest.approx(2.3e-3, rel=0.05)
@@ -66,12 +67,16 @@ def synthetic_surface(seed=0):
     rng = np.random.default_rng(seed)
     rows = []
     for d in (2e7, 5e7, 1.2e8, 3e8):
-        b_crit, peak, b_opt = 0.02 * d, 0.05 * d ** -0.15, 0.01 * d * (d / 2e7) ** -0.2
+        b_crit, peak, b_opt = 0.02 * d, 0.05 * d**-0.15, 0.01 * d * (d / 2e7) ** -0.2
         for b in b_crit * 2.0 ** np.arange(-4, 4.5):
             eta_star = bell_learning_rate(b, peak, b_crit)
             for eta in eta_star * 2.0 ** np.arange(-3, 3.5, 0.5):
-                loss = (2.5 + 0.04 * math.log(eta / eta_star) ** 2
-                        + 0.01 * math.log(b / b_opt) ** 2 + rng.normal(0, 2e-4))
+                loss = (
+                    2.5
+                    + 0.04 * math.log(eta / eta_star) ** 2
+                    + 0.01 * math.log(b / b_opt) ** 2
+                    + rng.normal(0, 2e-4)
+                )
                 rows.append((1e8, d, eta, b, math.inf if eta > 4 * eta_star else loss))
     return np.array(rows).T
 
@@ -88,8 +93,8 @@ def test_surface_recovers_laws_in_d_and_counts_divergence():
     assert fit.b_crit_law_joint.status is FitStatus.INSUFFICIENT_DATA
     assert "n_params takes a single value" in fit.b_crit_law_joint.reason
     eta, batch = fit.predict(1e8, 1e8)
-    b_crit, peak = 0.02 * 1e8, 0.05 * 1e8 ** -0.15
-    assert batch == pytest.approx(0.01 * 1e8 * 5 ** -0.2, rel=0.2)
+    b_crit, peak = 0.02 * 1e8, 0.05 * 1e8**-0.15
+    assert batch == pytest.approx(0.01 * 1e8 * 5**-0.2, rel=0.2)
     assert eta == pytest.approx(bell_learning_rate(batch, peak, b_crit), rel=0.1)
     assert fit.learning_rate_for_batch(1e8, 1e8, b_crit) == pytest.approx(peak, rel=0.1)
     for g in fit.groups:
@@ -108,8 +113,14 @@ def test_one_group_is_insufficient_for_laws():
 
 def test_steplaw_sweep():
     runs = load_steplaw_csv(STEPLAW_CSV)
-    fit = fit_bell_surface(runs.n_params, runs.n_tokens, runs.learning_rate,
-                           runs.batch_size_tokens, runs.loss, n_bootstrap=10)
+    fit = fit_bell_surface(
+        runs.n_params,
+        runs.n_tokens,
+        runs.learning_rate,
+        runs.batch_size_tokens,
+        runs.loss,
+        n_bootstrap=10,
+    )
     assert fit.status is FitStatus.OK and len(fit.groups) == 17
     # The optimal batch grows with D (Step Law publishes B = 0.58·D^0.571).
     assert 0.45 < fit.batch_size_opt_law.exponent("n_tokens") < 0.75
@@ -118,8 +129,10 @@ def test_steplaw_sweep():
     assert joint.ok and joint.exponent("n_params") < -0.5 and joint.exponent("n_tokens") > 0.1
     # b_crit grows with D.
     assert fit.b_crit_law.exponent("n_tokens") > 0.1
-    assert fit.n_groups_out_of_range + sum(
-        g.bell.ok and g.bell.b_crit_in_range for g in fit.groups) == 17
+    assert (
+        fit.n_groups_out_of_range + sum(g.bell.ok and g.bell.b_crit_in_range for g in fit.groups)
+        == 17
+    )
 
 
 def test_steplaw_leave_one_group_out_regret():
@@ -127,15 +140,24 @@ def test_steplaw_leave_one_group_out_regret():
     held-out (N, D) group of the Step Law sweep: 0.102 % mean regret of the nearest run."""
     runs = load_steplaw_csv(STEPLAW_CSV)
     regrets = []
-    for n, d, idx in runs.groups():
+    for group in runs.groups():
+        idx = group.index
         keep = np.ones(len(runs), bool)
         keep[idx] = False
         sub = runs.subset(keep)
-        fit = fit_bell_surface(sub.n_params, sub.n_tokens, sub.learning_rate,
-                               sub.batch_size_tokens, sub.loss, n_bootstrap=0)
-        eta, b = fit.predict(n, d)
-        dist = (np.log(runs.learning_rate[idx] / eta) ** 2
-                + np.log(runs.batch_size_tokens[idx] / b) ** 2)
+        fit = fit_bell_surface(
+            sub.n_params,
+            sub.n_tokens,
+            sub.learning_rate,
+            sub.batch_size_tokens,
+            sub.loss,
+            n_bootstrap=0,
+        )
+        eta, b = fit.predict(group.n_params, group.n_tokens)
+        dist = (
+            np.log(runs.learning_rate[idx] / eta) ** 2
+            + np.log(runs.batch_size_tokens[idx] / b) ** 2
+        )
         loss = runs.loss[idx]
         regrets.append(loss[np.argmin(dist)] / np.nanmin(loss) - 1)
     assert np.mean(regrets) == pytest.approx(0.00102, abs=0.0001)

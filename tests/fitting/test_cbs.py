@@ -1,4 +1,5 @@
 """Steps-to-target critical batch size (Zhang et al. 2024)."""
+
 from __future__ import annotations
 
 import math
@@ -41,7 +42,7 @@ def test_table6_recovered_from_steps_on_its_curve(model, a, b, log2_cbs):
     assert fit.status is FitStatus.OK
     assert math.log2(fit.critical_batch_size) == pytest.approx(log2_cbs, abs=0.1)
     iv = fit.critical_batch_size_interval
-    assert iv.low < 2 ** log2_cbs < iv.high
+    assert iv.low < 2**log2_cbs < iv.high
     assert fit.r2_log > 0.99 and fit.n_points == batch.size and fit.alpha == 1.0
 
 
@@ -52,8 +53,8 @@ def test_numeric_solution_matches_closed_form_and_its_definition():
     assert critical_batch_size(a, b, b_opt, alpha=1.0 + 1e-9) == pytest.approx(closed, rel=1e-6)
     for alpha in (0.7, 1.3):
         cbs = critical_batch_size(a, b, b_opt, alpha=alpha, overhead=0.2)
-        lhs = (a + b / cbs ** alpha) * cbs
-        rhs = 1.2 * (a + b / b_opt ** alpha) * b_opt
+        lhs = (a + b / cbs**alpha) * cbs
+        rhs = 1.2 * (a + b / b_opt**alpha) * b_opt
         assert lhs == pytest.approx(rhs, rel=1e-9) and cbs > b_opt
     with pytest.raises(ValueError, match="b_opt must be finite and > 0"):
         critical_batch_size(a, b, 0.0)
@@ -65,7 +66,7 @@ def test_free_alpha_is_recovered():
     rng = np.random.default_rng(2)
     batch = np.repeat(2.0 ** np.arange(5, 15), 3)
     a, b, alpha = 2000.0, 3e6, 1.2
-    steps = (a + b / batch ** alpha) * np.exp(rng.normal(0, 0.01, batch.size))
+    steps = (a + b / batch**alpha) * np.exp(rng.normal(0, 0.01, batch.size))
     fit = fit_critical_batch_size(batch, steps, alpha=None, b_opt=128.0, n_bootstrap=50)
     assert fit.status is FitStatus.OK
     assert fit.alpha == pytest.approx(alpha, abs=0.08)

@@ -1,4 +1,5 @@
-"""Importers: the bundled Step Law sweep and the generic runs CSV."""
+"""Importers: the bundled Step Law sweep, the generic runs CSV and the steps CSV; groups."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,9 +11,11 @@ import pytest
 from fitting.data import (
     Runs,
     RunsCsvError,
+    StepsCsvError,
     bundled_steplaw_path,
     load_runs_csv,
     load_steplaw_csv,
+    read_steps_csv,
 )
 
 HEADER = "n_params,n_tokens,seq_len,learning_rate,batch_size_tokens,final_loss"
@@ -31,7 +34,16 @@ def test_bundled_steplaw_is_the_published_file_and_loads():
     assert (path.parent / "CITATION.md").read_text().count("2503.04715") >= 1
     runs = load_steplaw_csv(path)
     assert len(runs) == 1911
-    assert len(runs.groups()) == 17
+    groups = runs.groups()
+    assert len(groups) == 17
+    # Sorted by N then D; each group names its (N, D) and the positions of its runs.
+    assert [(g.n_params, g.n_tokens) for g in groups] == sorted(
+        {(float(n), float(d)) for n, d in zip(runs.n_params, runs.n_tokens, strict=True)}
+    )
+    assert sum(g.index.size for g in groups) == len(runs)
+    first = groups[0]
+    assert np.all(runs.n_params[first.index] == first.n_params)
+    assert np.all(runs.n_tokens[first.index] == first.n_tokens)
     # bs is in sequences of 2048 tokens; bs · ti · 2048 ≈ D.
     assert set(np.unique(runs.seq_len)) == {2048}
     assert runs.batch_size_tokens.min() == 16 * 2048
@@ -58,11 +70,13 @@ def test_steplaw_bad_rows_are_all_reported_with_line_numbers(tmp_path):
 
 
 def test_generic_csv_round_trip_with_diverged_and_optional_columns(tmp_path):
-    text = (HEADER + ",steps_to_target,target_loss,trial_id,notes\n"
-            "1e8,2e9,2048,0.001,524288,3.1,1200,3.2,7,first\n"
-            "1e8,2e9,2048,0.02,524288,nan,inf,3.2,8,diverged\n"
-            "\n"
-            "2e8,4e9,1024,0.002,1048576,2.9,,,9,\n")
+    text = (
+        HEADER + ",steps_to_target,target_loss,trial_id,notes\n"
+        "1e8,2e9,2048,0.001,524288,3.1,1200,3.2,7,first\n"
+        "1e8,2e9,2048,0.02,524288,nan,inf,3.2,8,diverged\n"
+        "\n"
+        "2e8,4e9,1024,0.002,1048576,2.9,,,9,\n"
+    )
     runs = load_runs_csv(write(tmp_path, text))
     assert len(runs) == 3
     assert list(runs.trial_id) == [7, 8, 9]
@@ -74,13 +88,15 @@ def test_generic_csv_round_trip_with_diverged_and_optional_columns(tmp_path):
 
 
 def test_generic_csv_lists_every_bad_row_and_loads_nothing(tmp_path):
-    text = (HEADER + "\n"
-            "1e8,2e9,2048,0.001,524288,3.1\n"          # line 2 fine
-            "0,2e9,2048,0.001,524288,3.1\n"            # line 3
-            "1e8,2e9,20.5,0.001,524288,3.1\n"          # line 4
-            "1e8,2e9,2048,x,524288,\n"                 # line 5: two problems
-            "1e8,2e9,2048,0.001\n"                     # line 6: short row
-            "1e8,2e9,2048,0.001,524288,3.1,extra\n")   # line 7: long row
+    text = (
+        HEADER + "\n"
+        "1e8,2e9,2048,0.001,524288,3.1\n"  # line 2 fine
+        "0,2e9,2048,0.001,524288,3.1\n"  # line 3
+        "1e8,2e9,20.5,0.001,524288,3.1\n"  # line 4
+        "1e8,2e9,2048,x,524288,\n"  # line 5: two problems
+        "1e8,2e9,2048,0.001\n"  # line 6: short row
+        "1e8,2e9,2048,0.001,524288,3.1,extra\n"
+    )  # line 7: long row
     with pytest.raises(RunsCsvError) as info:
         load_runs_csv(write(tmp_path, text))
     errors = dict(info.value.errors)
@@ -102,31 +118,79 @@ def test_generic_csv_missing_column_and_empty_file(tmp_path):
 
 
 def test_partial_trial_ids_are_rejected(tmp_path):
-    text = (HEADER + ",trial_id\n"
-            "1e8,2e9,2048,0.001,524288,3.1,1\n"
-            "1e8,2e9,2048,0.002,524288,3.0,\n")
+    text = HEADER + ",trial_id\n1e8,2e9,2048,0.001,524288,3.1,1\n1e8,2e9,2048,0.002,524288,3.0,\n"
     with pytest.raises(RunsCsvError) as info:
         load_runs_csv(write(tmp_path, text))
     assert info.value.errors == [(3, "trial_id is empty (give it for every row or none)")]
 
 
 def test_runs_validation_and_records():
-    runs = Runs.from_records([
-        {"n_params": 1e8, "n_tokens": 2e9, "seq_len": 2048, "learning_rate": 1e-3,
-         "batch_size_tokens": 2 ** 19, "loss": 3.0},
-        {"n_params": 1e8, "n_tokens": 2e9, "seq_len": 2048, "learning_rate": 2e-3,
-         "batch_size_tokens": 2 ** 19, "final_loss": float("inf")},
-    ])
+    runs = Runs.from_records(
+        [
+            {
+                "n_params": 1e8,
+                "n_tokens": 2e9,
+                "seq_len": 2048,
+                "learning_rate": 1e-3,
+                "batch_size_tokens": 2**19,
+                "loss": 3.0,
+            },
+            {
+                "n_params": 1e8,
+                "n_tokens": 2e9,
+                "seq_len": 2048,
+                "learning_rate": 2e-3,
+                "batch_size_tokens": 2**19,
+                "final_loss": float("inf"),
+            },
+        ]
+    )
     assert len(runs) == 2 and runs.trial_id is None
     assert runs.diverged.tolist() == [False, True]
     with pytest.raises(ValueError, match="record 0: seq_len is required"):
-        Runs.from_records([{"n_params": 1, "n_tokens": 1, "learning_rate": 1,
-                            "batch_size_tokens": 1}])
+        Runs.from_records(
+            [{"n_params": 1, "n_tokens": 1, "learning_rate": 1, "batch_size_tokens": 1}]
+        )
     with pytest.raises(ValueError, match="batch_size_tokens must be finite and > 0"):
-        Runs(n_params=[1.0], n_tokens=[1.0], seq_len=[1], learning_rate=[1.0],
-             batch_size_tokens=[-1.0], loss=[1.0])
+        Runs(
+            n_params=[1.0],
+            n_tokens=[1.0],
+            seq_len=[1],
+            learning_rate=[1.0],
+            batch_size_tokens=[-1.0],
+            loss=[1.0],
+        )
     with pytest.raises(ValueError, match="loss has 2 entries, expected 1"):
-        Runs(n_params=[1.0], n_tokens=[1.0], seq_len=[1], learning_rate=[1.0],
-             batch_size_tokens=[1.0], loss=[1.0, 2.0])
+        Runs(
+            n_params=[1.0],
+            n_tokens=[1.0],
+            seq_len=[1],
+            learning_rate=[1.0],
+            batch_size_tokens=[1.0],
+            loss=[1.0, 2.0],
+        )
     sub = runs.subset(np.array([False, True]))
     assert len(sub) == 1 and sub.learning_rate[0] == 2e-3
+
+
+def test_steps_csv_keeps_censored_runs_and_reports_every_bad_row(tmp_path):
+    path = write(
+        tmp_path,
+        "n_params,batch_size,steps,note\n1e8,256,1000,x\n1e8,512,,\n2e8,256,inf,\n2e8,512,nan,\n",
+        "steps.csv",
+    )
+    n_params, batch, steps = read_steps_csv(path)
+    assert n_params.tolist() == [1e8, 1e8, 2e8, 2e8]
+    assert batch.tolist() == [256, 512, 256, 512]
+    assert steps[0] == 1000 and np.all(np.isinf(steps[1:]))
+    bad = write(
+        tmp_path, "n_params,batch_size,steps\n0,256,10\n1e8,abc,10\n1e8,256,-1\n", "bad.csv"
+    )
+    with pytest.raises(StepsCsvError) as info:
+        read_steps_csv(bad)
+    assert [line for line, _ in info.value.errors] == [2, 3, 4]
+    assert "line 4: steps must be > 0" in str(info.value)
+    with pytest.raises(StepsCsvError, match="missing column\\(s\\): steps"):
+        read_steps_csv(write(tmp_path, "n_params,batch_size\n1,2\n", "missing.csv"))
+    with pytest.raises(StepsCsvError, match="no data rows"):
+        read_steps_csv(write(tmp_path, "n_params,batch_size,steps\n", "empty.csv"))

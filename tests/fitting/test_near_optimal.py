@@ -1,4 +1,5 @@
 """Near-optimal regression: recovery of a known law, the Step Law sweep, thin data."""
+
 from __future__ import annotations
 
 import math
@@ -20,12 +21,12 @@ def synthetic_sweep(seed=0, noise=2e-4):
     rows = []
     for n in (1e8, 2e8, 4e8, 8e8):
         for d in (2e10, 4e10, 8e10, 1.6e11):
-            eta_star = 2.0 * n ** -0.7 * d ** 0.3
-            b_star = 0.5 * d ** 0.55
-            base = 2.0 + 10 * n ** -0.2
+            eta_star = 2.0 * n**-0.7 * d**0.3
+            b_star = 0.5 * d**0.55
+            base = 2.0 + 10 * n**-0.2
             for u in np.linspace(-1.5, 1.5, 13):
                 for v in np.linspace(-1.5, 1.5, 11):
-                    loss = base * (1 + 0.01 * u ** 2 + 0.006 * v ** 2) + rng.normal(0, noise)
+                    loss = base * (1 + 0.01 * u**2 + 0.006 * v**2) + rng.normal(0, noise)
                     rows.append((n, d, eta_star * math.exp(u), b_star * math.exp(v), loss))
     return np.array(rows).T
 
@@ -42,20 +43,22 @@ def test_recovers_known_exponents_with_intervals():
     iv = lr_law.exponent_interval("n_params")
     assert iv.low < lr_law.exponent("n_params") < iv.high
     eta, b = fit.predict(3e8, 5e10)
-    assert eta == pytest.approx(2.0 * 3e8 ** -0.7 * 5e10 ** 0.3, rel=0.15)
-    assert b == pytest.approx(0.5 * 5e10 ** 0.55, rel=0.15)
+    assert eta == pytest.approx(2.0 * 3e8**-0.7 * 5e10**0.3, rel=0.15)
+    assert b == pytest.approx(0.5 * 5e10**0.55, rel=0.15)
     assert fit.n_groups == 16 and 16 <= fit.n_points < n.size
 
 
 def test_batch_in_n_params_chosen_only_when_supported():
     n, d, lr, bs, loss = synthetic_sweep()
-    auto = fit_near_optimal(n, d, lr, bs, loss, tolerance=0.001, n_bootstrap=0,
-                            batch_uses_n_params=None)
+    auto = fit_near_optimal(
+        n, d, lr, bs, loss, tolerance=0.001, n_bootstrap=0, batch_uses_n_params=None
+    )
     assert not auto.batch_uses_n_params  # B* does not depend on N here
     # Make B* grow as N^0.5: now N is supported.
     bs2 = bs * (n / 1e8) ** 0.5
-    auto2 = fit_near_optimal(n, d, lr, bs2, loss, tolerance=0.001, n_bootstrap=0,
-                             batch_uses_n_params=None)
+    auto2 = fit_near_optimal(
+        n, d, lr, bs2, loss, tolerance=0.001, n_bootstrap=0, batch_uses_n_params=None
+    )
     assert auto2.batch_uses_n_params
     assert auto2.batch_size_law.exponent("n_params") == pytest.approx(0.5, abs=0.07)
 
@@ -97,21 +100,35 @@ def test_steplaw_sweep_leave_one_group_out_matches_reference():
     """Refitting the Step Law method leave-one-group-out on its own sweep gives about
     0.104 % mean regret of the nearest grid run (reference figure of the data's README)."""
     runs = load_steplaw_csv(STEPLAW_CSV)
-    full = fit_near_optimal(runs.n_params, runs.n_tokens, runs.learning_rate,
-                            runs.batch_size_tokens, runs.loss, n_bootstrap=50)
+    full = fit_near_optimal(
+        runs.n_params,
+        runs.n_tokens,
+        runs.learning_rate,
+        runs.batch_size_tokens,
+        runs.loss,
+        n_bootstrap=50,
+    )
     assert full.status is FitStatus.OK and full.n_groups == 17
     assert -0.9 < full.learning_rate_law.exponent("n_params") < -0.6
     assert 0.4 < full.batch_size_law.exponent("n_tokens") < 0.75
     regrets = []
-    for n, d, idx in runs.groups():
+    for group in runs.groups():
+        idx = group.index
         keep = np.ones(len(runs), bool)
         keep[idx] = False
-        fit = fit_near_optimal(runs.n_params[keep], runs.n_tokens[keep],
-                               runs.learning_rate[keep], runs.batch_size_tokens[keep],
-                               runs.loss[keep], n_bootstrap=0)
-        eta, b = fit.predict(n, d)
-        dist = (np.log(runs.learning_rate[idx] / eta) ** 2
-                + np.log(runs.batch_size_tokens[idx] / b) ** 2)
+        fit = fit_near_optimal(
+            runs.n_params[keep],
+            runs.n_tokens[keep],
+            runs.learning_rate[keep],
+            runs.batch_size_tokens[keep],
+            runs.loss[keep],
+            n_bootstrap=0,
+        )
+        eta, b = fit.predict(group.n_params, group.n_tokens)
+        dist = (
+            np.log(runs.learning_rate[idx] / eta) ** 2
+            + np.log(runs.batch_size_tokens[idx] / b) ** 2
+        )
         loss = runs.loss[idx]
         regrets.append(loss[np.argmin(dist)] / np.nanmin(loss) - 1)
     assert np.mean(regrets) == pytest.approx(0.00104, abs=0.0001)
@@ -121,15 +138,24 @@ def test_steplaw_sweep_leave_one_group_out_matches_reference():
 def steplaw_loo_regrets(**options):
     runs = load_steplaw_csv(STEPLAW_CSV)
     regrets = []
-    for n, d, idx in runs.groups():
+    for group in runs.groups():
+        idx = group.index
         keep = np.ones(len(runs), bool)
         keep[idx] = False
-        fit = fit_near_optimal(runs.n_params[keep], runs.n_tokens[keep],
-                               runs.learning_rate[keep], runs.batch_size_tokens[keep],
-                               runs.loss[keep], n_bootstrap=0, **options)
-        eta, b = fit.predict(n, d)
-        dist = (np.log(runs.learning_rate[idx] / eta) ** 2
-                + np.log(runs.batch_size_tokens[idx] / b) ** 2)
+        fit = fit_near_optimal(
+            runs.n_params[keep],
+            runs.n_tokens[keep],
+            runs.learning_rate[keep],
+            runs.batch_size_tokens[keep],
+            runs.loss[keep],
+            n_bootstrap=0,
+            **options,
+        )
+        eta, b = fit.predict(group.n_params, group.n_tokens)
+        dist = (
+            np.log(runs.learning_rate[idx] / eta) ** 2
+            + np.log(runs.batch_size_tokens[idx] / b) ** 2
+        )
         loss = runs.loss[idx]
         regrets.append(loss[np.argmin(dist)] / np.nanmin(loss) - 1)
     return np.array(regrets)
@@ -139,9 +165,15 @@ def test_steplaw_batch_law_in_n_params_when_supported():
     """On the Step Law sweep N is supported in the batch law (B ∝ N^-0.27·D^0.62 here) and
     using it lowers the leave-one-group-out regret from 0.104 % to 0.064 %."""
     runs = load_steplaw_csv(STEPLAW_CSV)
-    fit = fit_near_optimal(runs.n_params, runs.n_tokens, runs.learning_rate,
-                           runs.batch_size_tokens, runs.loss, n_bootstrap=50,
-                           batch_uses_n_params=None)
+    fit = fit_near_optimal(
+        runs.n_params,
+        runs.n_tokens,
+        runs.learning_rate,
+        runs.batch_size_tokens,
+        runs.loss,
+        n_bootstrap=50,
+        batch_uses_n_params=None,
+    )
     assert fit.batch_uses_n_params
     assert fit.batch_size_law.exponent_interval("n_params").high < 0
     regrets = steplaw_loo_regrets(batch_uses_n_params=None)

@@ -1,4 +1,5 @@
 """Two-batch gradient noise scale estimators and their moving averages."""
+
 from __future__ import annotations
 
 import math

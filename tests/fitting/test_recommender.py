@@ -1,4 +1,5 @@
 """The recommender: its contract, its closed forms on a known surface, and its quality."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,6 +13,7 @@ import pytest
 
 from fitting.data import Runs, bundled_steplaw_path, load_steplaw_csv
 from fitting.recommender import (
+    STATE_VERSION,
     Recommender,
     RecommenderUnavailable,
     fit_recommender,
@@ -31,8 +33,9 @@ def fitted(steplaw) -> Recommender:
     return fit_recommender(steplaw, n_bootstrap=20, seed=1)
 
 
-def synthetic_runs(*, eta=(-0.7, 0.3), batch=(0.0, 0.6), curv=(0.01, 0.006),
-                   loss_d=-0.04, noise=0.0, seed=0) -> Runs:
+def synthetic_runs(
+    *, eta=(-0.7, 0.3), batch=(0.0, 0.6), curv=(0.01, 0.006), loss_d=-0.04, noise=0.0, seed=0
+) -> Runs:
     """A full (η, B) grid per (N, D) group from a known surface:
     ln L = 0.9 − 0.06·n + loss_d·d + A·u² + Bc·v², optimum lines as power laws."""
     rng = np.random.default_rng(seed)
@@ -41,15 +44,27 @@ def synthetic_runs(*, eta=(-0.7, 0.3), batch=(0.0, 0.6), curv=(0.01, 0.006),
         for n_tokens in (5e9, 2e10, 8e10):
             n, d = math.log(n_params / 4e8), math.log(n_tokens / 2e10)
             x_opt = math.log(2e-3) + eta[0] * n + eta[1] * d
-            y_opt = math.log(2 ** 19) + batch[0] * n + batch[1] * d
+            y_opt = math.log(2**19) + batch[0] * n + batch[1] * d
             for x in x_opt + np.log(2) * np.arange(-3, 4) / 2 + 0.1:
                 for y in y_opt + np.log(2) * np.arange(-3, 4) / 2 - 0.1:
-                    log_loss = (0.9 - 0.06 * n + loss_d * d + curv[0] * (x - x_opt) ** 2
-                                + curv[1] * (y - y_opt) ** 2 + noise * rng.standard_normal())
-                    records.append({"n_params": n_params, "n_tokens": n_tokens,
-                                    "seq_len": 2048, "learning_rate": math.exp(x),
-                                    "batch_size_tokens": math.exp(y),
-                                    "loss": math.exp(log_loss)})
+                    log_loss = (
+                        0.9
+                        - 0.06 * n
+                        + loss_d * d
+                        + curv[0] * (x - x_opt) ** 2
+                        + curv[1] * (y - y_opt) ** 2
+                        + noise * rng.standard_normal()
+                    )
+                    records.append(
+                        {
+                            "n_params": n_params,
+                            "n_tokens": n_tokens,
+                            "seq_len": 2048,
+                            "learning_rate": math.exp(x),
+                            "batch_size_tokens": math.exp(y),
+                            "loss": math.exp(log_loss),
+                        }
+                    )
     return Runs.from_records(records)
 
 
@@ -65,19 +80,19 @@ def test_recovers_a_known_surface_and_its_critical_batch_size():
     assert params["loss_d"] == pytest.approx(-0.04, abs=1e-3)
     out = rec.recommend(4e8, 2e10)
     assert out.learning_rate == pytest.approx(2e-3, rel=0.02)
-    assert out.batch_size_tokens == pytest.approx(2 ** 19, rel=0.02)
+    assert out.batch_size_tokens == pytest.approx(2**19, rel=0.02)
     # Q_B(v) = Bc·v² with no coupling: v_c = sqrt(−loss_d·ln 1.2 / Bc) and
     # CBS = B*(1.2·D) · e^v_c.
     v_c = math.sqrt(0.04 * math.log(1.2) / 0.006)
-    expected = 2 ** 19 * 1.2 ** 0.6 * math.exp(v_c)
+    expected = 2**19 * 1.2**0.6 * math.exp(v_c)
     assert out.critical_batch_size_tokens == pytest.approx(expected, rel=0.03)
     # At the CBS itself both overheads vanish; at the optimum only steps are paid.
     at_cbs = rec.recommend(4e8, 2e10, batch_size_tokens=expected)
     assert at_cbs.token_overhead == pytest.approx(0.0, abs=0.02)
     assert at_cbs.step_overhead == pytest.approx(0.0, abs=0.02)
-    at_opt = rec.recommend(4e8, 2e10, batch_size_tokens=2 ** 19)
+    at_opt = rec.recommend(4e8, 2e10, batch_size_tokens=2**19)
     assert at_opt.token_overhead == 0.0
-    assert at_opt.step_overhead == pytest.approx(expected / 2 ** 19 / 1.2 - 1, rel=0.05)
+    assert at_opt.step_overhead == pytest.approx(expected / 2**19 / 1.2 - 1, rel=0.05)
     # No η–B coupling in this surface: the best η does not move with B.
     assert at_cbs.learning_rate_for_batch == pytest.approx(out.learning_rate, rel=0.02)
 
@@ -86,8 +101,12 @@ def test_contract_on_the_steplaw_sweep(fitted):
     assert fitted.status is FitStatus.OK and fitted.n_runs == 1911
     assert fitted.fitted_range["n_params"] == [214663680.0, 1073741824.0]
     out = fitted.recommend(4e8, 2e10, seq_len=4096)
-    for name in ("learning_rate", "batch_size_tokens", "batch_size_sequences",
-                 "critical_batch_size_tokens"):
+    for name in (
+        "learning_rate",
+        "batch_size_tokens",
+        "batch_size_sequences",
+        "critical_batch_size_tokens",
+    ):
         value = getattr(out, name)
         interval = getattr(out, f"{name}_interval")
         assert math.isfinite(value) and value > 0
@@ -96,20 +115,22 @@ def test_contract_on_the_steplaw_sweep(fitted):
         assert interval.low / 1.2 < value < interval.high * 1.2
     assert out.batch_size_sequences == pytest.approx(out.batch_size_tokens / 4096)
     assert out.critical_batch_size_tokens > out.batch_size_tokens
-    assert set(out.sources) == {"learning_rate", "batch_size_tokens",
-                                "critical_batch_size_tokens"}
+    assert set(out.sources) == {"learning_rate", "batch_size_tokens", "critical_batch_size_tokens"}
     assert "Zhang" in out.sources["critical_batch_size_tokens"]
     assert out.learning_rate_for_batch is None and out.step_overhead is None
-    assert out.warnings == ["seq_len=4096 is outside the fitted range [2048, 2048]; batch "
-                            "sizes are in tokens and assumed to transfer"]
+    assert out.warnings == [
+        "seq_len=4096 is outside the fitted range [2048, 2048]; batch "
+        "sizes are in tokens and assumed to transfer"
+    ]
     # Within the range the answer sits where the sweep's best runs are.
     assert 1e-3 < out.learning_rate < 4e-3
     assert 100 * 2048 < out.batch_size_tokens < 400 * 2048
     laws = fitted.power_laws()
     for name in ("learning_rate", "batch_size_tokens", "critical_batch_size_tokens"):
         law = laws[name]
-        value = law["coefficient"] * 4e8 ** law["n_params_exponent"] * 2e10 ** law[
-            "n_tokens_exponent"]
+        value = (
+            law["coefficient"] * 4e8 ** law["n_params_exponent"] * 2e10 ** law["n_tokens_exponent"]
+        )
         assert value == pytest.approx(getattr(out, name), rel=1e-9)
     # Like Step Law's: η falls with N and rises with D; B rises with D.
     assert laws["learning_rate"]["n_params_exponent"] < 0
@@ -145,28 +166,37 @@ def test_imposed_batch_size(fitted):
         iv = out.learning_rate_for_batch_interval
         assert iv.low < out.learning_rate_for_batch * 1.2 and iv.high > iv.low
         assert "learning_rate_for_batch" in out.sources
-    far = fitted.recommend(4e8, 2e10, batch_size_tokens=2 ** 24)
-    assert far.warnings == ["batch_size_tokens=1.678e+07 is outside the fitted range "
-                            "[3.277e+04, 4.194e+06]: extrapolating"]
+    far = fitted.recommend(4e8, 2e10, batch_size_tokens=2**24)
+    assert far.warnings == [
+        "batch_size_tokens=1.678e+07 is outside the fitted range "
+        "[3.277e+04, 4.194e+06]: extrapolating"
+    ]
     # A batch 8× the CBS costs more than the 20 % token overhead that defines the CBS.
-    assert fitted.recommend(4e8, 2e10, batch_size_tokens=8 * base.critical_batch_size_tokens
-                            ).token_overhead > 0.2
+    assert (
+        fitted.recommend(
+            4e8, 2e10, batch_size_tokens=8 * base.critical_batch_size_tokens
+        ).token_overhead
+        > 0.2
+    )
 
 
 def test_state_round_trips_through_json_and_queries_are_cheap(fitted):
     state = json.loads(json.dumps(fitted.to_dict()))
     again = Recommender.from_dict(state)
     assert again.status is FitStatus.OK and again.n_runs == fitted.n_runs
-    a = fitted.recommend(5e8, 3e10, batch_size_tokens=2 ** 20).as_dict()
-    b = again.recommend(5e8, 3e10, batch_size_tokens=2 ** 20).as_dict()
+    a = fitted.recommend(5e8, 3e10, batch_size_tokens=2**20).as_dict()
+    b = again.recommend(5e8, 3e10, batch_size_tokens=2**20).as_dict()
     assert a == b
     assert len(json.dumps(state)) < 50_000
     start = time.perf_counter()
     for _ in range(500):
         again.recommend(5e8, 3e10)
     assert (time.perf_counter() - start) / 500 < 1e-3
-    with pytest.raises(ValueError, match="not a loss_surface recommender state"):
-        Recommender.from_dict({**state, "version": 99})
+    # A state stored by another version (1 stored the steps-to-target law positionally) is
+    # refused, so that the service refits instead of misreading it.
+    for version in (STATE_VERSION - 1, 99):
+        with pytest.raises(ValueError, match="not a loss_surface recommender state"):
+            Recommender.from_dict({**state, "version": version})
 
 
 def test_bad_input_names_the_field(fitted):
@@ -184,7 +214,7 @@ def test_bad_input_names_the_field(fitted):
 
 def test_thin_data_is_insufficient_not_a_number(steplaw):
     groups = steplaw.groups()
-    three = np.concatenate([idx for _, _, idx in groups[:3]])
+    three = np.concatenate([group.index for group in groups[:3]])
     rec = fit_recommender(steplaw.subset(three), n_bootstrap=0)
     assert rec.status is FitStatus.INSUFFICIENT_DATA
     assert "need at least 4" in rec.reason and "have 3" in rec.reason
@@ -193,22 +223,32 @@ def test_thin_data_is_insufficient_not_a_number(steplaw):
     # The state of a thin fit still round-trips (the worker stores it with its reason).
     assert Recommender.from_dict(json.loads(json.dumps(rec.to_dict()))).reason == rec.reason
     # One N only: the N dependence cannot be fitted.
-    n0 = groups[0][0]
-    same_n = np.flatnonzero(steplaw.n_params == n0)
+    same_n = np.flatnonzero(steplaw.n_params == groups[0].n_params)
     rec = fit_recommender(steplaw.subset(same_n), n_bootstrap=0)
     assert rec.status is FitStatus.INSUFFICIENT_DATA and "2 distinct n_params" in rec.reason
     # Diverged-only data.
-    diverged = Runs(n_params=[1e8], n_tokens=[1e9], seq_len=[2048], learning_rate=[1.0],
-                    batch_size_tokens=[2048.0], loss=[float("nan")])
+    diverged = Runs(
+        n_params=[1e8],
+        n_tokens=[1e9],
+        seq_len=[2048],
+        learning_rate=[1.0],
+        batch_size_tokens=[2048.0],
+        loss=[float("nan")],
+    )
     assert fit_recommender(diverged).status is FitStatus.INSUFFICIENT_DATA
 
 
 def test_diverged_runs_are_tolerated(steplaw):
     loss = steplaw.loss.copy()
     loss[steplaw.learning_rate > 0.015] = float("inf")
-    runs = Runs(n_params=steplaw.n_params, n_tokens=steplaw.n_tokens, seq_len=steplaw.seq_len,
-                learning_rate=steplaw.learning_rate,
-                batch_size_tokens=steplaw.batch_size_tokens, loss=loss)
+    runs = Runs(
+        n_params=steplaw.n_params,
+        n_tokens=steplaw.n_tokens,
+        seq_len=steplaw.seq_len,
+        learning_rate=steplaw.learning_rate,
+        batch_size_tokens=steplaw.batch_size_tokens,
+        loss=loss,
+    )
     rec = fit_recommender(runs, n_bootstrap=0)
     assert rec.status is FitStatus.OK
     assert 1e-3 < rec.recommend(4e8, 2e10).learning_rate < 4e-3
@@ -216,7 +256,8 @@ def test_diverged_runs_are_tolerated(steplaw):
 
 def load_benchmark(name: str = "recommend_quality"):
     spec = importlib.util.spec_from_file_location(
-        name, REPO / "benchmarks" / "recommend_quality.py")
+        name, REPO / "benchmarks" / "recommend_quality.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
@@ -240,8 +281,11 @@ def test_in_sample_references_bound_the_hardest_group(steplaw):
     the run 0.234 % above its best (the benchmark's docstring explains why)."""
     bench = load_benchmark()
     refs = bench.in_sample_references(steplaw)
-    hard = [k for k, (n, d, _) in enumerate(steplaw.groups())
-            if abs(n / 4.29e8 - 1) < 0.01 and abs(d / 2.27e10 - 1) < 0.01]
+    hard = [
+        k
+        for k, group in enumerate(steplaw.groups())
+        if abs(group.n_params / 4.29e8 - 1) < 0.01 and abs(group.n_tokens / 2.27e10 - 1) < 0.01
+    ]
     assert len(hard) == 1
     for name in ("law fitted in-sample", "group's own optimum"):
         regret = 100 * refs[name]
@@ -254,11 +298,13 @@ def test_in_sample_references_bound_the_hardest_group(steplaw):
 def test_nested_choice_takes_the_option_with_the_best_inner_score(steplaw):
     bench = load_benchmark()
     groups = steplaw.groups()
-    runs = steplaw.subset(np.concatenate([idx for _, _, idx in groups[::2]]))
-    n, d, _ = groups[9]
+    runs = steplaw.subset(np.concatenate([group.index for group in groups[::2]]))
+    n, d = groups[9].n_params, groups[9].n_tokens
     grid = ({"window": 0.01}, {"window": 0.01, "cubic": False})
-    inner = [bench.leave_one_group_out(runs, lambda r, o=o: bench.recommender(r, **o)).mean()
-             for o in grid]
+    inner = [
+        bench.leave_one_group_out(runs, lambda r, o=o: bench.recommender(r, **o)).mean()
+        for o in grid
+    ]
     assert inner[0] != inner[1]
     answers = [bench.recommender(runs, **o)(n, d) for o in grid]
     assert answers[0] != pytest.approx(answers[1], rel=1e-3)
@@ -286,16 +332,29 @@ def test_steps_to_target_data_supplies_the_critical_batch_size():
     """Runs with steps-to-target follow Zhang et al.'s S(B) = a + b/B with k = b/a ∝ D^0.5;
     the CBS then comes from fitting.cbs, B* = 1.2·B_ref + 0.2·k per group."""
     surface = synthetic_runs()
-    records = [{"n_params": n, "n_tokens": d, "seq_len": 2048, "learning_rate": lr, "loss": loss,
-                "batch_size_tokens": b}
-               for n, d, lr, loss, b in zip(surface.n_params, surface.n_tokens,
-                                            surface.learning_rate, surface.loss,
-                                            surface.batch_size_tokens)]
-    b_ref = 2.0 ** 16
+    records = [
+        {
+            "n_params": n,
+            "n_tokens": d,
+            "seq_len": 2048,
+            "learning_rate": lr,
+            "loss": loss,
+            "batch_size_tokens": b,
+        }
+        for n, d, lr, loss, b in zip(
+            surface.n_params,
+            surface.n_tokens,
+            surface.learning_rate,
+            surface.loss,
+            surface.batch_size_tokens,
+            strict=True,
+        )
+    ]
+    b_ref = 2.0**16
     batches = b_ref * 2.0 ** np.arange(0, 9)
 
     def k_of(d):
-        return 2.0 ** 20 * (d / 1e10) ** 0.5
+        return 2.0**20 * (d / 1e10) ** 0.5
 
     for n_params in (2e8, 8e8):
         for n_tokens in (3e9, 1e10, 3e10):
@@ -303,15 +362,37 @@ def test_steps_to_target_data_supplies_the_critical_batch_size():
             a = n_tokens / (b_ref + k)  # tokens to target at B_ref = a·(B_ref + k) = D
             target = round(3.0 - 0.1 * math.log(n_tokens), 6)
             for b in batches:
-                records.append({"n_params": n_params, "n_tokens": (a + a * k / b) * b,
-                                "seq_len": 2048, "learning_rate": 1e-3, "loss": target,
-                                "batch_size_tokens": b, "steps_to_target": a + a * k / b,
-                                "target_loss": target})
+                records.append(
+                    {
+                        "n_params": n_params,
+                        "n_tokens": (a + a * k / b) * b,
+                        "seq_len": 2048,
+                        "learning_rate": 1e-3,
+                        "loss": target,
+                        "batch_size_tokens": b,
+                        "steps_to_target": a + a * k / b,
+                        "target_loss": target,
+                    }
+                )
     runs = Runs.from_records(records)
     rec = fit_recommender(runs, n_bootstrap=10, window=0.05)
     assert rec.status is FitStatus.OK, rec.reason
     state = json.loads(json.dumps(rec.to_dict()))
-    assert state["cbs_law"]["n_groups"] == 6
+    law = state["cbs_law"]
+    assert law["n_groups"] == 6 and law["regressors"] == ["n_params", "n_tokens"]
+    # Stored by name: ln k = log_coefficient + n_params_exponent·ln N + n_tokens_exponent·ln D
+    # with k = 2^20·(D/1e10)^0.5 here, and one entry per bootstrap draw of each law.
+    assert law["k"]["n_tokens_exponent"] == pytest.approx(0.5, abs=0.01)
+    assert law["k"]["n_params_exponent"] == pytest.approx(0.0, abs=0.01)
+    assert law["k"]["log_coefficient"] == pytest.approx(
+        math.log(2.0**20) - 0.5 * math.log(1e10), abs=0.05
+    )
+    assert 2 <= len(law["critical_batch_size_draws"]) == len(law["k_draws"]) <= 10
+    assert set(law["critical_batch_size"]) == {
+        "log_coefficient",
+        "n_params_exponent",
+        "n_tokens_exponent",
+    }
     again = Recommender.from_dict(state)
     out = again.recommend(4e8, 1e10)
     assert "steps-to-target" in out.sources["critical_batch_size_tokens"]
@@ -326,8 +407,9 @@ def test_steps_to_target_data_supplies_the_critical_batch_size():
     big = again.recommend(4e8, 1e10, batch_size_tokens=4 * expected)
     assert big.token_overhead == pytest.approx((4 * expected + k) / (expected + k) - 1, rel=0.1)
     small = again.recommend(4e8, 1e10, batch_size_tokens=expected / 4)
-    assert small.step_overhead == pytest.approx((1 + 4 * k / expected) / (1 + k / expected) - 1,
-                                                rel=0.1)
+    assert small.step_overhead == pytest.approx(
+        (1 + 4 * k / expected) / (1 + k / expected) - 1, rel=0.1
+    )
     assert small.token_overhead == 0.0
     # Without steps-to-target columns the surface supplies the CBS.
     plain = fit_recommender(surface, n_bootstrap=0, window=0.05).recommend(4e8, 1e10)

@@ -1,4 +1,5 @@
 """The loss surface's options and its per-group optima, on surfaces with known answers."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,17 @@ from fitting.results import FitStatus
 from fitting.surface import fit_group_optima, fit_surface
 
 # ln η and ln B offsets of each group's optimum from the power laws, in group order.
-SHIFTS = [(0.15, -0.10), (-0.12, 0.08), (0.0, 0.0), (0.20, 0.12), (-0.08, -0.15),
-          (0.05, 0.10), (-0.18, 0.05), (0.10, -0.05), (0.0, 0.15)]
+SHIFTS = [
+    (0.15, -0.10),
+    (-0.12, 0.08),
+    (0.0, 0.0),
+    (0.20, 0.12),
+    (-0.08, -0.15),
+    (0.05, 0.10),
+    (-0.18, 0.05),
+    (0.10, -0.05),
+    (0.0, 0.15),
+]
 
 
 def grid_runs(*, shifts=None, cubic_eta=0.0) -> Runs:
@@ -26,16 +36,23 @@ def grid_runs(*, shifts=None, cubic_eta=0.0) -> Runs:
             n, d = math.log(n_params / 4e8), math.log(n_tokens / 2e10)
             dx, dy = shifts[g] if shifts else (0.0, 0.0)
             x_opt = math.log(2e-3) - 0.7 * n + 0.3 * d + dx
-            y_opt = math.log(2 ** 19) + 0.6 * d + dy
+            y_opt = math.log(2**19) + 0.6 * d + dy
             for x in x_opt - dx + np.log(2) * np.arange(-3, 4) / 2 + 0.1:
                 for y in y_opt - dy + np.log(2) * np.arange(-3, 4) / 2 - 0.1:
                     u, v = x - x_opt, y - y_opt
-                    log_loss = (0.9 - 0.06 * n - 0.04 * d + 0.01 * u * u + 0.006 * v * v
-                                + cubic_eta * u ** 3)
-                    records.append({"n_params": n_params, "n_tokens": n_tokens,
-                                    "seq_len": 2048, "learning_rate": math.exp(x),
-                                    "batch_size_tokens": math.exp(y),
-                                    "loss": math.exp(log_loss)})
+                    log_loss = (
+                        0.9 - 0.06 * n - 0.04 * d + 0.01 * u * u + 0.006 * v * v + cubic_eta * u**3
+                    )
+                    records.append(
+                        {
+                            "n_params": n_params,
+                            "n_tokens": n_tokens,
+                            "seq_len": 2048,
+                            "learning_rate": math.exp(x),
+                            "batch_size_tokens": math.exp(y),
+                            "loss": math.exp(log_loss),
+                        }
+                    )
             g += 1
     return Runs.from_records(records)
 
@@ -63,15 +80,18 @@ def test_group_optima_find_each_groups_own_optimum_off_the_laws():
     assert optima.n_params.size == len(SHIFTS)
     law = fit_surface(runs, window=0.05).params
     law_misses = []
-    for g, (n_params, n_tokens) in enumerate(zip(optima.n_params, optima.n_tokens)):
+    for g, (n_params, n_tokens) in enumerate(zip(optima.n_params, optima.n_tokens, strict=True)):
         n, d = math.log(n_params / 4e8), math.log(n_tokens / 2e10)
         dx, dy = SHIFTS[g]
         x_true = math.log(2e-3) - 0.7 * n + 0.3 * d + dx
-        y_true = math.log(2 ** 19) + 0.6 * d + dy
+        y_true = math.log(2**19) + 0.6 * d + dy
         assert math.log(optima.learning_rate[g]) == pytest.approx(x_true, abs=0.01)
         assert math.log(optima.batch_size_tokens[g]) == pytest.approx(y_true, abs=0.01)
-        x_law = law.eta_0 + law.eta_n * (math.log(n_params) - law.n_ref) + law.eta_d * (
-            math.log(n_tokens) - law.d_ref)
+        x_law = (
+            law.eta_0
+            + law.eta_n * (math.log(n_params) - law.n_ref)
+            + law.eta_d * (math.log(n_tokens) - law.d_ref)
+        )
         law_misses.append(abs(x_law - x_true))
     # The laws cannot follow the shifts: they miss by about the shifts' size.
     assert max(law_misses) > 0.1
@@ -83,8 +103,9 @@ def test_group_optima_report_thin_data_and_bad_options():
         fit_group_optima(runs, window=0)
     with pytest.raises(ValueError, match="f_scale must be > 0"):
         fit_group_optima(runs, f_scale=-1)
-    two_lr = runs.subset(np.flatnonzero(runs.learning_rate < np.sort(
-        np.unique(runs.learning_rate))[2]))
+    two_lr = runs.subset(
+        np.flatnonzero(runs.learning_rate < np.sort(np.unique(runs.learning_rate))[2])
+    )
     thin = fit_group_optima(two_lr, window=0.05)
     assert thin.status is FitStatus.INSUFFICIENT_DATA and "3 learning rates" in thin.reason
     assert thin.learning_rate.size == 0

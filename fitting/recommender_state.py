@@ -1,0 +1,138 @@
+"""The recommender's fitted state, by name: what :func:`fitting.recommender.fit_recommender`
+keeps and :meth:`fitting.recommender.Recommender.to_dict` stores.
+
+* :class:`SurfacePoint`: one fit of the loss surface (:mod:`fitting.surface`) with v_c, the
+  offset of ln CBS that the fit implies at ε; one for the fit and one per bootstrap draw.
+* :class:`SurfaceDraws`: the draws as arrays, evaluated together at query time.
+* The fitted range: the span of the runs in N, D, D/N, seq_len and B
+  (:func:`fitted_range_of`), and the warnings a query outside it gets.
+
+The steps-to-target CBS law is :class:`fitting.steps_law.StepsCbsLaw`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from fitting import surface as surf
+from fitting.data import Runs
+
+
+@dataclass(frozen=True)
+class SurfacePoint:
+    """One fit of the loss surface: its ``params`` and ``cbs_offset`` = v_c, the offset of
+    ln CBS at the fit's ε (:func:`fitting.surface.critical_log_batch_offset`; NaN when the
+    loss at the optimum does not fall with D)."""
+
+    params: surf.SurfaceParams[float]
+    cbs_offset: float
+
+    @classmethod
+    def from_params(cls, params: surf.SurfaceParams[float], overhead: float) -> SurfacePoint:
+        offset = float(surf.critical_log_batch_offset(params, overhead))
+        return cls(params=params, cbs_offset=offset)
+
+    def as_dict(self) -> dict[str, float]:
+        """One flat row: every :class:`~fitting.surface.SurfaceParams` field, then cbs_offset."""
+        return {**self.params.as_dict(), "cbs_offset": self.cbs_offset}
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, float]) -> SurfacePoint:
+        values = {f.name: float(row[f.name]) for f in fields(surf.SurfaceParams)}
+        return cls(params=surf.SurfaceParams(**values), cbs_offset=float(row["cbs_offset"]))
+
+
+@dataclass(frozen=True, eq=False)
+class SurfaceDraws:
+    """The bootstrap draws' :class:`SurfacePoint` as arrays, one entry per draw: ``params``
+    holds arrays where a fit holds floats (the closed forms of :mod:`fitting.surface` take
+    either), ``cbs_offset`` the draws' v_c."""
+
+    params: surf.SurfaceParams[np.ndarray]
+    cbs_offset: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.cbs_offset.size)
+
+    @classmethod
+    def stack(cls, points: Sequence[SurfacePoint]) -> SurfaceDraws:
+        columns = {
+            f.name: np.array([getattr(point.params, f.name) for point in points], dtype=float)
+            for f in fields(surf.SurfaceParams)
+        }
+        return cls(
+            params=surf.SurfaceParams[np.ndarray](**columns),
+            cbs_offset=np.array([point.cbs_offset for point in points], dtype=float),
+        )
+
+
+def fitted_range_of(runs: Runs) -> dict[str, list[float]]:
+    """The span of the runs in each quantity the recommender warns about."""
+    if not len(runs):
+        return {
+            "n_params": [],
+            "n_tokens": [],
+            "tokens_per_param": [],
+            "seq_len": [],
+            "batch_size_tokens": [],
+        }
+    ratio = runs.n_tokens / runs.n_params
+    return {
+        "n_params": [float(runs.n_params.min()), float(runs.n_params.max())],
+        "n_tokens": [float(runs.n_tokens.min()), float(runs.n_tokens.max())],
+        "tokens_per_param": [float(ratio.min()), float(ratio.max())],
+        "seq_len": [float(runs.seq_len.min()), float(runs.seq_len.max())],
+        "batch_size_tokens": [
+            float(runs.batch_size_tokens.min()),
+            float(runs.batch_size_tokens.max()),
+        ],
+    }
+
+
+def range_warnings(
+    fitted_range: Mapping[str, Sequence[float]], n_params: float, n_tokens: float, seq_len: int
+) -> list[str]:
+    """One warning for each of N, D, D/N and seq_len that lies outside ``fitted_range``."""
+    out = []
+    for name, value in (("n_params", n_params), ("n_tokens", n_tokens)):
+        low, high = fitted_range[name]
+        if value < low * (1 - 1e-9) or value > high * (1 + 1e-9):
+            out.append(
+                f"{name}={value:.4g} is outside the fitted range "
+                f"[{low:.4g}, {high:.4g}]: extrapolating"
+            )
+    ratio = n_tokens / n_params
+    low, high = fitted_range["tokens_per_param"]
+    if ratio < low * (1 - 1e-9) or ratio > high * (1 + 1e-9):
+        out.append(
+            f"n_tokens/n_params={ratio:.4g} is outside the fitted range "
+            f"[{low:.4g}, {high:.4g}]: extrapolating"
+        )
+    seq_lens = fitted_range.get("seq_len")
+    if seq_lens and not (seq_lens[0] <= seq_len <= seq_lens[1]):
+        out.append(
+            f"seq_len={seq_len} is outside the fitted range "
+            f"[{seq_lens[0]:g}, {seq_lens[1]:g}]; batch sizes are in tokens and "
+            f"assumed to transfer"
+        )
+    return out
+
+
+def batch_range_warnings(
+    fitted_range: Mapping[str, Sequence[float]], batch_size_tokens: float
+) -> list[str]:
+    """A warning when an imposed ``batch_size_tokens`` lies outside ``fitted_range``."""
+    batch_range = fitted_range.get("batch_size_tokens")
+    if batch_range and not (
+        batch_range[0] * (1 - 1e-9) <= batch_size_tokens <= batch_range[1] * (1 + 1e-9)
+    ):
+        return [
+            f"batch_size_tokens={batch_size_tokens:.4g} is outside the "
+            f"fitted range [{batch_range[0]:.4g}, {batch_range[1]:.4g}]: "
+            f"extrapolating"
+        ]
+    return []

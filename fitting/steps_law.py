@@ -1,0 +1,226 @@
+"""The critical batch size as a law in (N, D) across groups of runs that carry steps to a
+target loss: Zhang et al. (2024)'s method as :mod:`fitting.recommender` uses it.
+
+Runs are grouped by (n_params, target_loss). Per group, log S = log(a + b/B) is fitted
+(:func:`fitting.cbs.fit_critical_batch_size`, α = 1), which gives
+
+    B*_g = (1+ε)·B_ref + ε·k_g,   k_g = b/a,   D_g = S(B_ref)·B_ref,
+
+with B_ref the group's smallest batch size and D_g the tokens it takes to reach the target
+there. Across at least 3 groups, both B* and k are fitted as power laws in log space
+(:mod:`fitting.powerlaw`),
+
+    ln B* = log_coefficient + n_params_exponent·ln N + n_tokens_exponent·ln D,
+
+and likewise ln k; in D alone (n_params_exponent = 0) when the joint law cannot be fitted.
+A bootstrap over groups refits both laws; its draws give the interval of B*.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fitting.cbs import fit_cbs_scaling, fit_critical_batch_size
+from fitting.data import Runs
+from fitting.powerlaw import PowerLawFit, fit_power_law
+
+_JOINT: tuple[str, ...] = ("n_params", "n_tokens")
+_TOKENS_ONLY: tuple[str, ...] = ("n_tokens",)
+
+
+@dataclass(frozen=True)
+class LogLinearLaw:
+    """y = e^log_coefficient · N^n_params_exponent · D^n_tokens_exponent, kept in log space:
+
+        ln y = log_coefficient + n_params_exponent·ln N + n_tokens_exponent·ln D.
+
+    An exponent the law was not fitted in is 0.
+    """
+
+    log_coefficient: float
+    n_params_exponent: float
+    n_tokens_exponent: float
+
+    @classmethod
+    def from_power_law(cls, fit: PowerLawFit) -> LogLinearLaw:
+        """The law of an ok :class:`~fitting.powerlaw.PowerLawFit` in n_params and/or n_tokens."""
+        exponents = dict(zip(fit.names, fit.exponents, strict=True))
+        return cls(
+            log_coefficient=math.log(fit.coefficient),
+            n_params_exponent=exponents.get("n_params", 0.0),
+            n_tokens_exponent=exponents.get("n_tokens", 0.0),
+        )
+
+    def terms(self) -> np.ndarray:
+        """(log_coefficient, n_params_exponent, n_tokens_exponent), so that
+        ln y = terms · (1, ln N, ln D)."""
+        return np.array([self.log_coefficient, self.n_params_exponent, self.n_tokens_exponent])
+
+    def log_value(self, log_n: float, log_d: float) -> float:
+        """ln y at ln N = ``log_n``, ln D = ``log_d``."""
+        return float(self.terms() @ np.array([1.0, log_n, log_d]))
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "log_coefficient": self.log_coefficient,
+            "n_params_exponent": self.n_params_exponent,
+            "n_tokens_exponent": self.n_tokens_exponent,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, float]) -> LogLinearLaw:
+        return cls(
+            log_coefficient=float(d["log_coefficient"]),
+            n_params_exponent=float(d["n_params_exponent"]),
+            n_tokens_exponent=float(d["n_tokens_exponent"]),
+        )
+
+
+@dataclass(frozen=True)
+class StepsCbsLaw:
+    """The critical batch size law (``critical_batch_size``, B* in tokens) and the law of
+    k = b/a (``k``, tokens) of the module docstring, fitted over ``n_groups`` groups in the
+    ``regressors`` (("n_params", "n_tokens") or ("n_tokens",)), with the bootstrap refits
+    of each (``critical_batch_size_draws`` and ``k_draws``, one entry per ok draw, in the
+    same order).
+    """
+
+    regressors: tuple[str, ...]
+    n_groups: int
+    critical_batch_size: LogLinearLaw
+    k: LogLinearLaw
+    critical_batch_size_draws: tuple[LogLinearLaw, ...] = ()
+    k_draws: tuple[LogLinearLaw, ...] = ()
+
+    def log_critical_batch_size_draws(self, log_n: float, log_d: float) -> np.ndarray:
+        """ln B* of every bootstrap draw at (ln N, ln D) (empty without draws)."""
+        if not self.critical_batch_size_draws:
+            return np.zeros(0)
+        terms = np.array([law.terms() for law in self.critical_batch_size_draws])
+        return terms @ np.array([1.0, log_n, log_d])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "regressors": list(self.regressors),
+            "n_groups": self.n_groups,
+            "critical_batch_size": self.critical_batch_size.as_dict(),
+            "k": self.k.as_dict(),
+            "critical_batch_size_draws": [law.as_dict() for law in self.critical_batch_size_draws],
+            "k_draws": [law.as_dict() for law in self.k_draws],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StepsCbsLaw:
+        return cls(
+            regressors=tuple(str(name) for name in d["regressors"]),
+            n_groups=int(d["n_groups"]),
+            critical_batch_size=LogLinearLaw.from_dict(d["critical_batch_size"]),
+            k=LogLinearLaw.from_dict(d["k"]),
+            critical_batch_size_draws=tuple(
+                LogLinearLaw.from_dict(law) for law in d["critical_batch_size_draws"]
+            ),
+            k_draws=tuple(LogLinearLaw.from_dict(law) for law in d["k_draws"]),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class _GroupValues:
+    """Per (n_params, target_loss) group with an ok fit: N, D_g, B*_g and k_g (arrays)."""
+
+    n_params: np.ndarray
+    n_tokens: np.ndarray
+    critical_batch_size: np.ndarray
+    k: np.ndarray
+
+    def laws(
+        self, pick: np.ndarray, regressors: Sequence[str]
+    ) -> tuple[LogLinearLaw, LogLinearLaw] | None:
+        """(B* law, k law) over the groups ``pick`` in ``regressors``; None unless both fit."""
+        regs = {name: getattr(self, name)[pick] for name in regressors}
+        cbs = fit_cbs_scaling(
+            self.critical_batch_size[pick],
+            n_params=regs.get("n_params"),
+            n_tokens=regs.get("n_tokens"),
+            n_bootstrap=0,
+        )
+        k = fit_power_law(self.k[pick], regs, n_bootstrap=0)
+        if not (cbs.ok and k.ok):
+            return None
+        return LogLinearLaw.from_power_law(cbs), LogLinearLaw.from_power_law(k)
+
+
+def _group_values(runs: Runs, overhead: float) -> _GroupValues | None:
+    """Fit log S = log(a + b/B) per (n_params, target_loss) group; None without any
+    steps-to-target data."""
+    if runs.steps_to_target is None or runs.target_loss is None:
+        return None
+    has = ~np.isnan(runs.steps_to_target) & np.isfinite(runs.target_loss)
+    if not has.any():
+        return None
+    keys = np.column_stack([runs.n_params[has], runs.target_loss[has]])
+    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    batch, steps = runs.batch_size_tokens[has], runs.steps_to_target[has]
+    n_g, d_g, cbs_g, k_g = [], [], [], []
+    for i, (n_params, _) in enumerate(uniq):
+        sel = inverse == i
+        fit = fit_critical_batch_size(batch[sel], steps[sel], overhead=overhead, n_bootstrap=0)
+        if fit.ok and fit.a > 0:
+            n_g.append(n_params)
+            d_g.append(float(fit.predict_steps(fit.b_opt)) * fit.b_opt)
+            cbs_g.append(fit.critical_batch_size)
+            k_g.append(fit.b / fit.a)
+    return _GroupValues(
+        n_params=np.array(n_g),
+        n_tokens=np.array(d_g),
+        critical_batch_size=np.array(cbs_g),
+        k=np.array(k_g),
+    )
+
+
+def fit_steps_cbs_law(
+    runs: Runs, *, overhead: float, n_bootstrap: int, seed: int
+) -> tuple[StepsCbsLaw | None, str]:
+    """The law of the module docstring at ε = ``overhead``, with ``n_bootstrap`` refits over
+    groups (seeded); ``(None, why not)`` without steps-to-target data for 3 groups or when
+    neither the joint law nor the law in D can be fitted."""
+    groups = _group_values(runs, overhead)
+    if groups is None:
+        return None, "no steps-to-target data"
+    n_groups = int(groups.critical_batch_size.size)
+    if n_groups < 3:
+        return None, (
+            f"{n_groups} (n_params, target_loss) groups have a steps-to-target "
+            f"fit; the CBS law needs 3"
+        )
+    every = np.arange(n_groups)
+    regressors = _JOINT
+    best = groups.laws(every, regressors)
+    if best is None:
+        regressors = _TOKENS_ONLY
+        best = groups.laws(every, regressors)
+    if best is None:
+        return None, "the steps-to-target CBS values do not support a power law in n_tokens"
+    cbs_law, k_law = best
+    rng = np.random.default_rng(seed)
+    cbs_draws, k_draws = [], []
+    for _ in range(n_bootstrap):
+        draw = groups.laws(rng.integers(0, n_groups, n_groups), regressors)
+        if draw is not None:
+            cbs_draw, k_draw = draw
+            cbs_draws.append(cbs_draw)
+            k_draws.append(k_draw)
+    law = StepsCbsLaw(
+        regressors=regressors,
+        n_groups=n_groups,
+        critical_batch_size=cbs_law,
+        k=k_law,
+        critical_batch_size_draws=tuple(cbs_draws),
+        k_draws=tuple(k_draws),
+    )
+    return law, ""
