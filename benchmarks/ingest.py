@@ -16,6 +16,7 @@ single pass takes minutes already.
 The last line is machine-readable:
 ``ingest points_per_s=<float> optuna_points_per_s=<float> ratio=<float>``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,11 +39,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from client import HyperlawClient  # noqa: E402
-from server.core.db import create_postgres_database as create_database  # noqa: E402
-from server.core.db import drop_postgres_database as drop_database  # noqa: E402
+from tests.databases import DEFAULT_ADMIN_URL  # noqa: E402
+from tests.databases import create_postgres_database as create_database  # noqa: E402
+from tests.databases import drop_postgres_database as drop_database  # noqa: E402
 
 log = logging.getLogger("benchmarks.ingest")
-DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 POINTS_PER_TRIAL = 10_000
 
 
@@ -50,9 +51,16 @@ def curve(step: int, rng: random.Random) -> dict:
     """A plausible loss-curve row (every field filled, as the trainer sends them)."""
     loss = 2.0 + 8.0 / math.sqrt(step + 1) + rng.gauss(0, 0.01)
     return {
-        "step": step, "tokens": step * 524_288, "train_loss": loss, "eval_loss": loss + 0.02,
-        "ewa_eval_loss": loss + 0.01, "lr": 3e-4, "grad_norm": 0.5 + rng.random(),
-        "b_simple": 1e5 * (1 + rng.random()), "tokens_per_s": 2.5e5, "wall_time_s": step * 0.7,
+        "step": step,
+        "tokens": step * 524_288,
+        "train_loss": loss,
+        "eval_loss": loss + 0.02,
+        "ewa_eval_loss": loss + 0.01,
+        "lr": 3e-4,
+        "grad_norm": 0.5 + rng.random(),
+        "b_simple": 1e5 * (1 + rng.random()),
+        "tokens_per_s": 2.5e5,
+        "wall_time_s": step * 0.7,
     }
 
 
@@ -64,9 +72,23 @@ def start_server(database_url: str, log_dir: Path) -> tuple[subprocess.Popen, st
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     log_file = open(log_dir / "server.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.commands", "--log-level", "WARNING", "serve",
-         "--no-worker", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "hyperlaw",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--no-worker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -85,17 +107,15 @@ def start_server(database_url: str, log_dir: Path) -> tuple[subprocess.Popen, st
 def bench_hyperlaw(admin_url: str, n_points: int, repeats: int = 3) -> float:
     """Median points/s over ``repeats`` rounds of ``n_points`` into fresh trials."""
     from server import crud
-    from server.core.db import make_engine, make_session_factory, session_scope, upgrade
+    from server.core.db import open_database, upgrade
     from server.models import TokenScope
 
     url = create_database(admin_url, "hyperlaw_bench")
     proc = None
     try:
         upgrade(url)
-        engine = make_engine(url)
-        with session_scope(make_session_factory(engine)) as session:
+        with open_database(url) as database, database.session() as session:
             _row, token = crud.create_token(session=session, name="bench", scope=TokenScope.WRITE)
-        engine.dispose()
         with tempfile.TemporaryDirectory() as tmp:
             proc, base_url = start_server(url, Path(tmp))
             client = HyperlawClient(base_url, token, timeout=60)
@@ -105,8 +125,12 @@ def bench_hyperlaw(admin_url: str, n_points: int, repeats: int = 3) -> float:
 
             def new_trial(i: int) -> int:
                 return client.create_trial(
-                    experiment_id=exp["id"], n_params=10**8, n_tokens=10**10, seq_len=2048,
-                    learning_rate=3e-4 * (1 + i), batch_size_tokens=2048 * 256,
+                    experiment_id=exp["id"],
+                    n_params=10**8,
+                    n_tokens=10**10,
+                    seq_len=2048,
+                    learning_rate=3e-4 * (1 + i),
+                    batch_size_tokens=2048 * 256,
                 )["id"]
 
             client.post_points(new_trial(0), [curve(s, rng) for s in range(POINTS_PER_TRIAL)])
@@ -163,12 +187,13 @@ def bench_optuna(admin_url: str, n_points: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--points", type=int, default=30_000,
-                        help="points per side (and per hyperlaw round)")
+    parser.add_argument(
+        "--points", type=int, default=30_000, help="points per side (and per hyperlaw round)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="hyperlaw rounds (median)")
     parser.add_argument(
         "--database-url",
-        default=os.environ.get("HYPERLAW_TEST_DATABASE_URL", DEFAULT_PG),
+        default=os.environ.get("HYPERLAW_TEST_DATABASE_URL", DEFAULT_ADMIN_URL),
         help="a PostgreSQL database on the server to use (bench databases are created there)",
     )
     args = parser.parse_args(argv)

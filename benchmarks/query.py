@@ -12,6 +12,7 @@ queueing: latency ≈ connections / throughput (Little's law), hence the modest 
 Usage: ``python benchmarks/query.py [--connections 8] [--seconds 10]``. The last line is
 ``query rps=<float> p50_ms=<float> p99_ms=<float>``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,13 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-log = logging.getLogger("benchmarks.query")
+from tests.databases import (  # noqa: E402
+    DEFAULT_ADMIN_URL,
+    create_postgres_database,
+    drop_postgres_database,
+)
 
-DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+log = logging.getLogger("benchmarks.query")
 QUERIES = [
     "/v1/recommendations?n_params=1e9&n_tokens=1e11",
     "/v1/recommendations?n_params=3e8&n_tokens=2e10&seq_len=4096",
@@ -55,19 +60,19 @@ def _driver_url(url: str) -> str:
 
 
 def seed(url: str) -> None:
-    from server.core.db import make_engine, upgrade
-    from server.worker import refit_once
-    from server.worker_commands import import_steplaw
+    from server.core.db import open_database, upgrade
+    from server.importers import import_steplaw
+    from server.worker.loop import refit_once
 
     upgrade(url)
-    _exp, created, _ = import_steplaw(url)
-    engine = make_engine(url)
-    try:
-        outcomes = refit_once(engine)
-    finally:
-        engine.dispose()
-    log.info("seeded %d Step Law trials; fits: %s", created,
-             ", ".join(f"{o.scope}={o.status}" for o in outcomes))
+    with open_database(url) as database:
+        _exp, created, _ = import_steplaw(database)
+        outcomes = refit_once(database)
+    log.info(
+        "seeded %d Step Law trials; fits: %s",
+        created,
+        ", ".join(f"{o.scope}={o.status}" for o in outcomes),
+    )
 
 
 def start_server(url: str, port: int, log_path: Path) -> subprocess.Popen:
@@ -75,9 +80,23 @@ def start_server(url: str, port: int, log_path: Path) -> subprocess.Popen:
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hyperlaw", "--log-level", "WARNING", "serve",
-             "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "hyperlaw",
+                "--log-level",
+                "WARNING",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -114,8 +133,15 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     return status
 
 
-async def _connection(port: int, requests: list[bytes], stop_at: float, measure_from: float,
-                      budget: list[int], latencies: list[float], errors: list[int]) -> None:
+async def _connection(
+    port: int,
+    requests: list[bytes],
+    stop_at: float,
+    measure_from: float,
+    budget: list[int],
+    latencies: list[float],
+    errors: list[int],
+) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     i = 0
     try:
@@ -136,8 +162,9 @@ async def _connection(port: int, requests: list[bytes], stop_at: float, measure_
         writer.close()
 
 
-async def load(port: int, connections: int, seconds: float, warmup: float,
-               max_requests: int) -> tuple[list[float], list[int], float]:
+async def load(
+    port: int, connections: int, seconds: float, warmup: float, max_requests: int
+) -> tuple[list[float], list[int], float]:
     requests = [f"GET {q} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode() for q in QUERIES]
     start = time.perf_counter()
     measure_from = start + warmup
@@ -145,11 +172,20 @@ async def load(port: int, connections: int, seconds: float, warmup: float,
     latencies: list[float] = []
     errors: list[int] = []
     budget = [max_requests]
-    await asyncio.gather(*[
-        _connection(port, requests[c % len(requests):] + requests[:c % len(requests)],
-                    stop_at, measure_from, budget, latencies, errors)
-        for c in range(connections)
-    ])
+    await asyncio.gather(
+        *[
+            _connection(
+                port,
+                requests[c % len(requests) :] + requests[: c % len(requests)],
+                stop_at,
+                measure_from,
+                budget,
+                latencies,
+                errors,
+            )
+            for c in range(connections)
+        ]
+    )
     elapsed = min(time.perf_counter(), stop_at) - measure_from
     return latencies, errors, elapsed
 
@@ -160,28 +196,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--max-requests", type=int, default=200_000)
-    parser.add_argument("--admin-url", default=os.environ.get("HYPERLAW_TEST_DATABASE_URL",
-                                                              DEFAULT_ADMIN_URL))
+    parser.add_argument(
+        "--admin-url", default=os.environ.get("HYPERLAW_TEST_DATABASE_URL", DEFAULT_ADMIN_URL)
+    )
     args = parser.parse_args(argv)
     args.admin_url = _driver_url(args.admin_url)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name, value in (("connections", args.connections), ("seconds", args.seconds),
-                        ("max-requests", args.max_requests)):
+    for name, value in (
+        ("connections", args.connections),
+        ("seconds", args.seconds),
+        ("max-requests", args.max_requests),
+    ):
         if not value > 0:
             parser.error(f"--{name} must be > 0")
-
-    from server.core.db import create_postgres_database, drop_postgres_database
 
     url = create_postgres_database(args.admin_url, "hyperlaw_bench")
     proc = None
     try:
         seed(url)
         port = free_port()
-        proc = start_server(url, port,
-                            Path(tempfile.gettempdir()) / f"hyperlaw-bench-{port}.log")
+        proc = start_server(url, port, Path(tempfile.gettempdir()) / f"hyperlaw-bench-{port}.log")
         cpu_before = cpu_seconds(proc.pid)
         latencies, errors, elapsed = asyncio.run(
-            load(port, args.connections, args.seconds, args.warmup, args.max_requests))
+            load(port, args.connections, args.seconds, args.warmup, args.max_requests)
+        )
         cpu_after = cpu_seconds(proc.pid)
     finally:
         if proc is not None:
@@ -192,21 +230,34 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
         drop_postgres_database(args.admin_url, url)
     if errors:
-        log.error("%d of %d requests failed (status %s)", len(errors), len(latencies),
-                  sorted(set(errors)))
+        log.error(
+            "%d of %d requests failed (status %s)", len(errors), len(latencies), sorted(set(errors))
+        )
         return 1
     ms = np.asarray(latencies) * 1e3
     rps = len(ms) / elapsed
     p50, p99 = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
-    log.info("%d requests over %d connections in %.1f s (after %.1f s warm-up): "
-             "%.0f requests/s, p50 %.2f ms, p90 %.2f ms, p99 %.2f ms, max %.2f ms",
-             len(ms), args.connections, elapsed, args.warmup, rps, p50,
-             float(np.percentile(ms, 90)), p99, float(ms.max()))
+    log.info(
+        "%d requests over %d connections in %.1f s (after %.1f s warm-up): "
+        "%.0f requests/s, p50 %.2f ms, p90 %.2f ms, p99 %.2f ms, max %.2f ms",
+        len(ms),
+        args.connections,
+        elapsed,
+        args.warmup,
+        rps,
+        p50,
+        float(np.percentile(ms, 90)),
+        p99,
+        float(ms.max()),
+    )
     if cpu_before is not None and cpu_after is not None:
         # includes the warm-up requests, which are not counted in len(ms)
-        log.info("server CPU: %.2f s over %.1f s of load (%.0f %% of one core)",
-                 cpu_after - cpu_before, elapsed + args.warmup,
-                 100 * (cpu_after - cpu_before) / (elapsed + args.warmup))
+        log.info(
+            "server CPU: %.2f s over %.1f s of load (%.0f %% of one core)",
+            cpu_after - cpu_before,
+            elapsed + args.warmup,
+            100 * (cpu_after - cpu_before) / (elapsed + args.warmup),
+        )
     sys.stdout.write(f"query rps={rps:.1f} p50_ms={p50:.3f} p99_ms={p99:.3f}\n")
     return 0
 

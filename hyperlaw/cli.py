@@ -4,6 +4,7 @@ One entry point; each package contributes its subcommands through a ``register(s
 function in its own ``cli`` module. Registration must stay cheap (no torch, ray or scipy
 imports at module level) so that ``hyperlaw --help`` answers at once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,7 @@ import sys
 
 # Modules that contribute subcommands, in the order their commands are listed.
 COMMAND_MODULES = (
-    "server.commands",
-    "server.worker_commands",
+    "server.cli",
     "fitting.cli",
     "trainer.cli",
 )
@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Learning rate, batch size and critical batch size for LLM pre-training.",
     )
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging verbosity (default: INFO)",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -1,14 +1,15 @@
 """Alembic environment: online migrations only, on the URL set by ``server.core.db``.
 
 A caller may hand over an open connection in ``config.attributes["connection"]``; otherwise
-an engine is made from ``sqlalchemy.url`` with the project's engine factory (so SQLite gets
-the same pragmas as the service). SQLite runs in batch mode so later ALTERs work there.
+the database at ``sqlalchemy.url`` is opened as the service opens it (``open_database``, so
+SQLite gets the same pragmas). SQLite runs in batch mode so later ALTERs work there.
 """
+
 from __future__ import annotations
 
 from alembic import context
 
-from server.core.db import make_engine
+from server.core.db import open_database
 from server.models import Base
 
 config = context.config
@@ -31,12 +32,11 @@ def run_migrations_online() -> None:
     if connection is not None:
         run_with_connection(connection)
         return
-    engine = make_engine(config.get_main_option("sqlalchemy.url"))
-    try:
-        with engine.connect() as conn:
-            run_with_connection(conn)
-    finally:
-        engine.dispose()
+    url = config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise SystemExit("no database URL: run migrations with `hyperlaw db upgrade`")
+    with open_database(url) as database, database.engine.connect() as conn:
+        run_with_connection(conn)
 
 
 if context.is_offline_mode():

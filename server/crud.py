@@ -4,6 +4,7 @@ and leaves commit/rollback to ``server.core.db.session_scope`` (one transaction 
 Missing objects raise ``NotFoundError``; requests that contradict stored state raise
 ``ConflictError``. Nothing here knows about HTTP.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -11,9 +12,9 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Select, func, select, text
+from sqlalchemy import Select, Table, func, select, text
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -47,10 +48,8 @@ def _page(session: Session, stmt: Select, *, limit: int, offset: int) -> tuple[l
 
 
 def notify_trial(*, session: Session, trial_id: int) -> None:
-    """Tell LISTENers on ``hyperlaw_trials`` (PostgreSQL only) that a trial has results.
-
-    ``pg_notify`` is transactional: the message goes out when the request commits.
-    """
+    """Tell LISTENers on ``hyperlaw_trials`` (PostgreSQL only) that a trial has results;
+    ``pg_notify`` is transactional: the message goes out when the request commits."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(
             text("SELECT pg_notify(:channel, :payload)"),
@@ -59,6 +58,7 @@ def notify_trial(*, session: Session, trial_id: int) -> None:
 
 
 # --- experiments ---------------------------------------------------------------------------
+
 
 def create_experiment(
     *, session: Session, experiment_in: ExperimentCreate
@@ -96,6 +96,7 @@ def list_experiments(
 
 
 # --- trials --------------------------------------------------------------------------------
+
 
 def _find_by_key(session: Session, experiment_id: int, key: str) -> Trial | None:
     return session.scalar(
@@ -196,7 +197,8 @@ def _set_status(session: Session, trial: Trial, new: TrialStatus, now: dt.dateti
     if new.value not in _TRANSITIONS[old]:
         if old in {s.value for s in FINISHED_STATUSES}:
             raise ConflictError(
-                f"trial {trial.id} is {old}; a finished trial cannot be reopened or set to {new.value}"
+                f"trial {trial.id} is {old}; a finished trial cannot be reopened or set to "
+                f"{new.value}"
             )
         raise ConflictError(f"trial {trial.id} cannot go from {old} to {new.value}")
     if new.value == old:
@@ -228,10 +230,8 @@ def update_trial(*, session: Session, trial_id: int, trial_in: TrialUpdate) -> T
 
 
 def heartbeat(*, session: Session, trial_id: int) -> Trial:
-    """Record that the trial's trainer is alive; a queued trial becomes running.
-
-    A finished trial (including one the reaper failed) answers 409: its trainer should stop.
-    """
+    """Record that the trial's trainer is alive; a queued trial becomes running. A finished
+    trial (including one the reaper failed) answers 409: its trainer should stop."""
     trial = get_trial(session=session, trial_id=trial_id, for_update=True)
     if trial.status in {s.value for s in FINISHED_STATUSES}:
         reason = f" ({trial.status_reason})" if trial.status_reason else ""
@@ -245,39 +245,8 @@ def heartbeat(*, session: Session, trial_id: int) -> Trial:
     return trial
 
 
-def reap_stale_trials(
-    *, session: Session, grace_s: float, now: dt.datetime | None = None
-) -> list[int]:
-    """Mark failed every running trial whose last heartbeat (or, without one, last update)
-    is older than ``grace_s`` seconds; the reason names the silence and the grace period.
-
-    Returns the ids it failed. Safe to run from several processes at once (row locks with
-    SKIP LOCKED on PostgreSQL; SQLite write transactions are serialised).
-    """
-    now = now or utcnow()
-    cutoff = now - dt.timedelta(seconds=grace_s)
-    last_seen = func.coalesce(Trial.heartbeat_at, Trial.updated_at)
-    stmt = select(Trial).where(Trial.status == TrialStatus.RUNNING.value, last_seen < cutoff)
-    if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update(skip_locked=True)
-    reaped = []
-    for trial in session.scalars(stmt):
-        seen = trial.heartbeat_at or trial.updated_at
-        trial.status = TrialStatus.FAILED.value
-        trial.status_reason = (
-            f"no heartbeat for {(now - seen).total_seconds():.0f} s "
-            f"(grace {grace_s:g} s; last seen {seen.isoformat()})"
-        )
-        trial.completed_at = now
-        trial.updated_at = now
-        reaped.append(trial.id)
-    session.flush()
-    if reaped:
-        log.info("reaper failed %d stale trial(s): %s", len(reaped), reaped)
-    return reaped
-
-
 # --- points --------------------------------------------------------------------------------
+
 
 def upsert_points(*, session: Session, trial_id: int, points: Sequence[PointIn]) -> int:
     """Insert or update loss-curve rows keyed by (trial_id, step); returns distinct steps.
@@ -334,7 +303,7 @@ def _upsert_points_pg(session: Session, trial_id: int, rows: list[PointIn]) -> N
 
 
 def _upsert_points_core(session: Session, trial_id: int, rows: list[PointIn]) -> None:
-    table = Point.__table__
+    table = cast(Table, Point.__table__)  # a declarative model's table is a Table
     stmt = sqlite.insert(table)
     stmt = stmt.on_conflict_do_update(
         index_elements=[table.c.trial_id, table.c.step],
@@ -364,7 +333,10 @@ def get_points(
     count = session.scalar(select(func.count()).select_from(table).where(*where))
     stmt = (
         select(table.c.step, *(table.c[name] for name in POINT_VALUE_COLUMNS))
-        .where(*where).order_by(table.c.step).limit(limit).offset(offset)
+        .where(*where)
+        .order_by(table.c.step)
+        .limit(limit)
+        .offset(offset)
     )
     rows = [dict(row._mapping) for row in session.execute(stmt)]
     return rows, int(count or 0)
@@ -372,7 +344,9 @@ def get_points(
 
 # --- fits ----------------------------------------------------------------------------------
 
+
 def _fits_query(kind: str | None, scope: str | None, status: str | None) -> Select:
+    """Fits matching every given filter, newest first: the one definition of "latest"."""
     stmt = select(Fit).order_by(Fit.created_at.desc(), Fit.id.desc())
     if kind is not None:
         stmt = stmt.where(Fit.kind == kind)
@@ -384,17 +358,26 @@ def _fits_query(kind: str | None, scope: str | None, status: str | None) -> Sele
 
 
 def list_fits(
-    *, session: Session, kind: str | None = None, scope: str | None = None,
-    status: str | None = None, limit: int = 100, offset: int = 0,
+    *,
+    session: Session,
+    kind: str | None = None,
+    scope: str | None = None,
+    status: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
 ) -> tuple[list[Fit], int]:
     """Fit history, newest first."""
     return _page(session, _fits_query(kind, scope, status), limit=limit, offset=offset)
 
 
 def latest_fit(
-    *, session: Session, kind: str | None = None, scope: str | None = None,
+    *,
+    session: Session,
+    kind: str | None = None,
+    scope: str | None = None,
     status: str | None = None,
 ) -> Fit:
+    """The newest fit matching the filters; ``NotFoundError`` naming them when none does."""
     fit = session.scalars(_fits_query(kind, scope, status).limit(1)).first()
     if fit is None:
         what = ", ".join(
@@ -402,6 +385,18 @@ def latest_fit(
         )
         raise NotFoundError(f"no fit found{' with ' + what if what else ''}")
     return fit
+
+
+def latest_ok_fit(*, session: Session, kind: str, scope: str) -> Fit | None:
+    """The newest fit of (kind, scope) with status ok: the one that serves. A refit that
+    failed or had too little data is stored too, but never replaces it."""
+    return session.scalars(_fits_query(kind, scope, "ok").limit(1)).first()
+
+
+def latest_ok_fit_id(*, session: Session, kind: str, scope: str) -> int | None:
+    """The id of :func:`latest_ok_fit` without loading the row (its params are large): what
+    a reader asks to learn whether the fit it holds is still the newest."""
+    return session.scalar(_fits_query(kind, scope, "ok").with_only_columns(Fit.id).limit(1))
 
 
 def get_fit(*, session: Session, fit_id: int) -> Fit:
@@ -412,6 +407,7 @@ def get_fit(*, session: Session, fit_id: int) -> Fit:
 
 
 # --- API tokens ----------------------------------------------------------------------------
+
 
 def hash_token(secret: str) -> str:
     """SHA-256 hex digest; tokens carry 256 random bits, so no salt or stretching is needed."""

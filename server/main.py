@@ -1,8 +1,9 @@
 """The FastAPI application factory.
 
-``create_app(settings, background=...)`` opens the database, refuses to start when its
-schema is not at the head revision (naming ``hyperlaw db upgrade``), mounts the ``/v1``
-routers and maps errors to JSON bodies:
+``create_app(settings, background=...)`` opens the database (``app.state.database``, a
+``server.core.db.Database`` disposed at shutdown), refuses to start when its schema is not
+at the head revision (``SchemaOutdatedError``, naming ``hyperlaw db upgrade``), mounts the
+``/v1`` routers and maps errors to JSON bodies:
 
 - 422: ``{"detail": [{"field": "batch_size_tokens", "rule": "gt",
   "message": "batch_size_tokens must be > 0"}]}`` -- one entry per violated rule, ``field``
@@ -13,6 +14,7 @@ routers and maps errors to JSON bodies:
 Each background starter is called with the settings at startup and returns a stop
 function called at shutdown (the stale-trial reaper, the fitting worker).
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,25 +27,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 
+from client.wire import dumps
 from server.api.routes import experiments, fits, recommendations, trials
 from server.core.config import Settings, get_settings
-from server.core.db import (
-    current_revision,
-    head_revision,
-    make_engine,
-    make_session_factory,
-)
+from server.core.db import Database, require_current_schema
 from server.core.errors import HyperlawError, InputError
-from client.wire import dumps
 from server.schemas import NONFINITE_NOTE
 
 log = logging.getLogger(__name__)
 
 BackgroundStarter = Callable[[Settings], Callable[[], None]]
-
-
-class SchemaOutdatedError(RuntimeError):
-    """The database is not at the head migration."""
 
 
 class HyperlawJSONResponse(JSONResponse):
@@ -113,8 +106,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HyperlawError)
     async def _hyperlaw(_request: Request, exc: HyperlawError):
         headers = {"Retry-After": "1"} if exc.status_code == 503 else None
-        return HyperlawJSONResponse({"detail": exc.message}, status_code=exc.status_code,
-                                    headers=headers)
+        return HyperlawJSONResponse(
+            {"detail": exc.message}, status_code=exc.status_code, headers=headers
+        )
 
     @app.exception_handler(IntegrityError)
     async def _integrity(_request: Request, exc: IntegrityError):
@@ -157,18 +151,16 @@ def create_app(
 ) -> FastAPI:
     """Build the app over ``settings.database_url``.
 
-    Raises ``SchemaOutdatedError`` when the database is not migrated to head.
+    Raises ``server.core.errors.SchemaOutdatedError`` when the database is not migrated to
+    head.
     """
     settings = settings or get_settings()
-    engine = make_engine(settings.database_url)
-    current, head = current_revision(engine), head_revision()
-    if current != head:
-        engine.dispose()
-        raise SchemaOutdatedError(
-            f"database schema is at revision {current or 'none (empty database)'}, "
-            f"this version needs {head}; run `hyperlaw db upgrade` "
-            f"(HYPERLAW_DATABASE_URL={engine.url.render_as_string(hide_password=True)})"
-        )
+    database = Database.from_url(settings.database_url)
+    try:
+        require_current_schema(database.engine)
+    except BaseException:
+        database.dispose()
+        raise
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -181,7 +173,7 @@ def create_app(
                     stop()
                 except Exception:
                     log.exception("stopping a background task failed")
-            engine.dispose()
+            database.dispose()
 
     app = FastAPI(
         title="hyperlaw",
@@ -191,8 +183,7 @@ def create_app(
         default_response_class=HyperlawJSONResponse,
     )
     app.state.settings = settings
-    app.state.engine = engine
-    app.state.session_factory = make_session_factory(engine)
+    app.state.database = database
     _install_error_handlers(app)
     for module in (experiments, trials, fits, recommendations):
         app.include_router(module.router, prefix="/v1")

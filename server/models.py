@@ -8,6 +8,7 @@ Loss-curve floats are ``FaithfulFloat``: NaN and ±inf come back as what went in
 PostgreSQL (native ``double precision``) and SQLite (which would turn NaN into NULL).
 Timestamps are ``UTCDateTime``: timezone-aware UTC on both databases.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -119,7 +120,7 @@ class TokenScope(str, enum.Enum):
     def rank(self) -> int:
         return {"read": 0, "write": 1, "admin": 2}[self.value]
 
-    def allows(self, needed: "TokenScope") -> bool:
+    def allows(self, needed: TokenScope) -> bool:
         return self.rank >= needed.rank
 
 
@@ -208,8 +209,9 @@ class Point(Base):
     trial_id: Mapped[int] = mapped_column(
         BigInteger, ForeignKey("trials.id", ondelete="CASCADE"), primary_key=True
     )
-    step: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"),
-                                      primary_key=True, autoincrement=False)
+    step: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=False
+    )
     tokens: Mapped[int | None] = mapped_column(BigInteger)
     train_loss: Mapped[float | None] = mapped_column(FaithfulFloat)
     eval_loss: Mapped[float | None] = mapped_column(FaithfulFloat)
@@ -222,8 +224,15 @@ class Point(Base):
 
 
 POINT_VALUE_COLUMNS = (
-    "tokens", "train_loss", "eval_loss", "ewa_eval_loss", "lr", "grad_norm",
-    "b_simple", "tokens_per_s", "wall_time_s",
+    "tokens",
+    "train_loss",
+    "eval_loss",
+    "ewa_eval_loss",
+    "lr",
+    "grad_norm",
+    "b_simple",
+    "tokens_per_s",
+    "wall_time_s",
 )
 
 

@@ -10,6 +10,7 @@ bare tokens ``NaN``/``Infinity``/``-Infinity`` that Python's ``json`` emits) whe
 float may be non-finite (loss-curve values, final losses). Fields that must be finite
 (``learning_rate``, optimizer settings) reject them with ``<field> must be finite``.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -51,6 +52,7 @@ class OutModel(BaseModel):
 
 # --- experiments ---------------------------------------------------------------------------
 
+
 class ExperimentCreate(InModel):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     description: Annotated[str | None, Field(max_length=10_000)] = None
@@ -69,6 +71,7 @@ class ExperimentsPublic(OutModel):
 
 
 # --- trials --------------------------------------------------------------------------------
+
 
 class TrialCreate(InModel):
     """A trial: one training run at (n_params, n_tokens, learning_rate, batch_size_tokens)."""
@@ -98,7 +101,8 @@ class TrialCreate(InModel):
     idempotency_key: Annotated[
         str | None,
         Field(
-            min_length=1, max_length=200,
+            min_length=1,
+            max_length=200,
             description="re-posting the same key in the same experiment returns that trial",
         ),
     ] = None
@@ -171,6 +175,7 @@ class TrialsPublic(OutModel):
 
 # --- points --------------------------------------------------------------------------------
 
+
 class PointIn(InModel):
     """One loss-curve row; (trial, step) is the key, re-sending a step overwrites it."""
 
@@ -216,6 +221,7 @@ class PointsStored(OutModel):
 
 # --- fits ----------------------------------------------------------------------------------
 
+
 class FitPublic(OutModel):
     id: int
     kind: str
@@ -239,6 +245,7 @@ class FitsPublic(OutModel):
 
 # --- tokens --------------------------------------------------------------------------------
 
+
 class TokenPublic(OutModel):
     id: int
     name: str
@@ -247,3 +254,74 @@ class TokenPublic(OutModel):
     created_at: dt.datetime
     revoked_at: dt.datetime | None
     last_used_at: dt.datetime | None
+
+
+# --- recommendations -----------------------------------------------------------------------
+
+
+class IntervalPublic(OutModel):
+    """A percentile interval over the fit's bootstrap draws (resampled (N, D) groups)."""
+
+    low: AnyFloat = Field(description="lower end; NaN when the fit kept no bootstrap draws")
+    high: AnyFloat = Field(description="upper end; NaN when the fit kept no bootstrap draws")
+    level: float = Field(description="the share of the draws inside [low, high], e.g. 0.9")
+
+
+class RecommendationPublic(OutModel):
+    """``GET /v1/recommendations``: η, B and the critical batch size for (N, D), from the
+    newest ok recommender fit of the scope (formulas: ``fitting.recommender``). Batch sizes
+    are in tokens unless the name says sequences."""
+
+    n_params: float = Field(description="non-embedding parameters N, as queried")
+    n_tokens: float = Field(description="training tokens D (the run's budget), as queried")
+    seq_len: int = Field(description="tokens per sequence, as queried (default 2048)")
+    learning_rate: float = Field(description="recommended peak learning rate η* at B*")
+    learning_rate_interval: IntervalPublic = Field(description="interval of learning_rate")
+    batch_size_tokens: float = Field(description="recommended global batch size B*, tokens")
+    batch_size_tokens_interval: IntervalPublic = Field(
+        description="interval of batch_size_tokens, tokens"
+    )
+    batch_size_sequences: float = Field(description="B* / seq_len, sequences")
+    batch_size_sequences_interval: IntervalPublic = Field(
+        description="interval of batch_size_sequences, sequences"
+    )
+    critical_batch_size_tokens: AnyFloat = Field(
+        description="critical batch size (Zhang et al., ε = 0.2), tokens: the largest B whose "
+        "tokens to reach the loss of (η*, B*) at D are at most 1.2 times those of B*; "
+        "Infinity when undefined for the fit (a warning says so)"
+    )
+    critical_batch_size_tokens_interval: IntervalPublic = Field(
+        description="interval of critical_batch_size_tokens, tokens"
+    )
+    sources: dict[str, str] = Field(
+        description="for each number above (and the imposed-batch ones), the method that "
+        "produced it"
+    )
+    warnings: list[str] = Field(
+        description="why to trust an answer less, each stating it: e.g. n_params or n_tokens "
+        "outside the fitted range (extrapolation), with that range"
+    )
+    imposed_batch_size_tokens: float | None = Field(
+        default=None, description="the batch_size_tokens query parameter; null without it"
+    )
+    learning_rate_for_batch: float | None = Field(
+        default=None,
+        description="best peak learning rate at the imposed batch size; null without one",
+    )
+    learning_rate_for_batch_interval: IntervalPublic | None = Field(
+        default=None, description="interval of learning_rate_for_batch; null without one"
+    )
+    step_overhead: AnyFloat | None = Field(
+        default=None,
+        description="extra optimizer steps at the imposed batch size versus the critical "
+        "batch size, as a fraction (0.3 = 30 % more; paid below the CBS); null without one",
+    )
+    token_overhead: AnyFloat | None = Field(
+        default=None,
+        description="extra training tokens at the imposed batch size versus the critical "
+        "batch size, as a fraction (paid above the CBS); null without one",
+    )
+    fit_ids: list[int] = Field(description="ids of the fits the answer came from (/v1/fits)")
+    fitted_at: dt.datetime = Field(description="when that fit was stored (UTC)")
+    n_trials: int = Field(description="completed trials the fit used")
+    scope: str = Field(description="the fit's scope: global, or experiment:<id>")

@@ -2,7 +2,7 @@
 
 - ``pg_url``: a fresh PostgreSQL database for the test session, migrated to head, dropped
   afterwards (server from ``HYPERLAW_TEST_DATABASE_URL``, else
-  postgresql://postgres@127.0.0.1:5432/test).
+  postgresql://postgres@127.0.0.1:5432/test; see ``tests/databases.py``).
 - ``sqlite_url``: an SQLite file for the test session, migrated to head.
 - ``db_url``: parametrized over both.
 - ``make_database``: factory for further empty PostgreSQL/SQLite databases (migration tests).
@@ -10,6 +10,7 @@
   ``pg_url``, with ``.url``, ``.token`` (write scope), ``.database_url``;
   ``live_server_factory(database_url=..., worker=False, env=None)`` starts more.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,42 +26,39 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from server.core.db import open_database
+from tests.databases import (
+    create_postgres_database,
+    drop_postgres_database,
+    postgres_admin_url,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-def _admin_url() -> str:
-    url = os.environ.get("HYPERLAW_TEST_DATABASE_URL", DEFAULT_PG)
-    if url.startswith("postgresql://"):
-        url = url.replace("postgresql://", "postgresql+psycopg2://", 1)
-    return url
 
 
 def create_pg_database(prefix: str = "hyperlaw_test") -> str:
     """Create an empty PostgreSQL database; returns its URL."""
-    from server.core.db import create_postgres_database
-
-    return create_postgres_database(_admin_url(), prefix)
+    return create_postgres_database(postgres_admin_url(), prefix)
 
 
 def drop_pg_database(url: str) -> None:
-    from server.core.db import drop_postgres_database
-
-    drop_postgres_database(_admin_url(), url)
+    drop_postgres_database(postgres_admin_url(), url)
 
 
 def _postgres_answers() -> bool:
-    engine = create_engine(make_url(_admin_url()), connect_args={"connect_timeout": 3})
     try:
-        with engine.connect():
-            return True
-    except Exception:
+        with open_database(postgres_admin_url(), connect_args={"connect_timeout": 3}) as admin:
+            with admin.engine.connect():
+                return True
+    except SQLAlchemyError:  # the driver's connection errors arrive wrapped: not (yet) up
         return False
-    finally:
-        engine.dispose()
+
+
+def _shown(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _start_local_postgres() -> None:
@@ -69,8 +67,12 @@ def _start_local_postgres() -> None:
     if not versions or not shutil.which("pg_ctlcluster"):
         return
     version = versions[-1].parent.name
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
-                   capture_output=True, timeout=60, check=False)
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def pytest_sessionstart(session) -> None:
@@ -86,7 +88,7 @@ def pytest_sessionstart(session) -> None:
                 return
             time.sleep(1)
     pytest.exit(
-        f"no PostgreSQL answers at {make_url(_admin_url()).render_as_string(hide_password=True)}:"
+        f"no PostgreSQL answers at {_shown(postgres_admin_url())}:"
         " start one, or set HYPERLAW_TEST_DATABASE_URL to a server where the tests may create"
         " and drop databases",
         returncode=3,
@@ -143,18 +145,14 @@ def free_port() -> int:
 def make_token(database_url: str, scope: str = "write", name: str | None = None) -> str:
     """Create an API token directly in the database; returns its secret."""
     from server import crud
-    from server.core.db import make_engine, make_session_factory, session_scope
     from server.models import TokenScope
 
-    engine = make_engine(database_url)
-    try:
-        with session_scope(make_session_factory(engine)) as session:
-            _row, secret = crud.create_token(
-                session=session, name=name or f"test-{scope}-{uuid.uuid4().hex[:8]}",
-                scope=TokenScope(scope),
-            )
-    finally:
-        engine.dispose()
+    with open_database(database_url) as database, database.session() as session:
+        _row, secret = crud.create_token(
+            session=session,
+            name=name or f"test-{scope}-{uuid.uuid4().hex[:8]}",
+            scope=TokenScope(scope),
+        )
     return secret
 
 
@@ -180,23 +178,45 @@ class LiveServer:
 
 
 def start_live_server(
-    database_url: str, *, log_dir: Path, worker: bool = False,
-    env: dict[str, str] | None = None, port: int | None = None, token: str | None = None,
+    database_url: str,
+    *,
+    log_dir: Path,
+    worker: bool = False,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    token: str | None = None,
 ) -> LiveServer:
-    """Start ``hyperlaw serve`` on ``port`` (default: a free one) and wait until it answers."""
+    """Start ``hyperlaw serve`` on ``port`` (default: a free one), as a user would type it,
+    and wait until it answers."""
     port = port or free_port()
     run_env = {**os.environ, "HYPERLAW_DATABASE_URL": database_url, **(env or {})}
     run_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + run_env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "server.commands", "--log-level", "WARNING", "serve",
-           "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hyperlaw",
+        "--log-level",
+        "WARNING",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     if not worker:
         cmd.append("--no-worker")
     log_path = log_dir / f"server-{port}-{uuid.uuid4().hex[:6]}.log"
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=run_env, stdout=log_file,
-                                   stderr=subprocess.STDOUT)
-    server = LiveServer(url=f"http://127.0.0.1:{port}", token=token or make_token(database_url),
-                        database_url=database_url, process=process, log_path=log_path)
+        process = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, env=run_env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    server = LiveServer(
+        url=f"http://127.0.0.1:{port}",
+        token=token or make_token(database_url),
+        database_url=database_url,
+        process=process,
+        log_path=log_path,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -222,8 +242,9 @@ def live_server(pg_url, tmp_path_factory) -> Iterator[LiveServer]:
 def live_server_factory(tmp_path) -> Iterator[Callable[..., LiveServer]]:
     started: list[LiveServer] = []
 
-    def start(*, database_url: str, worker: bool = False,
-              env: dict[str, str] | None = None) -> LiveServer:
+    def start(
+        *, database_url: str, worker: bool = False, env: dict[str, str] | None = None
+    ) -> LiveServer:
         server = start_live_server(database_url, log_dir=tmp_path, worker=worker, env=env)
         started.append(server)
         return server

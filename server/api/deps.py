@@ -1,9 +1,11 @@
 """Request dependencies: the per-request session and bearer-token scopes.
 
-``SessionDep`` opens one session per request through ``session_scope`` and closes it when
+``SessionDep`` opens one session per request from the app's ``Database`` (its
+``session()``, i.e. ``session_scope``) and closes it when
 the route function returns (dependency scope ``function``), so the commit -- and any error
 it raises -- happens before the response is sent. Auth shares that session.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -15,14 +17,15 @@ from sqlalchemy.orm import Session
 
 from server import crud
 from server.core.config import Settings
-from server.core.db import session_scope
+from server.core.db import Database
 from server.models import ApiToken, TokenScope, utcnow
 
 bearer_scheme = HTTPBearer(auto_error=False, description="API token: `hyperlaw token create`")
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    with session_scope(request.app.state.session_factory) as session:
+    database: Database = request.app.state.database
+    with database.session() as session:
         yield session
 
 
@@ -47,8 +50,9 @@ def authorize(
         return None
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
-        raise HTTPException(401, f"missing bearer token; this route needs {needed.value} scope",
-                            headers=challenge)
+        raise HTTPException(
+            401, f"missing bearer token; this route needs {needed.value} scope", headers=challenge
+        )
     token = crud.authenticate(session=session, secret=credentials.credentials)
     if token is None:
         raise HTTPException(401, "invalid or revoked token", headers=challenge)

@@ -3,6 +3,7 @@
 Every field can be set from the environment, e.g. ``HYPERLAW_DATABASE_URL``,
 ``HYPERLAW_PORT`` or ``HYPERLAW_READ_REQUIRES_TOKEN=true``.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache

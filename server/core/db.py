@@ -1,19 +1,28 @@
 """Engines, sessions and migrations for PostgreSQL and SQLite.
 
+- ``open_database(url)`` (or ``Database.from_url``): the one way a command, a background
+  thread or a test opens the database: an engine and its session factory; the context
+  manager disposes the engine on exit.
 - ``make_engine(url)``: SQLite gets WAL, foreign keys, a busy timeout and (by default) ``BEGIN
   IMMEDIATE`` transactions (so concurrent writers queue instead of failing on a lock
   upgrade); PostgreSQL gets a connection pool with pre-ping.
-- ``session_scope(factory)``: the one place that commits, rolls back and closes; database
-  errors leave it as the project's own exception types.
+- ``session_scope(factory)`` (``Database.session()``): the one place that commits, rolls
+  back and closes; database errors leave it as the project's own exception types.
 - ``upgrade(url)`` / ``downgrade(url, revision)`` / ``current_revision(engine)`` /
-  ``schema_is_current(engine)``: Alembic, driven programmatically (no ``alembic.ini``).
+  ``schema_is_current(engine)`` / ``require_current_schema(engine)``: Alembic, driven
+  programmatically (no ``alembic.ini``).
 """
+
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -23,13 +32,24 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-import migrations
 from client import wire
-from server.core.errors import StorageUnavailableError
+from server.core.errors import SchemaOutdatedError, StorageUnavailableError
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
+
+@lru_cache(maxsize=1)
+def migrations_dir() -> Path:
+    """The directory of the ``migrations`` package (Alembic's script location).
+
+    Found through the import system rather than imported: the migrations sit above the
+    service in the layers (their ``env.py`` imports ``server``), so ``server`` must not
+    import them.
+    """
+    spec = importlib.util.find_spec("migrations")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the migrations package is not installed next to the server")
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
 def is_sqlite(url: str) -> bool:
@@ -80,6 +100,7 @@ def make_engine(url: str, *, sqlite_immediate: bool = True, **kwargs) -> Engine:
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions that keep loaded attributes after commit (objects outlive their session)."""
     return sessionmaker(engine, expire_on_commit=False)
 
 
@@ -110,10 +131,52 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
+@dataclass(frozen=True)
+class Database:
+    """An engine and its session factory: what every reader or writer of the store holds.
+
+    Thread-safe as the engine is: threads share a ``Database`` and each opens its own
+    sessions. Whoever made it disposes it (``dispose()``), or uses :func:`open_database`.
+    """
+
+    engine: Engine
+    sessions: sessionmaker[Session]
+
+    @classmethod
+    def from_url(cls, url: str, **engine_kwargs: Any) -> Database:
+        """A database for ``url``; ``engine_kwargs`` go to :func:`make_engine`."""
+        engine = make_engine(url, **engine_kwargs)
+        return cls(engine=engine, sessions=make_session_factory(engine))
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
+    def session(self) -> AbstractContextManager[Session]:
+        """A session in one transaction: see :func:`session_scope` for the contract."""
+        return session_scope(self.sessions)
+
+    def dispose(self) -> None:
+        """Close the engine's pooled connections."""
+        self.engine.dispose()
+
+
+@contextmanager
+def open_database(url: str, **engine_kwargs: Any) -> Iterator[Database]:
+    """``with open_database(url) as db:`` a :class:`Database` disposed on exit, whatever
+    happens inside. ``engine_kwargs`` go to :func:`make_engine` (e.g.
+    ``sqlite_immediate=False`` for a reader, ``pool_size`` for a background thread)."""
+    database = Database.from_url(url, **engine_kwargs)
+    try:
+        yield database
+    finally:
+        database.dispose()
+
+
 def alembic_config(url: str) -> Config:
     """An Alembic config pointing at this package's migrations, usable from any cwd."""
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     # ConfigParser interpolates '%': escape it so URL-encoded passwords survive.
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
@@ -137,6 +200,18 @@ def schema_is_current(engine: Engine) -> bool:
     return current_revision(engine) == head_revision()
 
 
+def require_current_schema(engine: Engine) -> None:
+    """Raise ``SchemaOutdatedError`` (one sentence naming ``hyperlaw db upgrade`` and the
+    database) unless the database is migrated to the head revision."""
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        raise SchemaOutdatedError(
+            f"database schema is at revision {current or 'none (empty database)'}, "
+            f"this version needs {head}; run `hyperlaw db upgrade` "
+            f"(HYPERLAW_DATABASE_URL={engine.url.render_as_string(hide_password=True)})"
+        )
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     """Migrate the database at ``url`` up to ``revision`` (default: head)."""
     command.upgrade(alembic_config(url), revision)
@@ -145,37 +220,3 @@ def upgrade(url: str, revision: str = "head") -> None:
 def downgrade(url: str, revision: str = "base") -> None:
     """Migrate the database at ``url`` down to ``revision`` (default: empty)."""
     command.downgrade(alembic_config(url), revision)
-
-
-# --- scratch databases (tests and benchmarks) ---------------------------------------------
-
-def create_postgres_database(admin_url: str, prefix: str) -> str:
-    """Create an empty database named ``<prefix>_<random>`` on the server of ``admin_url``
-    (a role allowed to CREATE DATABASE); returns the new database's URL."""
-    import uuid
-
-    from sqlalchemy import text
-    from sqlalchemy.engine import make_url
-
-    admin = make_url(admin_url)
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        engine.dispose()
-    return admin.set(database=name).render_as_string(hide_password=False)
-
-
-def drop_postgres_database(admin_url: str, url: str) -> None:
-    """Drop the database of ``url`` (closing its connections) through ``admin_url``."""
-    from sqlalchemy import text
-    from sqlalchemy.engine import make_url
-
-    engine = create_engine(make_url(admin_url), isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
-    finally:
-        engine.dispose()

@@ -7,6 +7,7 @@ Error bodies on the wire:
 - every other 4xx/5xx: ``{"detail": "trial 17 not found"}`` (a sentence naming the object
   or field and the rule).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,6 +37,20 @@ class ConflictError(HyperlawError):
 
 class StorageUnavailableError(HyperlawError):
     """The database could not serve the request (503; clients retry)."""
+
+    status_code = 503
+
+
+class SchemaOutdatedError(HyperlawError):
+    """The database is not migrated to this version's schema; the message names the fix
+    (``hyperlaw db upgrade``). The service refuses to start on it; commands exit with 2."""
+
+    status_code = 503
+
+
+class NoFitError(HyperlawError):
+    """No ok recommender fit can serve the scope yet (503: retry once the worker stored
+    one); the message says why (the last fit's status and reason) and how to get one."""
 
     status_code = 503
 

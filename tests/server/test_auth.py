@@ -1,11 +1,12 @@
 """Auth: writes need a write-scope bearer token; reads are open unless configured."""
+
 from __future__ import annotations
 
 import httpx
 import pytest
 
 from server import crud
-from server.core.db import make_engine, make_session_factory, session_scope
+from server.core.db import open_database
 from tests.conftest import make_token
 
 WRITE_ROUTES = [
@@ -18,13 +19,9 @@ WRITE_ROUTES = [
 
 
 def _revoke(database_url: str, secret: str) -> None:
-    engine = make_engine(database_url)
-    try:
-        with session_scope(make_session_factory(engine)) as session:
-            token = crud.authenticate(session=session, secret=secret)
-            crud.revoke_token(session=session, name=token.name)
-    finally:
-        engine.dispose()
+    with open_database(database_url) as database, database.session() as session:
+        token = crud.authenticate(session=session, secret=secret)
+        crud.revoke_token(session=session, name=token.name)
 
 
 @pytest.mark.parametrize("method,path,body", WRITE_ROUTES)
@@ -38,8 +35,9 @@ def test_writes_without_token_are_401(api, method, path, body):
 
 
 def test_read_scope_cannot_write_and_reads_are_open(api, read_token):
-    r = api.http.post("/v1/experiments", json={"name": "x"},
-                      headers={"Authorization": f"Bearer {read_token}"})
+    r = api.http.post(
+        "/v1/experiments", json={"name": "x"}, headers={"Authorization": f"Bearer {read_token}"}
+    )
     assert r.status_code == 403
     assert "has scope read; this route needs write" in r.json()["detail"]
     assert api.http.get("/v1/experiments").status_code == 200
@@ -50,8 +48,9 @@ def test_read_scope_cannot_write_and_reads_are_open(api, read_token):
 def test_admin_scope_can_write_and_revoked_token_cannot(api):
     admin = make_token(api.server.database_url, scope="admin")
     headers = {"Authorization": f"Bearer {admin}"}
-    assert api.http.post("/v1/experiments", json={"name": "by-admin"},
-                         headers=headers).status_code in (200, 201)
+    assert api.http.post(
+        "/v1/experiments", json={"name": "by-admin"}, headers=headers
+    ).status_code in (200, 201)
     _revoke(api.server.database_url, admin)
     r = api.http.post("/v1/experiments", json={"name": "by-admin"}, headers=headers)
     assert r.status_code == 401 and r.json()["detail"] == "invalid or revoked token"

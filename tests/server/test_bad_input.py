@@ -1,5 +1,6 @@
 """Bad input: each case gets the right 4xx, a body naming the field and the rule, and
 leaves the database unchanged -- on PostgreSQL and on SQLite."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,9 @@ from sqlalchemy import func, select
 
 from server.models import Point, Trial
 
-GOOD_TRIAL = dict(n_params=10**7, n_tokens=10**9, seq_len=512, learning_rate=1e-3,
-                  batch_size_tokens=512 * 32)
+GOOD_TRIAL = dict(
+    n_params=10**7, n_tokens=10**9, seq_len=512, learning_rate=1e-3, batch_size_tokens=512 * 32
+)
 
 
 def trial_body(**changes):
@@ -24,73 +26,251 @@ def points_body(*points):
 
 # (case id, method, path template, raw JSON body, status, field, message)
 CASES = [
-    ("n_params zero", "POST", "/v1/trials", trial_body(n_params=0), 422,
-     "n_params", "n_params must be > 0"),
-    ("n_params negative", "POST", "/v1/trials", trial_body(n_params=-5), 422,
-     "n_params", "n_params must be > 0"),
-    ("batch size zero", "POST", "/v1/trials", trial_body(batch_size_tokens=0), 422,
-     "batch_size_tokens", "batch_size_tokens must be > 0"),
-    ("lr negative", "POST", "/v1/trials", trial_body(learning_rate=-1e-3), 422,
-     "learning_rate", "learning_rate must be > 0"),
-    ("lr NaN token", "POST", "/v1/trials", trial_body(learning_rate=float("nan")), 422,
-     "learning_rate", "learning_rate must be finite"),
-    ("lr Infinity string", "POST", "/v1/trials", trial_body(learning_rate="Infinity"), 422,
-     "learning_rate", "learning_rate must be finite"),
-    ("n_tokens wrong type", "POST", "/v1/trials", trial_body(n_tokens="many"), 422,
-     "n_tokens", "n_tokens must be an integer"),
-    ("seq_len fractional", "POST", "/v1/trials", trial_body(seq_len=1.5), 422,
-     "seq_len", "seq_len must be an integer"),
-    ("n_params too big", "POST", "/v1/trials", trial_body(n_params=2**64), 422,
-     "n_params", "n_params must be <= 9223372036854775807"),
-    ("zero stage 4", "POST", "/v1/trials", trial_body(zero_stage=4), 422,
-     "zero_stage", "zero_stage must be <= 3"),
-    ("unknown field", "POST", "/v1/trials", trial_body(lr=1e-3), 422,
-     "lr", "lr is not a known field"),
-    ("missing field", "POST", "/v1/trials", trial_body(n_params=...), 422,
-     "n_params", "n_params is required"),
-    ("bad status", "POST", "/v1/trials", trial_body(status="done"), 422,
-     "status", "status must be one of"),
-    ("unknown experiment", "POST", "/v1/trials", trial_body(experiment_id=987654321), 404,
-     None, "experiment 987654321 not found"),
-    ("negative step", "POST", "/v1/trials/{trial}/points",
-     points_body({"step": 5, "train_loss": 1.0}, {"step": -1, "train_loss": 1.0}), 422,
-     "points.1.step", "points.1.step must be >= 0"),
-    ("step wrong type", "POST", "/v1/trials/{trial}/points", points_body({"step": "x"}), 422,
-     "points.0.step", "points.0.step must be an integer"),
-    ("loss wrong type", "POST", "/v1/trials/{trial}/points",
-     points_body({"step": 1, "train_loss": "low"}), 422,
-     "points.0.train_loss", "points.0.train_loss must be a number"),
-    ("unknown point field", "POST", "/v1/trials/{trial}/points",
-     points_body({"step": 1, "loss": 2.0}), 422, "points.0.loss",
-     "points.0.loss is not a known field"),
-    ("oversized batch", "POST", "/v1/trials/{trial}/points",
-     points_body(*({"step": s, "train_loss": 1.0} for s in range(10_001))), 422,
-     "points", "points must have at most 10000 items"),
-    ("points of unknown trial", "POST", "/v1/trials/987654321/points",
-     points_body({"step": 1, "train_loss": 1.0}), 404, None, "trial 987654321 not found"),
-    ("not JSON", "POST", "/v1/trials/{trial}/points", "{points: [", 422,
-     "body", "body must be valid JSON"),
-    ("patch bad status", "PATCH", "/v1/trials/{trial}", {"status": "bogus"}, 422,
-     "status", "status must be one of"),
-    ("patch negative steps", "PATCH", "/v1/trials/{trial}", {"steps_done": -1}, 422,
-     "steps_done", "steps_done must be >= 0"),
-    ("patch unknown trial", "PATCH", "/v1/trials/987654321", {"status": "running"}, 404,
-     None, "trial 987654321 not found"),
+    (
+        "n_params zero",
+        "POST",
+        "/v1/trials",
+        trial_body(n_params=0),
+        422,
+        "n_params",
+        "n_params must be > 0",
+    ),
+    (
+        "n_params negative",
+        "POST",
+        "/v1/trials",
+        trial_body(n_params=-5),
+        422,
+        "n_params",
+        "n_params must be > 0",
+    ),
+    (
+        "batch size zero",
+        "POST",
+        "/v1/trials",
+        trial_body(batch_size_tokens=0),
+        422,
+        "batch_size_tokens",
+        "batch_size_tokens must be > 0",
+    ),
+    (
+        "lr negative",
+        "POST",
+        "/v1/trials",
+        trial_body(learning_rate=-1e-3),
+        422,
+        "learning_rate",
+        "learning_rate must be > 0",
+    ),
+    (
+        "lr NaN token",
+        "POST",
+        "/v1/trials",
+        trial_body(learning_rate=float("nan")),
+        422,
+        "learning_rate",
+        "learning_rate must be finite",
+    ),
+    (
+        "lr Infinity string",
+        "POST",
+        "/v1/trials",
+        trial_body(learning_rate="Infinity"),
+        422,
+        "learning_rate",
+        "learning_rate must be finite",
+    ),
+    (
+        "n_tokens wrong type",
+        "POST",
+        "/v1/trials",
+        trial_body(n_tokens="many"),
+        422,
+        "n_tokens",
+        "n_tokens must be an integer",
+    ),
+    (
+        "seq_len fractional",
+        "POST",
+        "/v1/trials",
+        trial_body(seq_len=1.5),
+        422,
+        "seq_len",
+        "seq_len must be an integer",
+    ),
+    (
+        "n_params too big",
+        "POST",
+        "/v1/trials",
+        trial_body(n_params=2**64),
+        422,
+        "n_params",
+        "n_params must be <= 9223372036854775807",
+    ),
+    (
+        "zero stage 4",
+        "POST",
+        "/v1/trials",
+        trial_body(zero_stage=4),
+        422,
+        "zero_stage",
+        "zero_stage must be <= 3",
+    ),
+    (
+        "unknown field",
+        "POST",
+        "/v1/trials",
+        trial_body(lr=1e-3),
+        422,
+        "lr",
+        "lr is not a known field",
+    ),
+    (
+        "missing field",
+        "POST",
+        "/v1/trials",
+        trial_body(n_params=...),
+        422,
+        "n_params",
+        "n_params is required",
+    ),
+    (
+        "bad status",
+        "POST",
+        "/v1/trials",
+        trial_body(status="done"),
+        422,
+        "status",
+        "status must be one of",
+    ),
+    (
+        "unknown experiment",
+        "POST",
+        "/v1/trials",
+        trial_body(experiment_id=987654321),
+        404,
+        None,
+        "experiment 987654321 not found",
+    ),
+    (
+        "negative step",
+        "POST",
+        "/v1/trials/{trial}/points",
+        points_body({"step": 5, "train_loss": 1.0}, {"step": -1, "train_loss": 1.0}),
+        422,
+        "points.1.step",
+        "points.1.step must be >= 0",
+    ),
+    (
+        "step wrong type",
+        "POST",
+        "/v1/trials/{trial}/points",
+        points_body({"step": "x"}),
+        422,
+        "points.0.step",
+        "points.0.step must be an integer",
+    ),
+    (
+        "loss wrong type",
+        "POST",
+        "/v1/trials/{trial}/points",
+        points_body({"step": 1, "train_loss": "low"}),
+        422,
+        "points.0.train_loss",
+        "points.0.train_loss must be a number",
+    ),
+    (
+        "unknown point field",
+        "POST",
+        "/v1/trials/{trial}/points",
+        points_body({"step": 1, "loss": 2.0}),
+        422,
+        "points.0.loss",
+        "points.0.loss is not a known field",
+    ),
+    (
+        "oversized batch",
+        "POST",
+        "/v1/trials/{trial}/points",
+        points_body(*({"step": s, "train_loss": 1.0} for s in range(10_001))),
+        422,
+        "points",
+        "points must have at most 10000 items",
+    ),
+    (
+        "points of unknown trial",
+        "POST",
+        "/v1/trials/987654321/points",
+        points_body({"step": 1, "train_loss": 1.0}),
+        404,
+        None,
+        "trial 987654321 not found",
+    ),
+    (
+        "not JSON",
+        "POST",
+        "/v1/trials/{trial}/points",
+        "{points: [",
+        422,
+        "body",
+        "body must be valid JSON",
+    ),
+    (
+        "patch bad status",
+        "PATCH",
+        "/v1/trials/{trial}",
+        {"status": "bogus"},
+        422,
+        "status",
+        "status must be one of",
+    ),
+    (
+        "patch negative steps",
+        "PATCH",
+        "/v1/trials/{trial}",
+        {"steps_done": -1},
+        422,
+        "steps_done",
+        "steps_done must be >= 0",
+    ),
+    (
+        "patch unknown trial",
+        "PATCH",
+        "/v1/trials/987654321",
+        {"status": "running"},
+        404,
+        None,
+        "trial 987654321 not found",
+    ),
     ("limit zero", "GET", "/v1/trials?limit=0", None, 422, "limit", "limit must be >= 1"),
-    ("limit too big", "GET", "/v1/trials?limit=5000", None, 422,
-     "limit", "limit must be <= 1000"),
-    ("path id wrong type", "GET", "/v1/trials/abc", None, 422,
-     "trial_id", "trial_id must be an integer"),
-    ("experiment name empty", "POST", "/v1/experiments", {"name": ""}, 422,
-     "name", "name must be at least 1 characters"),
+    ("limit too big", "GET", "/v1/trials?limit=5000", None, 422, "limit", "limit must be <= 1000"),
+    (
+        "path id wrong type",
+        "GET",
+        "/v1/trials/abc",
+        None,
+        422,
+        "trial_id",
+        "trial_id must be an integer",
+    ),
+    (
+        "experiment name empty",
+        "POST",
+        "/v1/experiments",
+        {"name": ""},
+        422,
+        "name",
+        "name must be at least 1 characters",
+    ),
 ]
 
 
 def _counts(api, trial_id: int) -> tuple[int, int, str]:
     with api.engine.connect() as conn:
         n_trials = conn.scalar(select(func.count()).select_from(Trial))
-        n_points = conn.scalar(select(func.count()).select_from(Point)
-                               .where(Point.trial_id == trial_id))
+        n_points = conn.scalar(
+            select(func.count()).select_from(Point).where(Point.trial_id == trial_id)
+        )
         status = conn.scalar(select(Trial.status).where(Trial.id == trial_id))
     return n_trials, n_points, status
 
@@ -104,8 +284,12 @@ def test_bad_input(api, case):
         body = {"experiment_id": trial["experiment_id"], **body}
     before = _counts(api, trial["id"])
     content = body if isinstance(body, str) else (None if body is None else json.dumps(body))
-    r = api.http.request(method, path.format(trial=trial["id"]), content=content,
-                         headers={**api.auth, "Content-Type": "application/json"})
+    r = api.http.request(
+        method,
+        path.format(trial=trial["id"]),
+        content=content,
+        headers={**api.auth, "Content-Type": "application/json"},
+    )
     assert r.status_code == status, r.text
     detail = r.json()["detail"]
     if field is None:

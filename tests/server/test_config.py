@@ -1,4 +1,5 @@
 """Settings come from HYPERLAW_* variables; the default database is a per-user SQLite file."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """docker-compose.yml cannot be run here (no Docker); check its structure and that the
 service commands it runs are ones our CLI accepts."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,7 @@ import shlex
 import pytest
 import yaml
 
-from server import commands
+from server import cli
 from tests.conftest import REPO_ROOT
 
 
@@ -23,8 +24,7 @@ def _command(service: dict) -> list[str]:
 
 
 def test_services_present(compose):
-    assert set(compose["services"]) >= {"postgres", "api", "worker", "ray-head",
-                                        "ray-gpu-worker"}
+    assert set(compose["services"]) >= {"postgres", "api", "worker", "ray-head", "ray-gpu-worker"}
 
 
 def test_ray_head_exposes_dashboard(compose):
@@ -53,12 +53,12 @@ def test_api_command_parses_with_our_cli(compose):
     shell = _command(compose["services"]["api"])
     assert shell[:2] == ["sh", "-c"]
     parser = argparse.ArgumentParser(prog="hyperlaw")
-    commands.register(parser.add_subparsers(dest="command", required=True))
+    cli.register(parser.add_subparsers(dest="command", required=True))
     steps = [shlex.split(part) for part in shell[2].split("&&")]
     assert [s[0] for s in steps] == ["hyperlaw", "hyperlaw"]
     upgrade = parser.parse_args(steps[0][1:])
-    assert upgrade.func is commands.cmd_db_upgrade
+    assert upgrade.func is cli.cmd_db_upgrade
     serve = parser.parse_args(steps[1][1:])
-    assert serve.func is commands.cmd_serve and serve.host == "0.0.0.0" and serve.port == 8000
+    assert serve.func is cli.cmd_serve and serve.host == "0.0.0.0" and serve.port == 8000
     ports = compose["services"]["api"]["ports"]
     assert f"{serve.port}:{serve.port}" in ports

@@ -1,5 +1,6 @@
 """Migrations from empty to head and back, revision by revision, on both databases; the
 models match the migrated schema; the service refuses an out-of-date schema."""
+
 from __future__ import annotations
 
 import os
@@ -17,11 +18,12 @@ from server.core.db import (
     alembic_config,
     current_revision,
     downgrade,
-    make_engine,
+    open_database,
     schema_is_current,
     upgrade,
 )
-from server.main import SchemaOutdatedError, create_app
+from server.core.errors import SchemaOutdatedError
+from server.main import create_app
 from server.models import Base
 from tests.conftest import REPO_ROOT
 
@@ -34,18 +36,15 @@ def _revisions() -> list[str]:
 
 
 def _tables(url: str) -> set[str]:
-    engine = make_engine(url)
-    try:
-        return set(inspect(engine).get_table_names()) - {"alembic_version"}
-    finally:
-        engine.dispose()
+    with open_database(url) as database:
+        return set(inspect(database.engine).get_table_names()) - {"alembic_version"}
 
 
 @pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
 def test_upgrade_from_empty_and_downgrade_back(make_database, backend):
     url = make_database(backend)
-    engine = make_engine(url)
-    try:
+    with open_database(url) as database:
+        engine = database.engine
         assert current_revision(engine) is None and not schema_is_current(engine)
         revisions = _revisions()
         assert revisions == ["0001", "0002"]
@@ -62,8 +61,6 @@ def test_upgrade_from_empty_and_downgrade_back(make_database, backend):
         assert _tables(url) == set()
         upgrade(url)  # and up again from empty, in one go
         assert _tables(url) == ALL_TABLES
-    finally:
-        engine.dispose()
 
 
 def test_app_refuses_an_outdated_schema(make_database):
@@ -75,8 +72,14 @@ def test_app_refuses_an_outdated_schema(make_database):
 
 def _cli(url: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYPERLAW_DATABASE_URL": url, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-m", "server.commands", *args], cwd="/",
-                          env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args],
+        cwd="/",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_db_and_token_commands(make_database):

@@ -1,4 +1,5 @@
 """Every /v1 route against a live server, on PostgreSQL and on SQLite."""
+
 from __future__ import annotations
 
 import math
@@ -14,10 +15,17 @@ from server.models import Fit, Point
 def test_docs_and_openapi_are_served(api):
     assert api.http.get("/docs").status_code == 200
     spec = api.http.get("/openapi.json").json()
-    for path in ["/v1/experiments", "/v1/experiments/{experiment_id}", "/v1/trials",
-                 "/v1/trials/{trial_id}", "/v1/trials/{trial_id}/heartbeat",
-                 "/v1/trials/{trial_id}/points", "/v1/fits", "/v1/fits/latest",
-                 "/v1/fits/{fit_id}"]:
+    for path in [
+        "/v1/experiments",
+        "/v1/experiments/{experiment_id}",
+        "/v1/trials",
+        "/v1/trials/{trial_id}",
+        "/v1/trials/{trial_id}/heartbeat",
+        "/v1/trials/{trial_id}/points",
+        "/v1/fits",
+        "/v1/fits/latest",
+        "/v1/fits/{fit_id}",
+    ]:
         assert path in spec["paths"], path
     body = spec["paths"]["/v1/trials/{trial_id}/points"]["post"]["requestBody"]
     assert "points" in body["content"]["application/json"]["schema"]["properties"]
@@ -45,9 +53,19 @@ def test_experiments_create_get_list(api):
 def test_trial_create_is_idempotent_per_experiment(api):
     exp = api.experiment()
     first = api.trial(exp["id"], idempotency_key="run-1")
-    r = api.http.post("/v1/trials", headers=api.auth, json=dict(
-        experiment_id=exp["id"], n_params=1, n_tokens=1, seq_len=1, learning_rate=0.5,
-        batch_size_tokens=1, idempotency_key="run-1"))
+    r = api.http.post(
+        "/v1/trials",
+        headers=api.auth,
+        json=dict(
+            experiment_id=exp["id"],
+            n_params=1,
+            n_tokens=1,
+            seq_len=1,
+            learning_rate=0.5,
+            batch_size_tokens=1,
+            idempotency_key="run-1",
+        ),
+    )
     assert r.status_code == 200 and r.json()["id"] == first["id"]
     assert r.json()["learning_rate"] == first["learning_rate"]  # the stored trial, unchanged
     other_exp = api.experiment()
@@ -58,9 +76,17 @@ def test_trial_create_is_idempotent_per_experiment(api):
 
 def test_trial_fields_round_trip(api):
     t = api.trial(
-        model_shape={"n_layer": 4, "n_head": 4, "d_model": 256}, adam_beta1=0.9,
-        adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.1, grad_clip=1.0, schedule="constant_ewa",
-        warmup_fraction=0.01, zero_stage=2, world_size=4, seed=7,
+        model_shape={"n_layer": 4, "n_head": 4, "d_model": 256},
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_eps=1e-8,
+        weight_decay=0.1,
+        grad_clip=1.0,
+        schedule="constant_ewa",
+        warmup_fraction=0.01,
+        zero_stage=2,
+        world_size=4,
+        seed=7,
         config={"code_version": "abc", "data_fingerprint": "sha256:00"},
     )
     got = api.client.get_trial(t["id"])
@@ -97,8 +123,15 @@ def test_trial_status_transitions(api):
     with pytest.raises(HyperlawAPIError) as back:
         api.client.update_trial(t["id"], status="queued")
     assert back.value.status_code == 409
-    done = api.client.update_trial(t["id"], status="completed", final_loss=3.2, steps_done=100,
-                                   tokens_done=3_276_800, diverged=False, config={"k": 1})
+    done = api.client.update_trial(
+        t["id"],
+        status="completed",
+        final_loss=3.2,
+        steps_done=100,
+        tokens_done=3_276_800,
+        diverged=False,
+        config={"k": 1},
+    )
     assert done["status"] == "completed" and done["completed_at"] is not None
     assert done["final_loss"] == 3.2 and done["config"] == {"k": 1}
     # re-sending the final status (a retried PATCH) is fine; reopening is not
@@ -129,9 +162,19 @@ def test_heartbeat(api):
 
 def test_points_ingest_read_ranges_and_idempotence(api):
     t = api.trial()
-    points = [{"step": s, "tokens": s * 32768, "train_loss": 10.0 / (s + 1), "lr": 1e-3,
-               "grad_norm": 1.0, "b_simple": 1e4, "tokens_per_s": 5e4, "wall_time_s": s * 0.1}
-              for s in range(0, 1000, 10)]
+    points = [
+        {
+            "step": s,
+            "tokens": s * 32768,
+            "train_loss": 10.0 / (s + 1),
+            "lr": 1e-3,
+            "grad_norm": 1.0,
+            "b_simple": 1e4,
+            "tokens_per_s": 5e4,
+            "wall_time_s": s * 0.1,
+        }
+        for s in range(0, 1000, 10)
+    ]
     r = api.http.post(f"/v1/trials/{t['id']}/points", json={"points": points}, headers=api.auth)
     assert r.status_code == 200 and r.json() == {"trial_id": t["id"], "count": 100}
     r2 = api.http.post(f"/v1/trials/{t['id']}/points", json={"points": points}, headers=api.auth)
@@ -141,15 +184,16 @@ def test_points_ingest_read_ranges_and_idempotence(api):
     assert got["data"][5] == {**points[5], "eval_loss": None, "ewa_eval_loss": None}
     ranged = api.client.get_points(t["id"], step_min=100, step_max=200)
     assert [p["step"] for p in ranged["data"]] == list(range(100, 201, 10))
-    page = api.http.get(f"/v1/trials/{t['id']}/points",
-                        params={"limit": 5, "offset": 10}).json()
+    page = api.http.get(f"/v1/trials/{t['id']}/points", params={"limit": 5, "offset": 10}).json()
     assert page["count"] == 100 and [p["step"] for p in page["data"]] == list(range(100, 150, 10))
     # a later batch may add eval losses to existing steps without erasing train losses
     api.client.post_points(t["id"], [{"step": 10, "eval_loss": 4.5, "ewa_eval_loss": 4.6}])
     p10 = api.client.get_points(t["id"], step_min=10, step_max=10)["data"][0]
     assert p10["train_loss"] == points[1]["train_loss"] and p10["eval_loss"] == 4.5
     # within one batch the last row for a step wins
-    api.client.post_points(t["id"], [{"step": 20, "train_loss": 1.0}, {"step": 20, "train_loss": 2.0}])
+    api.client.post_points(
+        t["id"], [{"step": 20, "train_loss": 1.0}, {"step": 20, "train_loss": 2.0}]
+    )
     assert api.client.get_points(t["id"], step_min=20, step_max=20)["data"][0]["train_loss"] == 2.0
     with api.engine.connect() as conn:
         n = len(conn.execute(select(Point.step).where(Point.trial_id == t["id"])).all())
@@ -159,8 +203,10 @@ def test_points_ingest_read_ranges_and_idempotence(api):
 
 def test_nonfinite_values_round_trip_on_the_wire(api):
     t = api.trial()
-    points = [{"step": 1, "train_loss": math.nan, "eval_loss": math.inf, "grad_norm": -math.inf},
-              {"step": 2, "train_loss": 1.5}]
+    points = [
+        {"step": 1, "train_loss": math.nan, "eval_loss": math.inf, "grad_norm": -math.inf},
+        {"step": 2, "train_loss": 1.5},
+    ]
     api.client.post_points(t["id"], points)
     raw = api.http.get(f"/v1/trials/{t['id']}/points").json()["data"][0]
     assert raw["train_loss"] == "NaN" and raw["eval_loss"] == "Infinity"
@@ -170,11 +216,15 @@ def test_nonfinite_values_round_trip_on_the_wire(api):
     assert back["grad_norm"] == -math.inf
     # bare NaN tokens (Python's json default) are accepted as well
     body = '{"points": [{"step": 3, "train_loss": NaN, "eval_loss": -Infinity}]}'
-    r = api.http.post(f"/v1/trials/{t['id']}/points", content=body,
-                      headers={**api.auth, "Content-Type": "application/json"})
+    r = api.http.post(
+        f"/v1/trials/{t['id']}/points",
+        content=body,
+        headers={**api.auth, "Content-Type": "application/json"},
+    )
     assert r.status_code == 200, r.text
-    done = api.client.update_trial(t["id"], status="completed", final_loss=math.nan,
-                                   final_eval_loss=math.inf, diverged=True)
+    done = api.client.update_trial(
+        t["id"], status="completed", final_loss=math.nan, final_eval_loss=math.inf, diverged=True
+    )
     assert math.isnan(done["final_loss"]) and done["final_eval_loss"] == math.inf
 
 
@@ -182,11 +232,22 @@ def _add_fits(api, kind: str) -> list[int]:
     ids = []
     with api.engine.begin() as conn:
         for i, status in enumerate(["ok", "failed", "ok"]):
-            res = conn.execute(insert(Fit).values(
-                kind=kind, scope="global", status=status, message=None if status == "ok" else "x",
-                params={"alpha": 0.5 + i, "nan": math.inf}, intervals={"alpha": [0.1, 0.9]},
-                quality={"r2": 0.9}, trial_ids=[1, 2], n_trials=2, data_watermark=f"w{i}",
-            ).returning(Fit.id))
+            res = conn.execute(
+                insert(Fit)
+                .values(
+                    kind=kind,
+                    scope="global",
+                    status=status,
+                    message=None if status == "ok" else "x",
+                    params={"alpha": 0.5 + i, "nan": math.inf},
+                    intervals={"alpha": [0.1, 0.9]},
+                    quality={"r2": 0.9},
+                    trial_ids=[1, 2],
+                    n_trials=2,
+                    data_watermark=f"w{i}",
+                )
+                .returning(Fit.id)
+            )
             ids.append(res.scalar_one())
     return ids
 
@@ -203,7 +264,10 @@ def test_fits_history_latest_and_by_id(api):
     assert api.client.latest_fit(kind, status="failed")["id"] == ids[1]
     assert api.client.get_fit(ids[0])["data_watermark"] == "w0"
     missing = api.http.get("/v1/fits/latest", params={"kind": "no-such-kind"})
-    assert missing.status_code == 404 and missing.json()["detail"] == "no fit found with kind=no-such-kind"
+    assert (
+        missing.status_code == 404
+        and missing.json()["detail"] == "no fit found with kind=no-such-kind"
+    )
     assert api.http.get("/v1/fits/987654321").json() == {"detail": "fit 987654321 not found"}
     bad = api.http.get("/v1/fits", params={"status": "great"})
     assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "status"

@@ -1,5 +1,6 @@
 """Storage details: non-finite floats stored as what they are on both databases,
 NOTIFY on completed and imported trials (PostgreSQL), idempotent creation under a race."""
+
 from __future__ import annotations
 
 import math
@@ -12,34 +13,63 @@ import psycopg2
 from sqlalchemy import text
 
 from server import crud
-from server.core.db import make_engine, make_session_factory, session_scope
+from server.core.db import Database, session_scope
 from server.models import Fit, Trial
 from server.schemas import ExperimentCreate, PointIn, TrialCreate, TrialUpdate
 
 
 def _session(url):
-    engine = make_engine(url)
-    return engine, make_session_factory(engine)
+    database = Database.from_url(url)
+    return database.engine, database.sessions
 
 
 def _trial_in(experiment_id: int, **fields) -> TrialCreate:
-    return TrialCreate(experiment_id=experiment_id, n_params=10**6, n_tokens=10**8, seq_len=128,
-                       learning_rate=1e-3, batch_size_tokens=4096, **fields)
+    return TrialCreate(
+        experiment_id=experiment_id,
+        n_params=10**6,
+        n_tokens=10**8,
+        seq_len=128,
+        learning_rate=1e-3,
+        batch_size_tokens=4096,
+        **fields,
+    )
 
 
 def test_nonfinite_floats_are_stored_faithfully(db_url):
     engine, factory = _session(db_url)
     try:
         with session_scope(factory) as s:
-            exp, _ = crud.create_experiment(session=s, experiment_in=ExperimentCreate(
-                name=f"nonfinite-{uuid.uuid4().hex[:6]}"))
-            trial, _ = crud.create_trial(session=s, trial_in=_trial_in(
-                exp.id, final_loss=math.nan, final_eval_loss=-math.inf))
-            crud.upsert_points(session=s, trial_id=trial.id, points=[
-                PointIn(step=1, train_loss=math.nan, eval_loss=math.inf, lr=-math.inf,
-                        grad_norm=None, b_simple=2.5)])
-            s.add(Fit(kind="k", scope=f"s-{trial.id}", status="failed", n_trials=0,
-                      data_watermark="w", params={"x": math.nan, "y": [math.inf, 1.0]}))
+            exp, _ = crud.create_experiment(
+                session=s, experiment_in=ExperimentCreate(name=f"nonfinite-{uuid.uuid4().hex[:6]}")
+            )
+            trial, _ = crud.create_trial(
+                session=s,
+                trial_in=_trial_in(exp.id, final_loss=math.nan, final_eval_loss=-math.inf),
+            )
+            crud.upsert_points(
+                session=s,
+                trial_id=trial.id,
+                points=[
+                    PointIn(
+                        step=1,
+                        train_loss=math.nan,
+                        eval_loss=math.inf,
+                        lr=-math.inf,
+                        grad_norm=None,
+                        b_simple=2.5,
+                    )
+                ],
+            )
+            s.add(
+                Fit(
+                    kind="k",
+                    scope=f"s-{trial.id}",
+                    status="failed",
+                    n_trials=0,
+                    data_watermark="w",
+                    params={"x": math.nan, "y": [math.inf, 1.0]},
+                )
+            )
         with session_scope(factory) as s:
             got = s.get(Trial, trial.id)
             assert math.isnan(got.final_loss) and got.final_eval_loss == -math.inf
@@ -50,14 +80,22 @@ def test_nonfinite_floats_are_stored_faithfully(db_url):
             fit = crud.latest_fit(session=s, scope=f"s-{trial.id}")
             assert math.isnan(fit.params["x"]) and fit.params["y"] == [math.inf, 1.0]
         with engine.connect() as conn:  # not NULL underneath: NaN is a value, not missing
-            n_null = conn.execute(text(
-                "SELECT count(*) FROM points WHERE trial_id = :t AND train_loss IS NULL"),
-                {"t": trial.id}).scalar()
+            n_null = conn.execute(
+                text("SELECT count(*) FROM points WHERE trial_id = :t AND train_loss IS NULL"),
+                {"t": trial.id},
+            ).scalar()
             assert n_null == 0
             if engine.dialect.name == "postgresql":
-                assert conn.execute(text(
-                    "SELECT train_loss = 'NaN'::float8 AND eval_loss = 'Infinity'::float8 "
-                    "FROM points WHERE trial_id = :t"), {"t": trial.id}).scalar() is True
+                assert (
+                    conn.execute(
+                        text(
+                            "SELECT train_loss = 'NaN'::float8 AND eval_loss = 'Infinity'::float8 "
+                            "FROM points WHERE trial_id = :t"
+                        ),
+                        {"t": trial.id},
+                    ).scalar()
+                    is True
+                )
     finally:
         engine.dispose()
 
@@ -66,17 +104,19 @@ def test_concurrent_creation_with_one_idempotency_key_makes_one_trial(db_url):
     engine, factory = _session(db_url)
     try:
         with session_scope(factory) as s:
-            exp, _ = crud.create_experiment(session=s, experiment_in=ExperimentCreate(
-                name=f"race-{uuid.uuid4().hex[:6]}"))
+            exp, _ = crud.create_experiment(
+                session=s, experiment_in=ExperimentCreate(name=f"race-{uuid.uuid4().hex[:6]}")
+            )
         results, errors = [], []
 
         def create() -> None:
             try:
                 with session_scope(factory) as s:
                     trial, created = crud.create_trial(
-                        session=s, trial_in=_trial_in(exp.id, idempotency_key="same"))
+                        session=s, trial_in=_trial_in(exp.id, idempotency_key="same")
+                    )
                     results.append((trial.id, created))
-            except BaseException as exc:  # asserted below
+            except BaseException as exc:  # noqa: BLE001 -- whatever it is, asserted below
                 errors.append(exc)
 
         threads = [threading.Thread(target=create) for _ in range(6)]
@@ -98,17 +138,24 @@ def test_completed_and_imported_trials_notify(pg_url):
     engine, factory = _session(pg_url)
     try:
         with session_scope(factory) as s:
-            exp, _ = crud.create_experiment(session=s, experiment_in=ExperimentCreate(
-                name=f"notify-{uuid.uuid4().hex[:6]}"))
+            exp, _ = crud.create_experiment(
+                session=s, experiment_in=ExperimentCreate(name=f"notify-{uuid.uuid4().hex[:6]}")
+            )
             trained, _ = crud.create_trial(session=s, trial_in=_trial_in(exp.id))
-            imported, _ = crud.create_trial(session=s, trial_in=_trial_in(
-                exp.id, source="imported", status="completed", final_loss=3.0))
+            imported, _ = crud.create_trial(
+                session=s,
+                trial_in=_trial_in(exp.id, source="imported", status="completed", final_loss=3.0),
+            )
         with session_scope(factory) as s:
-            crud.update_trial(session=s, trial_id=trained.id,
-                              trial_in=TrialUpdate(status="running"))
+            crud.update_trial(
+                session=s, trial_id=trained.id, trial_in=TrialUpdate(status="running")
+            )
         with session_scope(factory) as s:
-            crud.update_trial(session=s, trial_id=trained.id,
-                              trial_in=TrialUpdate(status="completed", final_loss=2.9))
+            crud.update_trial(
+                session=s,
+                trial_id=trained.id,
+                trial_in=TrialUpdate(status="completed", final_loss=2.9),
+            )
         payloads: list[str] = []
         deadline = time.monotonic() + 5
         while len(payloads) < 2 and time.monotonic() < deadline:

@@ -1,4 +1,5 @@
 """``/v1/experiments``: named groups of trials."""
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -13,7 +14,10 @@ router = APIRouter(prefix="/experiments", tags=["experiments"])
 
 
 @router.post(
-    "", response_model=ExperimentPublic, status_code=201, dependencies=[WriteAuth],
+    "",
+    response_model=ExperimentPublic,
+    status_code=201,
+    dependencies=[WriteAuth],
     responses={200: {"description": "an experiment with this name exists; it is returned"}},
 )
 def create_experiment(

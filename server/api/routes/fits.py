@@ -1,4 +1,5 @@
 """``/v1/fits``: the history of every fit the worker stored (read only)."""
+
 from __future__ import annotations
 
 from typing import Annotated, Literal

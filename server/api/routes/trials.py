@@ -1,4 +1,5 @@
 """``/v1/trials``: trials, their heartbeats and their loss curves."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any
@@ -45,7 +46,10 @@ def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 
 @router.post(
-    "", response_model=TrialPublic, status_code=201, dependencies=[WriteAuth],
+    "",
+    response_model=TrialPublic,
+    status_code=201,
+    dependencies=[WriteAuth],
     responses={200: {"description": "idempotency_key already used here; that trial is returned"}},
 )
 def create_trial(trial_in: TrialCreate, session: SessionDep, response: Response) -> TrialPublic:
@@ -73,10 +77,17 @@ def list_trials(
 ) -> TrialsPublic:
     """Trials matching all filters (ranges inclusive; ``status`` may repeat), by id."""
     rows, count = crud.list_trials(
-        session=session, experiment_id=experiment_id, status=status, source=source,
-        n_params_min=n_params_min, n_params_max=n_params_max,
-        n_tokens_min=n_tokens_min, n_tokens_max=n_tokens_max,
-        idempotency_key=idempotency_key, limit=limit, offset=offset,
+        session=session,
+        experiment_id=experiment_id,
+        status=status,
+        source=source,
+        n_params_min=n_params_min,
+        n_params_max=n_params_max,
+        n_tokens_min=n_tokens_min,
+        n_tokens_max=n_tokens_max,
+        idempotency_key=idempotency_key,
+        limit=limit,
+        offset=offset,
     )
     return TrialsPublic(data=[TrialPublic.model_validate(r) for r in rows], count=count)
 
@@ -104,7 +115,9 @@ def heartbeat(trial_id: int, session: SessionDep) -> TrialPublic:
 
 
 @router.post(
-    "/{trial_id}/points", response_model=PointsStored, dependencies=[WriteAuth],
+    "/{trial_id}/points",
+    response_model=PointsStored,
+    dependencies=[WriteAuth],
     description=(
         f"Upsert up to {MAX_POINTS_PER_REQUEST} loss-curve points keyed by step, in one "
         "transaction: a rejected batch stores nothing, re-sending stores nothing new, and a "
@@ -131,7 +144,9 @@ async def post_points(trial_id: int, request: Request, session: SessionDep) -> P
 
 
 @router.get(
-    "/{trial_id}/points", response_model=PointsPublic, dependencies=[ReadAuth],
+    "/{trial_id}/points",
+    response_model=PointsPublic,
+    dependencies=[ReadAuth],
     description="Points with step_min <= step <= step_max, by step. " + NONFINITE_NOTE,
 )
 def get_points(
@@ -143,8 +158,12 @@ def get_points(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Response:
     rows, count = crud.get_points(
-        session=session, trial_id=trial_id, step_min=step_min, step_max=step_max,
-        limit=limit, offset=offset,
+        session=session,
+        trial_id=trial_id,
+        step_min=step_min,
+        step_max=step_max,
+        limit=limit,
+        offset=offset,
     )
     body = PointsPublic.model_validate({"trial_id": trial_id, "data": rows, "count": count})
     return Response(body.model_dump_json(), media_type="application/json")

@@ -1,10 +1,14 @@
-"""``GET /v1/recommendations``: the answer's shape, and a 4xx for every bad query."""
+"""``GET /v1/recommendations``: the answer's shape (the documented ``RecommendationPublic``),
+and a 4xx for every bad query."""
+
 from __future__ import annotations
 
 import math
 
 import httpx
 import pytest
+
+from server.schemas import RecommendationPublic
 
 QUERY = {"n_params": "1e9", "n_tokens": "1e11"}
 
@@ -24,14 +28,49 @@ def get(server, **params) -> httpx.Response:
 
 def test_answer_has_every_field(server):
     body = get(server, **QUERY).json()
-    for key in ("learning_rate", "batch_size_tokens", "batch_size_sequences",
-                "critical_batch_size_tokens"):
+    for key in (
+        "learning_rate",
+        "batch_size_tokens",
+        "batch_size_sequences",
+        "critical_batch_size_tokens",
+    ):
         assert math.isfinite(body[key]) and body[key] > 0
         assert set(body[f"{key}_interval"]) == {"low", "high", "level"}
     assert body["batch_size_sequences"] == pytest.approx(body["batch_size_tokens"] / 2048)
     assert len(body["fit_ids"]) == 1 and body["n_trials"] == 1911 and body["fitted_at"]
     assert body["warnings"] == [] and body["learning_rate_for_batch"] is None
     assert body["sources"]["critical_batch_size_tokens"]
+
+
+def test_openapi_documents_the_body_as_recommendation_public(server):
+    spec = httpx.get(server.url + "/openapi.json", timeout=10).json()
+    ok = spec["paths"]["/v1/recommendations"]["get"]["responses"]["200"]
+    schema = ok["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/RecommendationPublic"}
+    documented = spec["components"]["schemas"]["RecommendationPublic"]["properties"]
+    assert set(documented) == set(RecommendationPublic.model_fields)
+    undocumented = [name for name, prop in documented.items() if not prop.get("description")]
+    assert undocumented == []
+    assert "IntervalPublic" in spec["components"]["schemas"]
+
+
+@pytest.mark.parametrize("imposed", [False, True], ids=["free", "imposed_batch"])
+def test_real_bodies_validate_against_the_model(server, imposed):
+    params = {**QUERY, "batch_size_tokens": "524288"} if imposed else QUERY
+    answer = get(server, **params)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert set(body) == set(RecommendationPublic.model_fields)  # nothing undocumented
+    model = RecommendationPublic.model_validate_json(answer.content)
+    assert model.learning_rate == body["learning_rate"]
+    assert model.fit_ids == body["fit_ids"] and model.fitted_at.tzinfo is not None
+    if imposed:
+        assert model.imposed_batch_size_tokens == 524288
+        assert model.learning_rate_for_batch_interval is not None
+        assert model.step_overhead is not None and model.token_overhead is not None
+    else:
+        assert model.imposed_batch_size_tokens is None
+        assert model.learning_rate_for_batch is None and model.step_overhead is None
 
 
 def test_imposed_batch_size_adds_its_learning_rate_and_overheads(server):
@@ -63,20 +102,23 @@ def test_experiment_by_name_and_id(server):
     assert missing_id.status_code == 404 and "987654" in missing_id.json()["detail"]
 
 
-@pytest.mark.parametrize("params, field, words", [
-    ({"n_tokens": "1e11"}, "n_params", "is required"),
-    ({"n_params": "1e9"}, "n_tokens", "is required"),
-    ({"n_params": "0", "n_tokens": "1e11"}, "n_params", "must be > 0"),
-    ({"n_params": "-1e9", "n_tokens": "1e11"}, "n_params", "must be > 0"),
-    ({"n_params": "nan", "n_tokens": "1e11"}, "n_params", "must be finite"),
-    ({"n_params": "1e9", "n_tokens": "inf"}, "n_tokens", "must be finite"),
-    ({"n_params": "many", "n_tokens": "1e11"}, "n_params", "must be a number"),
-    ({**QUERY, "seq_len": "0"}, "seq_len", "must be > 0"),
-    ({**QUERY, "seq_len": "2048.5"}, "seq_len", "must be an integer"),
-    ({**QUERY, "batch_size_tokens": "-4"}, "batch_size_tokens", "must be > 0"),
-    ({**QUERY, "batch_size_tokens": "-inf"}, "batch_size_tokens", "must be finite"),
-    ({**QUERY, "experiment": ""}, "experiment", "at least 1"),
-])
+@pytest.mark.parametrize(
+    "params, field, words",
+    [
+        ({"n_tokens": "1e11"}, "n_params", "is required"),
+        ({"n_params": "1e9"}, "n_tokens", "is required"),
+        ({"n_params": "0", "n_tokens": "1e11"}, "n_params", "must be > 0"),
+        ({"n_params": "-1e9", "n_tokens": "1e11"}, "n_params", "must be > 0"),
+        ({"n_params": "nan", "n_tokens": "1e11"}, "n_params", "must be finite"),
+        ({"n_params": "1e9", "n_tokens": "inf"}, "n_tokens", "must be finite"),
+        ({"n_params": "many", "n_tokens": "1e11"}, "n_params", "must be a number"),
+        ({**QUERY, "seq_len": "0"}, "seq_len", "must be > 0"),
+        ({**QUERY, "seq_len": "2048.5"}, "seq_len", "must be an integer"),
+        ({**QUERY, "batch_size_tokens": "-4"}, "batch_size_tokens", "must be > 0"),
+        ({**QUERY, "batch_size_tokens": "-inf"}, "batch_size_tokens", "must be finite"),
+        ({**QUERY, "experiment": ""}, "experiment", "at least 1"),
+    ],
+)
 def test_invalid_query_gets_422_naming_the_field(server, params, field, words):
     answer = get(server, **params)
     assert answer.status_code == 422
@@ -99,26 +141,32 @@ def test_no_fit_is_503_saying_how_to_get_one(make_database, live_server_factory)
 
 
 def test_read_token_required_when_configured(seeded_pg, live_server_factory):
-    live = live_server_factory(database_url=seeded_pg,
-                               env={"HYPERLAW_READ_REQUIRES_TOKEN": "true"})
+    live = live_server_factory(database_url=seeded_pg, env={"HYPERLAW_READ_REQUIRES_TOKEN": "true"})
     assert get(live, **QUERY).status_code == 401
-    ok = httpx.get(live.url + "/v1/recommendations", params=QUERY,
-                   headers={"Authorization": f"Bearer {live.token}"})
+    ok = httpx.get(
+        live.url + "/v1/recommendations",
+        params=QUERY,
+        headers={"Authorization": f"Bearer {live.token}"},
+    )
     assert ok.status_code == 200 and math.isfinite(ok.json()["learning_rate"])
 
 
-def test_fit_from_another_recommender_version_is_503_not_500(make_database,
-                                                            live_server_factory):
-    from server.core.db import make_engine, make_session_factory, session_scope, upgrade
+def test_fit_from_another_recommender_version_is_503_not_500(make_database, live_server_factory):
+    from server.core.db import open_database, upgrade
     from server.models import Fit
 
     url = make_database("sqlite")
     upgrade(url)
-    engine = make_engine(url)
-    with session_scope(make_session_factory(engine)) as session:
-        session.add(Fit(kind="recommender", scope="global", status="ok",
-                        params={"method": "loss_surface", "version": 999}, n_trials=0,
-                        data_watermark="v999:n=0:id=0:t=-"))
-    engine.dispose()
+    with open_database(url) as database, database.session() as session:
+        session.add(
+            Fit(
+                kind="recommender",
+                scope="global",
+                status="ok",
+                params={"method": "loss_surface", "version": 999},
+                n_trials=0,
+                data_watermark="v999:n=0:id=0:t=-",
+            )
+        )
     answer = get(live_server_factory(database_url=url), **QUERY)
     assert answer.status_code == 503 and "cannot be loaded" in answer.json()["detail"]

@@ -1,5 +1,6 @@
 """``hyperlaw quickstart`` (what ``make run`` runs): from an empty machine to a finite
 recommendation, with default settings (the embedded SQLite file in the per-user data dir)."""
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,11 @@ def start(data_home, port, log_path) -> subprocess.Popen:
     with open(log_path, "wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "hyperlaw", "quickstart", "--port", str(port)],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def first_answer(proc, url: str, log_path) -> dict:
@@ -61,8 +66,12 @@ def test_quickstart_answers_then_reuses_what_is_there(tmp_path):
         finally:
             stop(proc)
         assert took < LIMIT_S
-        for key in ("learning_rate", "batch_size_tokens", "batch_size_sequences",
-                    "critical_batch_size_tokens"):
+        for key in (
+            "learning_rate",
+            "batch_size_tokens",
+            "batch_size_sequences",
+            "critical_batch_size_tokens",
+        ):
             assert math.isfinite(body[key]) and body[key] > 0
         out = log_path.read_text()
         assert f"curl '{url}'" in out

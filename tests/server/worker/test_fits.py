@@ -1,5 +1,6 @@
 """The estimators' fits (near_optimal, bell, cbs) stored by the worker next to the
 recommender, and the steps-to-target critical batch size measured on trained loss curves."""
+
 from __future__ import annotations
 
 import math
@@ -11,34 +12,30 @@ from sqlalchemy import select
 
 from fitting.data import Runs
 from server import crud
-from server.core.db import make_engine, make_session_factory, session_scope
+from server.core.db import open_database
+from server.importers import import_runs, import_steplaw
 from server.models import Fit, TrialSource, TrialStatus
 from server.schemas import ExperimentCreate, PointIn, TrialCreate, TrialUpdate
-from server.worker import (
-    FIT_KINDS,
-    GLOBAL_SCOPE,
-    RECOMMENDER_KIND,
-    experiment_scope,
-    latest_ok_fit,
-    refit_once,
-    scope_watermarks,
-)
-from server.worker_commands import import_runs, import_steplaw
-from server.worker_estimators import (
+from server.worker.fits import (
     CBS_KIND,
     ESTIMATORS,
+    FIT_KINDS,
     NEAR_OPTIMAL_KIND,
+    RECOMMENDER_KIND,
     Estimator,
     fit_near_optimal_kind,
 )
+from server.worker.loop import refit_once
+from server.worker.scopes import GLOBAL_SCOPE, experiment_scope, scope_watermarks
+from tests.databases import add_completed_trial
 
 # --- a synthetic sweep whose steps to target follow S(B) = a + b/B exactly ------------------
 
-A_STEPS = 1000.0                      # a: steps to target at infinite batch size
-BATCHES = [2 ** k for k in range(14, 19)]  # tokens; 16k .. 256k
-DROP = 1.0                            # loss above the target at step 0
-SLOWER = 1.25                         # a worse learning rate needs 25 % more steps
-GAP = 0.3                             # how far the column a run is NOT judged by drifts
+A_STEPS = 1000.0  # a: steps to target at infinite batch size
+BATCHES = [2**k for k in range(14, 19)]  # tokens; 16k .. 256k
+DROP = 1.0  # loss above the target at step 0
+SLOWER = 1.25  # a worse learning rate needs 25 % more steps
+GAP = 0.3  # how far the column a run is NOT judged by drifts
 
 
 def expected_cbs(ratio: float) -> float:
@@ -57,19 +54,40 @@ def linear_curve(steps: np.ndarray, target: float, s_target: float) -> np.ndarra
     return target + DROP * (1.0 - steps / s_target)
 
 
-def add_trained_run(session, experiment_id: int, *, n_params: int, n_tokens: int,
-                    batch: int, learning_rate: float, schedule: str, target: float,
-                    s_target: float | None, configured_target: float | None = None,
-                    diverge_at: int | None = None) -> int:
+def add_trained_run(
+    session,
+    experiment_id: int,
+    *,
+    n_params: int,
+    n_tokens: int,
+    batch: int,
+    learning_rate: float,
+    schedule: str,
+    target: float,
+    s_target: float | None,
+    configured_target: float | None = None,
+    diverge_at: int | None = None,
+) -> int:
     """A trained trial as the trainer leaves it: created running, its evaluated points
     posted, then completed with its final losses. ``s_target``: the step at which its
     judged loss reaches ``target``; ``configured_target``: it was trained towards that loss
     and stopped at the first evaluation at or below it."""
     train = {"schedule": {"name": schedule}, "target_loss": configured_target}
-    trial, _ = crud.create_trial(session=session, trial_in=TrialCreate(
-        experiment_id=experiment_id, n_params=n_params, n_tokens=n_tokens, seq_len=1,
-        learning_rate=learning_rate, batch_size_tokens=batch, schedule=schedule,
-        status=TrialStatus.RUNNING, source=TrialSource.TRAINED, config={"train": train}))
+    trial, _ = crud.create_trial(
+        session=session,
+        trial_in=TrialCreate(
+            experiment_id=experiment_id,
+            n_params=n_params,
+            n_tokens=n_tokens,
+            seq_len=1,
+            learning_rate=learning_rate,
+            batch_size_tokens=batch,
+            schedule=schedule,
+            status=TrialStatus.RUNNING,
+            source=TrialSource.TRAINED,
+            config={"train": train},
+        ),
+    )
     steps = eval_steps(n_tokens // batch)
     judged = linear_curve(steps, target, s_target if s_target else 1e12)
     if diverge_at is not None:
@@ -77,25 +95,47 @@ def add_trained_run(session, experiment_id: int, *, n_params: int, n_tokens: int
     if configured_target is not None:
         reached = np.flatnonzero(judged <= configured_target)
         if reached.size:
-            steps, judged = steps[:reached[0] + 1], judged[:reached[0] + 1]
+            steps, judged = steps[: reached[0] + 1], judged[: reached[0] + 1]
     ewa = schedule == "constant_ewa"
     # the other column drifts away from the judged one, so using it would move every
     # crossing (a constant offset would not: the reference target would shift with it)
     other = judged + (GAP if ewa else -GAP) * steps / steps[-1]
-    points = [PointIn(step=int(s), tokens=int(s) * batch,
-                      eval_loss=float(o if ewa else j), ewa_eval_loss=float(j if ewa else o))
-              for s, j, o in zip(steps, judged, other)]
+    points = [
+        PointIn(
+            step=int(s),
+            tokens=int(s) * batch,
+            eval_loss=float(o if ewa else j),
+            ewa_eval_loss=float(j if ewa else o),
+        )
+        for s, j, o in zip(steps, judged, other, strict=True)
+    ]
     crud.upsert_points(session=session, trial_id=trial.id, points=points)
     final = float(judged[-1])
-    crud.update_trial(session=session, trial_id=trial.id, trial_in=TrialUpdate(
-        status=TrialStatus.COMPLETED, final_eval_loss=final, final_loss=final,
-        diverged=not math.isfinite(final), steps_done=int(steps[-1]),
-        tokens_done=int(steps[-1]) * batch))
+    crud.update_trial(
+        session=session,
+        trial_id=trial.id,
+        trial_in=TrialUpdate(
+            status=TrialStatus.COMPLETED,
+            final_eval_loss=final,
+            final_loss=final,
+            diverged=not math.isfinite(final),
+            steps_done=int(steps[-1]),
+            tokens_done=int(steps[-1]) * batch,
+        ),
+    )
     return trial.id
 
 
-def add_sweep(url: str, experiment: str, *, n_params: int, ratio: float, target: float,
-              schedule: str = "constant_ewa", configured: bool = False) -> dict:
+def add_sweep(
+    url: str,
+    experiment: str,
+    *,
+    n_params: int,
+    ratio: float,
+    target: float,
+    schedule: str = "constant_ewa",
+    configured: bool = False,
+) -> dict:
     """One group: every batch size at a good and a worse learning rate, plus a run that
     diverges. Without ``configured`` the budget is what the largest batch size needs to
     reach ``target`` (so the reference rule must find ``target``); with it, twice that and
@@ -103,52 +143,87 @@ def add_sweep(url: str, experiment: str, *, n_params: int, ratio: float, target:
     b = A_STEPS * ratio
     s_of = {batch: A_STEPS + b / batch for batch in BATCHES}
     n_tokens = int(s_of[BATCHES[-1]] * BATCHES[-1]) * (2 if configured else 1)
-    engine = make_engine(url)
     ids = []
-    try:
-        with session_scope(make_session_factory(engine)) as session:
-            exp, _ = crud.create_experiment(session=session,
-                                            experiment_in=ExperimentCreate(name=experiment))
-            common = dict(n_params=n_params, n_tokens=n_tokens, schedule=schedule,
-                          target=target, configured_target=target if configured else None)
-            for batch in BATCHES:
-                ids.append(add_trained_run(session, exp.id, batch=batch, learning_rate=1e-3,
-                                           s_target=s_of[batch], **common))
-                ids.append(add_trained_run(session, exp.id, batch=batch, learning_rate=3e-3,
-                                           s_target=SLOWER * s_of[batch], **common))
-            ids.append(add_trained_run(session, exp.id, batch=BATCHES[0], learning_rate=1e-2,
-                                       s_target=0.5 * s_of[BATCHES[0]],
-                                       diverge_at=int(0.3 * s_of[BATCHES[0]]), **common))
-            experiment_id = exp.id
-    finally:
-        engine.dispose()
+    with open_database(url) as database, database.session() as session:
+        exp, _ = crud.create_experiment(
+            session=session, experiment_in=ExperimentCreate(name=experiment)
+        )
+        common = dict(
+            n_params=n_params,
+            n_tokens=n_tokens,
+            schedule=schedule,
+            target=target,
+            configured_target=target if configured else None,
+        )
+        for batch in BATCHES:
+            ids.append(
+                add_trained_run(
+                    session, exp.id, batch=batch, learning_rate=1e-3, s_target=s_of[batch], **common
+                )
+            )
+            ids.append(
+                add_trained_run(
+                    session,
+                    exp.id,
+                    batch=batch,
+                    learning_rate=3e-3,
+                    s_target=SLOWER * s_of[batch],
+                    **common,
+                )
+            )
+        ids.append(
+            add_trained_run(
+                session,
+                exp.id,
+                batch=BATCHES[0],
+                learning_rate=1e-2,
+                s_target=0.5 * s_of[BATCHES[0]],
+                diverge_at=int(0.3 * s_of[BATCHES[0]]),
+                **common,
+            )
+        )
+        experiment_id = exp.id
     return {"experiment_id": experiment_id, "trial_ids": ids, "n_tokens": n_tokens, "b": b}
 
 
 def stored(url: str, **where) -> list[Fit]:
-    engine = make_engine(url)
-    try:
-        with session_scope(make_session_factory(engine)) as session:
-            stmt = select(Fit).order_by(Fit.id)
-            for name, value in where.items():
-                stmt = stmt.where(getattr(Fit, name) == value)
-            return list(session.scalars(stmt))
-    finally:
-        engine.dispose()
+    with open_database(url) as database, database.session() as session:
+        stmt = select(Fit).order_by(Fit.id)
+        for name, value in where.items():
+            stmt = stmt.where(getattr(Fit, name) == value)
+        return list(session.scalars(stmt))
 
 
 # --- tests ---------------------------------------------------------------------------------
 
-def test_cbs_from_trained_curves(fresh_db, engine_for, live_server_factory):
+
+def test_cbs_from_trained_curves(fresh_db, database_for, live_server_factory):
     """Three sweeps (reference-run target, judged on the EWA loss) and one trained towards a
     configured target (judged on the plain eval loss): each group's CBS is Zhang et al.'s
     1.2·B_opt + 0.2·b/a of the S(B) = a + b/B the curves were built from."""
-    sweeps = [add_sweep(fresh_db, f"sweep-{k}", n_params=10_000_000 * 2 ** k,
-                        ratio=2.0 ** (17 + k), target=3.0 - 0.2 * k) for k in range(3)]
-    sweeps.append(add_sweep(fresh_db, "configured", n_params=5_000_000, ratio=2.0 ** 16,
-                            target=3.5, schedule="cosine", configured=True))
+    sweeps = [
+        add_sweep(
+            fresh_db,
+            f"sweep-{k}",
+            n_params=10_000_000 * 2**k,
+            ratio=2.0 ** (17 + k),
+            target=3.0 - 0.2 * k,
+        )
+        for k in range(3)
+    ]
+    sweeps.append(
+        add_sweep(
+            fresh_db,
+            "configured",
+            n_params=5_000_000,
+            ratio=2.0**16,
+            target=3.5,
+            schedule="cosine",
+            configured=True,
+        )
+    )
 
-    outcomes = refit_once(engine_for(fresh_db), kinds=[CBS_KIND])
+    outcomes = refit_once(database_for(fresh_db), kinds=[CBS_KIND])
     assert {o.kind for o in outcomes} == {CBS_KIND} and len(outcomes) == 5  # global + 4
     assert {o.status for o in outcomes} == {"ok"}, [o.message for o in outcomes]
 
@@ -156,8 +231,8 @@ def test_cbs_from_trained_curves(fresh_db, engine_for, live_server_factory):
     groups = {g["n_params"]: g for g in fit.params["groups"]}
     assert len(groups) == 4
     for k, sweep in enumerate(sweeps):
-        n_params = 10_000_000 * 2 ** k if k < 3 else 5_000_000
-        ratio = 2.0 ** (17 + k) if k < 3 else 2.0 ** 16
+        n_params = 10_000_000 * 2**k if k < 3 else 5_000_000
+        ratio = 2.0 ** (17 + k) if k < 3 else 2.0**16
         g = groups[n_params]
         assert g["target_rule"] == ("reference_run" if k < 3 else "configured")
         assert g["target_loss"] == pytest.approx(3.0 - 0.2 * k if k < 3 else 3.5, abs=1e-12)
@@ -167,11 +242,14 @@ def test_cbs_from_trained_curves(fresh_db, engine_for, live_server_factory):
         # the best learning rate's steps, interpolated between evaluations
         want = [A_STEPS + sweep["b"] / b for b in BATCHES]
         assert g["steps_to_target"] == pytest.approx(want, rel=1e-9)
-        assert g["tokens_to_target"] == pytest.approx([s * b for s, b in zip(want, BATCHES)],
-                                                      rel=1e-9)
+        assert g["tokens_to_target"] == pytest.approx(
+            [s * b for s, b in zip(want, BATCHES, strict=True)], rel=1e-9
+        )
         runs = g["runs"]
         # the diverged run, and the worse learning rates whose budget ends first
-        too_slow = sum(SLOWER * s > sweep["n_tokens"] // b for s, b in zip(want, BATCHES))
+        too_slow = sum(
+            SLOWER * s > sweep["n_tokens"] // b for s, b in zip(want, BATCHES, strict=True)
+        )
         assert too_slow >= (1 if k < 3 else 0)
         assert sum(r["censored"] for r in runs) == 1 + too_slow
         diverged = [r for r in runs if r["learning_rate"] == 1e-2]
@@ -182,8 +260,9 @@ def test_cbs_from_trained_curves(fresh_db, engine_for, live_server_factory):
         assert g["fit"]["critical_batch_size"] == pytest.approx(expected_cbs(ratio), rel=1e-6)
         iv = [i for i in fit.intervals["groups"] if i["n_params"] == n_params][0]
         low, high = iv["critical_batch_size"]["low"], iv["critical_batch_size"]["high"]
-        assert low <= g["fit"]["critical_batch_size"] * (1 + 1e-6) and \
-            high >= g["fit"]["critical_batch_size"] * (1 - 1e-6)
+        assert low <= g["fit"]["critical_batch_size"] * (1 + 1e-6) and high >= g["fit"][
+            "critical_batch_size"
+        ] * (1 - 1e-6)
         # D of the group: tokens to target at B_opt = S(B_opt)·B_opt
         assert g["tokens_to_target_at_b_opt"] == pytest.approx(want[0] * BATCHES[0], rel=1e-6)
 
@@ -197,42 +276,66 @@ def test_cbs_from_trained_curves(fresh_db, engine_for, live_server_factory):
 
     all_ids = {i for s in sweeps for i in s["trial_ids"]}
     assert set(fit.trial_ids) == all_ids and fit.n_trials == len(all_ids)
-    with session_scope(make_session_factory(engine_for(fresh_db))) as session:
+    with database_for(fresh_db).session() as session:
         assert fit.data_watermark == scope_watermarks(session)[GLOBAL_SCOPE]
     one = stored(fresh_db, kind=CBS_KIND, scope=experiment_scope(sweeps[0]["experiment_id"]))
     assert [len(f.params["groups"]) for f in one] == [1]
     assert one[0].params["laws"]["n_tokens"]["status"] == "insufficient_data"
 
     server = live_server_factory(database_url=fresh_db)
-    latest = httpx.get(server.url + "/v1/fits/latest",
-                       params={"kind": CBS_KIND, "scope": GLOBAL_SCOPE}).json()
+    latest = httpx.get(
+        server.url + "/v1/fits/latest", params={"kind": CBS_KIND, "scope": GLOBAL_SCOPE}
+    ).json()
     assert latest["id"] == fit.id and latest["status"] == "ok"
     listed = httpx.get(server.url + "/v1/fits", params={"kind": CBS_KIND}).json()
     assert listed["count"] == 5 and {f["kind"] for f in listed["data"]} == {CBS_KIND}
 
 
-def test_cbs_from_imported_steps_to_target(fresh_db, engine_for):
+def test_cbs_from_imported_steps_to_target(fresh_db, database_for):
     """Imported rows with steps_to_target and target_loss (the generic CSV's columns) are
     fitted as recorded; a censored row stays censored."""
     records = []
-    for n_params, ratio, target in ((1e8, 2.0 ** 15, 3.2), (2e8, 2.0 ** 16, 3.0)):
+    for n_params, ratio, target in ((1e8, 2.0**15, 3.2), (2e8, 2.0**16, 3.0)):
         for batch in BATCHES:
-            records.append(dict(n_params=n_params, n_tokens=2e10, seq_len=1024,
-                                learning_rate=1e-3, batch_size_tokens=batch, loss=target,
-                                steps_to_target=A_STEPS + A_STEPS * ratio / batch,
-                                target_loss=target))
-        records.append(dict(n_params=n_params, n_tokens=2e10, seq_len=1024,
-                            learning_rate=3e-2, batch_size_tokens=BATCHES[0],
-                            loss=float("inf"), steps_to_target=float("inf"),
-                            target_loss=target))
-    import_runs(fresh_db, Runs.from_records(records), experiment="past",
-                description="steps to target", key_prefix="past", config={})
-    [outcome] = [o for o in refit_once(engine_for(fresh_db), kinds=[CBS_KIND])
-                 if o.scope == GLOBAL_SCOPE]
+            records.append(
+                dict(
+                    n_params=n_params,
+                    n_tokens=2e10,
+                    seq_len=1024,
+                    learning_rate=1e-3,
+                    batch_size_tokens=batch,
+                    loss=target,
+                    steps_to_target=A_STEPS + A_STEPS * ratio / batch,
+                    target_loss=target,
+                )
+            )
+        records.append(
+            dict(
+                n_params=n_params,
+                n_tokens=2e10,
+                seq_len=1024,
+                learning_rate=3e-2,
+                batch_size_tokens=BATCHES[0],
+                loss=float("inf"),
+                steps_to_target=float("inf"),
+                target_loss=target,
+            )
+        )
+    import_runs(
+        database_for(fresh_db),
+        Runs.from_records(records),
+        experiment="past",
+        description="steps to target",
+        key_prefix="past",
+        config={},
+    )
+    [outcome] = [
+        o for o in refit_once(database_for(fresh_db), kinds=[CBS_KIND]) if o.scope == GLOBAL_SCOPE
+    ]
     assert outcome.status == "ok"
     fit = stored(fresh_db, kind=CBS_KIND, scope=GLOBAL_SCOPE)[-1]
     groups = {g["n_params"]: g for g in fit.params["groups"]}
-    for n_params, ratio in ((1e8, 2.0 ** 15), (2e8, 2.0 ** 16)):
+    for n_params, ratio in ((1e8, 2.0**15), (2e8, 2.0**16)):
         g = groups[n_params]
         assert g["target_rule"] == "recorded"
         assert g["fit"]["n_points"] == len(BATCHES) and g["fit"]["n_censored"] == 0
@@ -241,13 +344,13 @@ def test_cbs_from_imported_steps_to_target(fresh_db, engine_for):
     assert fit.params["laws"]["n_tokens"]["status"] == "insufficient_data"  # 2 groups
 
 
-def test_estimator_fits_per_scope_and_thin_data(fresh_db, engine_for, live_server_factory):
+def test_estimator_fits_per_scope_and_thin_data(fresh_db, database_for, live_server_factory):
     """Step Law: every kind is stored per scope at the scope's watermark, the recommender
     first; cbs has no steps to target and says so. A later near_optimal refit on too little
     data is stored with its reason and the earlier ok fit stays the one served."""
-    experiment_id, _, _ = import_steplaw(fresh_db)
+    experiment_id, _, _ = import_steplaw(database_for(fresh_db))
     scopes = [GLOBAL_SCOPE, experiment_scope(experiment_id)]
-    outcomes = refit_once(engine_for(fresh_db))
+    outcomes = refit_once(database_for(fresh_db))
     assert [(o.kind, o.scope) for o in outcomes] == [(k, s) for k in FIT_KINDS for s in scopes]
     assert [o.kind for o in outcomes[:2]] == [RECOMMENDER_KIND] * 2
     status = {(o.kind, o.scope): o.status for o in outcomes}
@@ -256,19 +359,20 @@ def test_estimator_fits_per_scope_and_thin_data(fresh_db, engine_for, live_serve
         assert status[("near_optimal", scope)] == "ok"
         assert status[("bell", scope)] == "ok"
         assert status[("cbs", scope)] == "insufficient_data"
-    assert refit_once(engine_for(fresh_db)) == []
+    assert refit_once(database_for(fresh_db)) == []
 
-    with session_scope(make_session_factory(engine_for(fresh_db))) as session:
+    with database_for(fresh_db).session() as session:
         marks = scope_watermarks(session)
         for scope in scopes:
             for kind in FIT_KINDS:
-                [fit] = session.scalars(select(Fit).where(Fit.kind == kind,
-                                                          Fit.scope == scope)).all()
+                [fit] = session.scalars(
+                    select(Fit).where(Fit.kind == kind, Fit.scope == scope)
+                ).all()
                 assert fit.data_watermark == marks[scope]
                 assert fit.quality["seconds"] >= 0
                 if kind != "cbs":
                     assert fit.n_trials == 1911 and len(set(fit.trial_ids)) == 1911
-        near = latest_ok_fit(session, GLOBAL_SCOPE, NEAR_OPTIMAL_KIND)
+        near = crud.latest_ok_fit(session=session, kind=NEAR_OPTIMAL_KIND, scope=GLOBAL_SCOPE)
         # Step Law's published laws: η ∝ N^-0.713·D^0.307, B ∝ D^0.571
         lr_law = near.params["learning_rate_law"]
         assert lr_law["names"] == ["n_params", "n_tokens"]
@@ -276,7 +380,7 @@ def test_estimator_fits_per_scope_and_thin_data(fresh_db, engine_for, live_serve
         assert 0.45 < near.params["batch_size_law"]["exponents"][0] < 0.7
         iv = near.intervals["learning_rate_law"]["exponents"]["n_params"]
         assert iv["low"] < lr_law["exponents"][0] < iv["high"]
-        bell = latest_ok_fit(session, GLOBAL_SCOPE, "bell")
+        bell = crud.latest_ok_fit(session=session, kind="bell", scope=GLOBAL_SCOPE)
         assert bell.params["b_crit_law"]["status"] == "ok" and len(bell.params["groups"]) == 17
         cbs = session.scalars(select(Fit).where(Fit.kind == "cbs")).first()
         assert "no trial has steps to a target loss" in cbs.message
@@ -284,41 +388,43 @@ def test_estimator_fits_per_scope_and_thin_data(fresh_db, engine_for, live_serve
         good_id = near.id
 
     # New data arrives; this refit sees only the new trial: too little for the regression.
-    from tests.worker.test_worker import add_completed_trial
-
     new_id = add_completed_trial(fresh_db)
 
     def thin(trials, curves):
         return fit_near_optimal_kind([t for t in trials if t.id == new_id], curves)
 
     estimators = {**ESTIMATORS, NEAR_OPTIMAL_KIND: Estimator(NEAR_OPTIMAL_KIND, thin)}
-    outcomes = refit_once(engine_for(fresh_db), kinds=[NEAR_OPTIMAL_KIND],
-                          estimators=estimators)
+    outcomes = refit_once(database_for(fresh_db), kinds=[NEAR_OPTIMAL_KIND], estimators=estimators)
     assert [o.status for o in outcomes] == ["insufficient_data"] * 2
     assert all("law" in o.message for o in outcomes)
-    with session_scope(make_session_factory(engine_for(fresh_db))) as session:
-        assert latest_ok_fit(session, GLOBAL_SCOPE, NEAR_OPTIMAL_KIND).id == good_id
+    with database_for(fresh_db).session() as session:
+        assert (
+            crud.latest_ok_fit(session=session, kind=NEAR_OPTIMAL_KIND, scope=GLOBAL_SCOPE).id
+            == good_id
+        )
     server = live_server_factory(database_url=fresh_db)
-    served = httpx.get(server.url + "/v1/fits/latest",
-                       params={"kind": NEAR_OPTIMAL_KIND, "scope": GLOBAL_SCOPE,
-                               "status": "ok"}).json()
+    served = httpx.get(
+        server.url + "/v1/fits/latest",
+        params={"kind": NEAR_OPTIMAL_KIND, "scope": GLOBAL_SCOPE, "status": "ok"},
+    ).json()
     assert served["id"] == good_id
-    newest = httpx.get(server.url + "/v1/fits/latest",
-                       params={"kind": NEAR_OPTIMAL_KIND, "scope": GLOBAL_SCOPE}).json()
+    newest = httpx.get(
+        server.url + "/v1/fits/latest", params={"kind": NEAR_OPTIMAL_KIND, "scope": GLOBAL_SCOPE}
+    ).json()
     assert newest["status"] == "insufficient_data" and "law" in newest["message"]
     assert newest["trial_ids"] == [new_id] and newest["id"] > good_id
 
 
-def test_failing_estimator_blocks_nothing(fresh_db, engine_for):
+def test_failing_estimator_blocks_nothing(fresh_db, database_for):
     """An estimator that raises is stored as failed with the error; the recommender (stored
     first) and the other estimators are stored as usual."""
-    import_steplaw(fresh_db)
+    import_steplaw(database_for(fresh_db))
 
     def broken(trials, curves):
         raise FloatingPointError("overflow in the bell fit")
 
     estimators = {**ESTIMATORS, "bell": Estimator("bell", broken)}
-    outcomes = refit_once(engine_for(fresh_db), estimators=estimators)
+    outcomes = refit_once(database_for(fresh_db), estimators=estimators)
     by = {(o.kind, o.scope): o for o in outcomes}
     assert len(by) == 2 * len(FIT_KINDS)
     for (kind, _scope), o in by.items():
@@ -332,4 +438,4 @@ def test_failing_estimator_blocks_nothing(fresh_db, engine_for):
     failed = stored(fresh_db, kind="bell")
     assert all(f.params is None and f.n_trials == 1911 for f in failed)
     # recorded, not retried until the data changes
-    assert refit_once(engine_for(fresh_db), estimators=estimators) == []
+    assert refit_once(database_for(fresh_db), estimators=estimators) == []

@@ -1,4 +1,5 @@
 """Smoke test of ``benchmarks/query.py``: it runs end to end and ends with its result line."""
+
 from __future__ import annotations
 
 import re
@@ -12,9 +13,21 @@ LAST_LINE = re.compile(r"^query rps=(\S+) p50_ms=(\S+) p99_ms=(\S+)$")
 
 def test_query_benchmark_prints_its_result_line():
     done = subprocess.run(
-        [sys.executable, "benchmarks/query.py", "--seconds", "1", "--warmup", "0.5",
-         "--connections", "4"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "benchmarks/query.py",
+            "--seconds",
+            "1",
+            "--warmup",
+            "0.5",
+            "--connections",
+            "4",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     match = LAST_LINE.match(done.stdout.strip().splitlines()[-1])
     assert match, done.stdout

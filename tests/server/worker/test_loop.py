@@ -1,5 +1,6 @@
 """The fitting worker: refits on new data (NOTIFY on PostgreSQL, polling on SQLite), keeps
 serving the last good fit when a refit fails, and never runs one fit twice (of any kind)."""
+
 from __future__ import annotations
 
 import os
@@ -14,64 +15,41 @@ import httpx
 import pytest
 from sqlalchemy import select, text
 
-from server import crud
 from client import HyperlawClient
-from server.core.db import make_engine, make_session_factory, session_scope
-from server.models import Fit, TrialSource, TrialStatus
-from server.schemas import ExperimentCreate, TrialCreate
-from server.worker import (
+from server import crud
+from server.core.db import open_database
+from server.importers import import_steplaw
+from server.models import Fit
+from server.worker.fits import (
+    ESTIMATORS,
     FIT_KINDS,
-    GLOBAL_SCOPE,
     RECOMMENDER_KIND,
-    FittingWorker,
-    advisory_key,
+    Estimator,
     default_fitter,
-    latest_ok_fit,
-    refit_once,
-    refit_scope,
 )
-from server.worker_estimators import ESTIMATORS, Estimator
-from server.worker_commands import import_steplaw
+from server.worker.loop import FittingWorker, advisory_key, refit_once, refit_scope
+from server.worker.scopes import GLOBAL_SCOPE
 from tests.conftest import REPO_ROOT
-from tests.worker.conftest import seed
-
-
-def add_completed_trial(url: str, experiment: str = "steplaw", *, loss: float = 3.1,
-                        learning_rate: float = 1e-3, n_params: int = 300_000_000) -> int:
-    """A completed trained trial, created as the API would (crud, which notifies)."""
-    engine = make_engine(url)
-    try:
-        with session_scope(make_session_factory(engine)) as session:
-            exp, _ = crud.create_experiment(session=session,
-                                            experiment_in=ExperimentCreate(name=experiment))
-            trial, _ = crud.create_trial(session=session, trial_in=TrialCreate(
-                experiment_id=exp.id, n_params=n_params, n_tokens=20_000_000_000,
-                seq_len=2048, learning_rate=learning_rate, batch_size_tokens=1_048_576,
-                status=TrialStatus.COMPLETED, source=TrialSource.TRAINED, final_loss=loss))
-            return trial.id
-    finally:
-        engine.dispose()
+from tests.databases import add_completed_trial, seed_steplaw
 
 
 def fits(url: str, kind: str | None = None) -> list[Fit]:
-    engine = make_engine(url)
-    try:
-        with session_scope(make_session_factory(engine)) as session:
-            stmt = select(Fit).order_by(Fit.id)
-            if kind is not None:
-                stmt = stmt.where(Fit.kind == kind)
-            return list(session.scalars(stmt))
-    finally:
-        engine.dispose()
+    with open_database(url) as database, database.session() as session:
+        stmt = select(Fit).order_by(Fit.id)
+        if kind is not None:
+            stmt = stmt.where(Fit.kind == kind)
+        return list(session.scalars(stmt))
 
 
 def latest_ok(url: str, scope: str = GLOBAL_SCOPE) -> Fit | None:
-    engine = make_engine(url)
-    try:
-        with session_scope(make_session_factory(engine)) as session:
-            return latest_ok_fit(session, scope)
-    finally:
-        engine.dispose()
+    with open_database(url) as database, database.session() as session:
+        return crud.latest_ok_fit(session=session, kind=RECOMMENDER_KIND, scope=scope)
+
+
+def imported(url: str) -> None:
+    """The bundled Step Law sweep, imported (not fitted)."""
+    with open_database(url) as database:
+        import_steplaw(database)
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -84,9 +62,8 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def test_failing_refit_keeps_serving_the_previous_fit(fresh_db, live_server_factory,
-                                                       engine_for):
-    seed(fresh_db)
+def test_failing_refit_keeps_serving_the_previous_fit(fresh_db, live_server_factory, database_for):
+    seed_steplaw(fresh_db)
     good = latest_ok(fresh_db)
     server = live_server_factory(database_url=fresh_db)
     query = {"n_params": 1e9, "n_tokens": 1e11}
@@ -99,10 +76,10 @@ def test_failing_refit_keeps_serving_the_previous_fit(fresh_db, live_server_fact
         raise RuntimeError("singular matrix in the surface fit")
 
     only = [RECOMMENDER_KIND]
-    outcomes = refit_once(engine_for(fresh_db), fitter=broken, kinds=only)
+    outcomes = refit_once(database_for(fresh_db), fitter=broken, kinds=only)
     assert [(o.action, o.status) for o in outcomes] == [("fitted", "failed")] * 2
     assert all("singular matrix" in o.message for o in outcomes)
-    assert refit_once(engine_for(fresh_db), fitter=broken, kinds=only) == []  # not retried
+    assert refit_once(database_for(fresh_db), fitter=broken, kinds=only) == []  # not retried
 
     stored = httpx.get(server.url + "/v1/fits", params={"status": "failed"}).json()
     assert stored["count"] == 2
@@ -116,19 +93,18 @@ def test_failing_refit_keeps_serving_the_previous_fit(fresh_db, live_server_fact
     # with the reason, and its scope answers 503 with that reason.
     for lr in (1e-3, 2e-3, 4e-3):
         add_completed_trial(fresh_db, "tiny", learning_rate=lr)
-    by_scope = {o.scope: o for o in refit_once(engine_for(fresh_db), kinds=only)}
+    by_scope = {o.scope: o for o in refit_once(database_for(fresh_db), kinds=only)}
     assert by_scope[GLOBAL_SCOPE].status == "ok"
     tiny = [o for s, o in by_scope.items() if s != GLOBAL_SCOPE]
     assert [o.status for o in tiny] == ["insufficient_data"] and "groups" in tiny[0].message
-    answer = httpx.get(server.url + "/v1/recommendations",
-                       params={**query, "experiment": "tiny"})
+    answer = httpx.get(server.url + "/v1/recommendations", params={**query, "experiment": "tiny"})
     assert answer.status_code == 503
     assert "insufficient_data" in answer.json()["detail"]
     assert "hyperlaw import steplaw" in answer.json()["detail"]
 
 
-def test_two_workers_run_each_fit_once(fresh_pg, engine_for):
-    import_steplaw(fresh_pg)
+def test_two_workers_run_each_fit_once(fresh_pg, database_for):
+    imported(fresh_pg)
     calls: list[str] = []
     lock = threading.Lock()
 
@@ -154,10 +130,9 @@ def test_two_workers_run_each_fit_once(fresh_pg, engine_for):
         results: list[list] = [[], []]
 
         def work(i: int) -> None:
-            engine = engine_for(fresh_pg)
+            database = database_for(fresh_pg)
             barrier.wait()
-            results[i] = refit_once(engine, fitter=slow_counting_fitter,
-                                    estimators=estimators)
+            results[i] = refit_once(database, fitter=slow_counting_fitter, estimators=estimators)
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
         for t in threads:
@@ -176,43 +151,51 @@ def test_two_workers_run_each_fit_once(fresh_pg, engine_for):
     add_completed_trial(fresh_pg)
     run_both()
     assert sorted(calls) == sorted(FIT_KINDS * 4) and len(fits(fresh_pg)) == 2 * n
-    with engine_for(fresh_pg).connect() as conn:
+    with database_for(fresh_pg).engine.connect() as conn:
         held = conn.scalar(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"))
     assert held == 0
 
 
-def test_killed_worker_leaves_nothing_locked(fresh_pg, engine_for, tmp_path):
-    import_steplaw(fresh_pg)
+def test_killed_worker_leaves_nothing_locked(fresh_pg, database_for, tmp_path):
+    imported(fresh_pg)
     script = tmp_path / "stuck_worker.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import time
-        from server.core.db import make_engine
-        from server.worker import refit_scope
+        from server.core.db import Database
+        from server.worker.loop import refit_scope
 
         def stuck(runs, **options):
             time.sleep(600)
 
-        refit_scope(make_engine({fresh_pg!r}), "global", fitter=stuck)
-    """))
+        refit_scope(Database.from_url({fresh_pg!r}), "global", fitter=stuck)
+    """)
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO_ROOT, env=env)
-    engine = engine_for(fresh_pg)
+    database = database_for(fresh_pg)
     key = advisory_key("recommender", GLOBAL_SCOPE)
 
     def lock_held() -> bool:
-        with engine.connect() as conn:
-            return bool(conn.scalar(text(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                "AND ((classid::bigint << 32) | objid::bigint) = (:k)::bigint"), {"k": key}))
+        with database.engine.connect() as conn:
+            return bool(
+                conn.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                        "AND ((classid::bigint << 32) | objid::bigint) = (:k)::bigint"
+                    ),
+                    {"k": key},
+                )
+            )
 
     try:
         wait_for(lock_held, 60, "the stuck worker to take the advisory lock")
-        assert refit_scope(engine, GLOBAL_SCOPE).action == "locked"
+        assert refit_scope(database, GLOBAL_SCOPE).action == "locked"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     wait_for(lambda: not lock_held(), 30, "the killed worker's lock to vanish")
-    outcome = refit_scope(engine, GLOBAL_SCOPE)
+    outcome = refit_scope(database, GLOBAL_SCOPE)
     assert (outcome.action, outcome.status) == ("fitted", "ok")
 
 
@@ -224,7 +207,7 @@ def test_worker_thread_notices_new_trials(backend, make_database):
 
     url = make_database(backend)
     upgrade(url)
-    seed(url, kinds=None)  # every kind, so the worker's first pass has nothing to do
+    seed_steplaw(url, kinds=None)  # every kind, so the worker's first pass has nothing to do
     first = latest_ok(url)
     worker = FittingWorker(url, poll_s=30.0 if backend == "postgresql" else 0.2)
     thread = threading.Thread(target=worker.run, daemon=True)
@@ -232,8 +215,11 @@ def test_worker_thread_notices_new_trials(backend, make_database):
     try:
         time.sleep(1.0)  # let it finish its first (no-op) pass and start waiting
         trial_id = add_completed_trial(url)
-        newer = wait_for(lambda: (f := latest_ok(url)) is not None and f.id != first.id and f,
-                         60, "a refit after the new trial")
+        newer = wait_for(
+            lambda: (f := latest_ok(url)) is not None and f.id != first.id and f,
+            60,
+            "a refit after the new trial",
+        )
         assert newer.n_trials == 1912 and trial_id in newer.trial_ids
     finally:
         worker.stop()
@@ -242,7 +228,7 @@ def test_worker_thread_notices_new_trials(backend, make_database):
 
 
 def test_trial_posted_through_the_api_reaches_a_later_fit(fresh_pg, live_server_factory):
-    seed(fresh_pg)
+    seed_steplaw(fresh_pg)
     server = live_server_factory(database_url=fresh_pg, worker=True)
     client = HyperlawClient(server.url, server.token)
     query = {"n_params": 5e8, "n_tokens": 5e10}
@@ -251,13 +237,23 @@ def test_trial_posted_through_the_api_reaches_a_later_fit(fresh_pg, live_server_
 
     experiment = client.ensure_experiment("steplaw")
     trial = client.create_trial(
-        experiment_id=experiment["id"], n_params=400_000_000, n_tokens=30_000_000_000,
-        seq_len=2048, learning_rate=1.5e-3, batch_size_tokens=2_097_152, status="running")
-    client.update_trial(trial["id"], status="completed", final_loss=2.61,
-                        final_eval_loss=2.63, steps_done=14305)
+        experiment_id=experiment["id"],
+        n_params=400_000_000,
+        n_tokens=30_000_000_000,
+        seq_len=2048,
+        learning_rate=1.5e-3,
+        batch_size_tokens=2_097_152,
+        status="running",
+    )
+    client.update_trial(
+        trial["id"], status="completed", final_loss=2.61, final_eval_loss=2.63, steps_done=14305
+    )
 
-    after = wait_for(lambda: (r := client.recommend(**query))["n_trials"] == 1912 and r, 60,
-                     "the served fit to include the new trial")
+    after = wait_for(
+        lambda: (r := client.recommend(**query))["n_trials"] == 1912 and r,
+        60,
+        "the served fit to include the new trial",
+    )
     assert after["fit_ids"] != before["fit_ids"]
     fit = client.get_fit(after["fit_ids"][0])
     assert trial["id"] in fit["trial_ids"] and fit["status"] == "ok"
@@ -269,13 +265,22 @@ def test_worker_command_fits_and_stops_on_sigterm(make_database, tmp_path):
 
     url = make_database("sqlite")
     upgrade(url)
-    import_steplaw(url)
-    env = {**os.environ, "HYPERLAW_DATABASE_URL": url, "HYPERLAW_WORKER_POLL_S": "0.2",
-           "PYTHONPATH": str(REPO_ROOT)}
+    imported(url)
+    env = {
+        **os.environ,
+        "HYPERLAW_DATABASE_URL": url,
+        "HYPERLAW_WORKER_POLL_S": "0.2",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "hyperlaw", "worker"], cwd=REPO_ROOT,
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hyperlaw", "worker"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     n = 2 * len(FIT_KINDS)
     try:
         wait_for(lambda: len(fits(url)) == n, 180, "the worker's first fits")
@@ -287,5 +292,9 @@ def test_worker_command_fits_and_stops_on_sigterm(make_database, tmp_path):
     assert code == 0, log_path.read_text()
     assert "fitting worker stopped" in log_path.read_text()
     status = {(f.kind, f.status) for f in fits(url)}
-    assert status == {(RECOMMENDER_KIND, "ok"), ("near_optimal", "ok"), ("bell", "ok"),
-                      ("cbs", "insufficient_data")}
+    assert status == {
+        (RECOMMENDER_KIND, "ok"),
+        ("near_optimal", "ok"),
+        ("bell", "ok"),
+        ("cbs", "insufficient_data"),
+    }

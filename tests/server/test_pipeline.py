@@ -1,5 +1,6 @@
 """Import -> fit -> recommend, end to end on PostgreSQL and SQLite, through the library,
 the CLI and the API."""
+
 from __future__ import annotations
 
 import json
@@ -12,46 +13,48 @@ import sys
 import httpx
 from sqlalchemy import select
 
-from server.core.db import make_session_factory, session_scope
+from server import crud
+from server.importers import import_steplaw
 from server.models import Fit, Trial
-from server.worker import (
-    GLOBAL_SCOPE,
-    RECOMMENDER_KIND,
-    experiment_scope,
-    latest_ok_fit,
-    refit_once,
-    scope_watermarks,
-    stale_scopes,
-)
-from server.worker_commands import import_steplaw, recommend_from_database
+from server.recommend import recommend_from_database
+from server.worker.fits import RECOMMENDER_KIND
+from server.worker.loop import refit_once, stale_scopes
+from server.worker.scopes import GLOBAL_SCOPE, experiment_scope, scope_watermarks
 from tests.conftest import REPO_ROOT
 
-KEYS = ("learning_rate", "batch_size_tokens", "batch_size_sequences",
-        "critical_batch_size_tokens")
+KEYS = ("learning_rate", "batch_size_tokens", "batch_size_sequences", "critical_batch_size_tokens")
 
 
 def run_cli(url: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYPERLAW_DATABASE_URL": url}
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "hyperlaw", "--log-level", "WARNING", *args],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "hyperlaw", "--log-level", "WARNING", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-def test_import_fit_recommend(fresh_db, engine_for):
-    experiment_id, created, existing = import_steplaw(fresh_db)
+def test_import_fit_recommend(fresh_db, database_for):
+    database = database_for(fresh_db)
+    experiment_id, created, existing = import_steplaw(database)
     assert (created, existing) == (1911, 0)
-    assert import_steplaw(fresh_db)[1:] == (0, 1911)  # idempotent
+    assert import_steplaw(database)[1:] == (0, 1911)  # idempotent
 
-    engine = engine_for(fresh_db)
-    assert stale_scopes(engine) == [GLOBAL_SCOPE, experiment_scope(experiment_id)]
-    only = [RECOMMENDER_KIND]  # the estimators' fits: tests/worker/test_estimator_fits.py
-    outcomes = refit_once(engine, kinds=only)
+    assert stale_scopes(database) == [GLOBAL_SCOPE, experiment_scope(experiment_id)]
+    only = [RECOMMENDER_KIND]  # the estimators' fits: tests/server/worker/test_fits.py
+    outcomes = refit_once(database, kinds=only)
     assert [(o.scope, o.action, o.status) for o in outcomes] == [
-        (GLOBAL_SCOPE, "fitted", "ok"), (experiment_scope(experiment_id), "fitted", "ok")]
-    assert refit_once(engine, kinds=only) == []  # nothing changed, nothing refitted
+        (GLOBAL_SCOPE, "fitted", "ok"),
+        (experiment_scope(experiment_id), "fitted", "ok"),
+    ]
+    assert refit_once(database, kinds=only) == []  # nothing changed, nothing refitted
 
-    with session_scope(make_session_factory(engine)) as session:
-        fit = latest_ok_fit(session)
+    with database.session() as session:
+        fit = crud.latest_ok_fit(session=session, kind=RECOMMENDER_KIND, scope=GLOBAL_SCOPE)
         marks = scope_watermarks(session)
         trial_ids = set(session.scalars(select(Trial.id)))
         assert fit.data_watermark == marks[GLOBAL_SCOPE]
@@ -61,7 +64,7 @@ def test_import_fit_recommend(fresh_db, engine_for):
         iv = fit.intervals["learning_rate_interval"]
         assert 0 < iv["low"] < iv["high"]
 
-    body = recommend_from_database(fresh_db, n_params=1e9, n_tokens=1e11)
+    body = recommend_from_database(database, n_params=1e9, n_tokens=1e11)
     for key in KEYS:
         assert math.isfinite(body[key]) and body[key] > 0, key
         low, high = body[f"{key}_interval"]["low"], body[f"{key}_interval"]["high"]
@@ -78,8 +81,16 @@ def test_cli_and_api_give_the_same_numbers(seeded_pg, live_server_factory):
     server = live_server_factory(database_url=seeded_pg)
     query = {"n_params": "3e8", "n_tokens": "2e10", "batch_size_tokens": "2097152"}
     api = httpx.get(server.url + "/v1/recommendations", params=query, timeout=10).json()
-    cli_args = ["recommend", "--n-params", "3e8", "--n-tokens", "2e10",
-                "--batch-size-tokens", "2097152", "--json"]
+    cli_args = [
+        "recommend",
+        "--n-params",
+        "3e8",
+        "--n-tokens",
+        "2e10",
+        "--batch-size-tokens",
+        "2097152",
+        "--json",
+    ]
     from_db = run_cli(seeded_pg, *cli_args)
     assert from_db.returncode == 0, from_db.stderr
     via_url = run_cli(seeded_pg, *cli_args, "--url", server.url)
@@ -106,19 +117,28 @@ def test_cli_commands(fresh_db):
     assert fitted.returncode == 0, fitted.stderr
     for kind in ("recommender", "near_optimal", "bell"):
         assert re.search(rf"^global {kind}: fitted fit \d+ ok$", fitted.stdout, re.M), kind
-    assert re.search(r"^global cbs: fitted fit \d+ insufficient_data \(no trial has steps",
-                     fitted.stdout, re.M)
+    assert re.search(
+        r"^global cbs: fitted fit \d+ insufficient_data \(no trial has steps", fitted.stdout, re.M
+    )
     again = run_cli(fresh_db, "fit")
     assert "up to date" in again.stdout
     bad = run_cli(fresh_db, "recommend", "--n-params", "-5", "--n-tokens", "1e11")
     assert bad.returncode == 2 and "n_params must be finite and > 0" in bad.stderr
-    by_name = run_cli(fresh_db, "recommend", "--n-params", "1e9", "--n-tokens", "1e11",
-                      "--experiment", "steplaw", "--json")
-    assert by_name.returncode == 0 and json.loads(by_name.stdout)["scope"].startswith(
-        "experiment:")
+    by_name = run_cli(
+        fresh_db,
+        "recommend",
+        "--n-params",
+        "1e9",
+        "--n-tokens",
+        "1e11",
+        "--experiment",
+        "steplaw",
+        "--json",
+    )
+    assert by_name.returncode == 0 and json.loads(by_name.stdout)["scope"].startswith("experiment:")
 
 
-def test_import_runs_csv(fresh_db, tmp_path, engine_for):
+def test_import_runs_csv(fresh_db, tmp_path, database_for):
     """A generic CSV of past runs becomes imported trials that the worker fits; a bad file
     is refused whole with its line numbers."""
     from fitting.data import bundled_steplaw_path, load_steplaw_csv
@@ -126,10 +146,12 @@ def test_import_runs_csv(fresh_db, tmp_path, engine_for):
     runs = load_steplaw_csv(bundled_steplaw_path())
     path = tmp_path / "past.csv"
     lines = ["n_params,n_tokens,seq_len,learning_rate,batch_size_tokens,final_loss"]
-    lines += [f"{runs.n_params[i]:.0f},{runs.n_tokens[i]:.0f},{runs.seq_len[i]},"
-              f"{float(runs.learning_rate[i])!r},{runs.batch_size_tokens[i]:.0f},"
-              f"{float(runs.loss[i])!r}"
-              for i in range(len(runs))]
+    lines += [
+        f"{runs.n_params[i]:.0f},{runs.n_tokens[i]:.0f},{runs.seq_len[i]},"
+        f"{float(runs.learning_rate[i])!r},{runs.batch_size_tokens[i]:.0f},"
+        f"{float(runs.loss[i])!r}"
+        for i in range(len(runs))
+    ]
     path.write_text("\n".join(lines) + "\n")
     bad = tmp_path / "bad.csv"
     bad.write_text(lines[0] + "\n" + lines[1] + "\n1e9,1e11,2048,-1,1e6,3.0\n")
@@ -138,8 +160,9 @@ def test_import_runs_csv(fresh_db, tmp_path, engine_for):
     done = run_cli(fresh_db, "import", "runs", str(path), "--experiment", "past")
     assert done.returncode == 0, done.stderr
     assert "1911 trials imported" in done.stdout
-    outcomes = refit_once(engine_for(fresh_db), kinds=[RECOMMENDER_KIND])
+    database = database_for(fresh_db)
+    outcomes = refit_once(database, kinds=[RECOMMENDER_KIND])
     assert {o.status for o in outcomes} == {"ok"}
-    with session_scope(make_session_factory(engine_for(fresh_db))) as session:
+    with database.session() as session:
         fits = session.scalars(select(Fit)).all()
         assert {f.n_trials for f in fits} == {1911}

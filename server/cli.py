@@ -1,0 +1,443 @@
+"""The service's commands: ``hyperlaw serve``, ``db upgrade|downgrade|current``, ``token
+create|list|revoke``, ``worker``, ``fit``, ``recommend``, ``import steplaw|runs`` and
+``quickstart``.
+
+Parsing and printing only: each handler calls the functions the API and the worker use
+(``server.crud``, ``server.recommend``, ``server.importers``, ``server.worker.loop``).
+Module-level imports stay light so that ``hyperlaw --help`` answers at once; each handler
+imports what it needs. Results go to stdout, diagnostics to the log (stderr). Exit codes: 0
+done, 1 refused or failed (e.g. a failed fit, a token name taken), 2 unusable input or
+database, among them a database not migrated to this version (one line naming ``hyperlaw
+db upgrade``).
+
+``python -m server.cli`` runs only these commands (no trainer or fitting commands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.core.config import Settings
+    from server.core.db import Database
+
+log = logging.getLogger(__name__)
+
+EXAMPLE_QUERY = "/v1/recommendations?n_params=1e9&n_tokens=1e11"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the service's commands to the ``hyperlaw`` parser."""
+    serve = subparsers.add_parser("serve", help="run the REST service (and the fitting worker)")
+    serve.add_argument("--host", help="bind address (default: HYPERLAW_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: HYPERLAW_PORT or 8000)")
+    serve.add_argument("--no-worker", action="store_true", help="do not run the fitting worker")
+    serve.set_defaults(func=cmd_serve)
+
+    db = subparsers.add_parser("db", help="database migrations")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    up = db_sub.add_parser("upgrade", help="migrate the database to the newest schema")
+    up.add_argument("revision", nargs="?", default="head")
+    up.set_defaults(func=cmd_db_upgrade)
+    down = db_sub.add_parser("downgrade", help="migrate the database down to REVISION")
+    down.add_argument("revision", help="target revision, e.g. 0001, or base for empty")
+    down.set_defaults(func=cmd_db_downgrade)
+    cur = db_sub.add_parser("current", help="show the database's revision and the newest one")
+    cur.set_defaults(func=cmd_db_current)
+
+    token = subparsers.add_parser("token", help="API tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = token_sub.add_parser("create", help="create a token and print it (shown once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--scope", required=True, choices=["read", "write", "admin"])
+    create.set_defaults(func=cmd_token_create)
+    listing = token_sub.add_parser("list", help="list tokens (names, scopes, never secrets)")
+    listing.set_defaults(func=cmd_token_list)
+    revoke = token_sub.add_parser("revoke", help="revoke a token by name")
+    revoke.add_argument("--name", required=True)
+    revoke.set_defaults(func=cmd_token_revoke)
+
+    worker = subparsers.add_parser(
+        "worker", help="run the fitting worker: refit whenever new trial results land"
+    )
+    worker.set_defaults(func=cmd_worker)
+    fit = subparsers.add_parser("fit", help="refit every scope whose data changed, then exit")
+    fit.set_defaults(func=cmd_fit)
+
+    rec = subparsers.add_parser(
+        "recommend", help="learning rate, batch size and critical batch size for (N, D)"
+    )
+    rec.add_argument(
+        "--n-params", type=float, required=True, help="non-embedding parameters N, e.g. 1e9"
+    )
+    rec.add_argument("--n-tokens", type=float, required=True, help="training tokens D")
+    rec.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+    rec.add_argument(
+        "--batch-size-tokens",
+        type=float,
+        help="impose this batch size (tokens): best η for it and its overheads",
+    )
+    rec.add_argument(
+        "--experiment", help="experiment id or name (default: the fit over all trials)"
+    )
+    rec.add_argument("--json", action="store_true", help="print the API's JSON body")
+    rec.add_argument("--url", help="ask this hyperlaw server instead of reading the database")
+    rec.set_defaults(func=cmd_recommend)
+
+    imp = subparsers.add_parser("import", help="put published or past sweeps into the store")
+    imp_sub = imp.add_subparsers(dest="import_command", required=True, metavar="FORMAT")
+    steplaw = imp_sub.add_parser(
+        "steplaw", help="a Step Law CSV (default: the copy bundled with hyperlaw)"
+    )
+    steplaw.add_argument(
+        "file", nargs="?", help="dense_lr_bs_loss.csv of step-law/steplaw (default: bundled)"
+    )
+    steplaw.add_argument("--experiment", help="experiment name (default: steplaw)")
+    steplaw.set_defaults(func=cmd_import_steplaw)
+    runs = imp_sub.add_parser("runs", help="a CSV of runs (columns: see fitting.data)")
+    runs.add_argument("file")
+    runs.add_argument(
+        "--experiment", help="experiment name (default: the file's name without .csv)"
+    )
+    runs.set_defaults(func=cmd_import_runs)
+
+    quick = subparsers.add_parser(
+        "quickstart", help="migrate, import the bundled Step Law sweep if empty, fit, and serve"
+    )
+    quick.add_argument("--host", help="bind address (default: 127.0.0.1)")
+    quick.add_argument("--port", type=int, help="port (default: 8000)")
+    quick.set_defaults(func=cmd_quickstart)
+
+
+def _settings() -> Settings:
+    from server.core.config import get_settings
+
+    return get_settings()
+
+
+def _out(line: str = "") -> None:
+    """One line of the command's result on stdout (flushed: a server may follow)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+@contextmanager
+def _store(**engine_kwargs: Any) -> Iterator[Database]:
+    """The database of the settings (``engine_kwargs``: see ``open_database``), disposed on
+    exit. One that is not at this version's schema ends the command, as argparse ends one on
+    bad arguments: one logged line naming ``hyperlaw db upgrade``, exit status 2, instead of
+    a traceback from a missing table later."""
+    from server.core.db import open_database, require_current_schema
+    from server.core.errors import SchemaOutdatedError
+
+    with open_database(_settings().database_url, **engine_kwargs) as database:
+        try:
+            require_current_schema(database.engine)
+        except SchemaOutdatedError as exc:
+            log.error("%s", exc)
+            raise SystemExit(2) from None
+        yield database
+
+
+# --- serve, db, token ----------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.core.errors import SchemaOutdatedError
+    from server.main import BackgroundStarter, create_app
+    from server.reaper import start_reaper
+
+    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = _settings().model_copy(update=updates)
+    background: list[BackgroundStarter] = [start_reaper]
+    if not args.no_worker:
+        from server.worker.loop import start_worker_thread
+
+        background.append(start_worker_thread)
+    try:
+        app = create_app(settings, background=background)
+    except SchemaOutdatedError as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("serving on http://%s:%d (docs at /docs)", settings.host, settings.port)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from server.core.db import current_revision, open_database, upgrade
+
+    url = _settings().database_url
+    upgrade(url, args.revision)
+    with open_database(url) as database:
+        log.info("database at revision %s", current_revision(database.engine))
+    return 0
+
+
+def cmd_db_downgrade(args: argparse.Namespace) -> int:
+    from server.core.db import downgrade
+
+    downgrade(_settings().database_url, args.revision)
+    return 0
+
+
+def cmd_db_current(args: argparse.Namespace) -> int:
+    from server.core.db import current_revision, head_revision, open_database
+
+    with open_database(_settings().database_url) as database:
+        current = current_revision(database.engine)
+    head = head_revision()
+    state = "up to date" if current == head else "out of date: run `hyperlaw db upgrade`"
+    _out(f"current={current or 'none'} head={head} ({state})")
+    return 0 if current == head else 1
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from server import crud
+    from server.core.errors import ConflictError
+    from server.models import TokenScope
+
+    try:
+        with _store() as database, database.session() as session:
+            _token, secret = crud.create_token(
+                session=session, name=args.name, scope=TokenScope(args.scope)
+            )
+    except ConflictError as exc:  # the name is taken
+        log.error("%s", exc)
+        return 1
+    _out(secret)  # the command's output, shown this once; it is stored hashed
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    from server import crud
+
+    with _store() as database, database.session() as session:
+        for t in crud.list_tokens(session=session):
+            created = f"created {t.created_at:%Y-%m-%d %H:%M}"
+            revoked = f"\trevoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else ""
+            _out(f"{t.name}\t{t.scope}\t{t.prefix}...\t{created}{revoked}")
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from server import crud
+    from server.core.errors import NotFoundError
+
+    try:
+        with _store() as database, database.session() as session:
+            crud.revoke_token(session=session, name=args.name)
+    except NotFoundError as exc:
+        log.error("%s", exc)
+        return 1
+    log.info("token %r revoked", args.name)
+    return 0
+
+
+# --- worker and fit ------------------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import signal
+
+    from server.worker.loop import FittingWorker
+
+    settings = _settings()
+    worker = FittingWorker(settings.database_url, poll_s=settings.worker_poll_s)
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping after the current fit", signum)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    worker.run()
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from server.worker.loop import refit_once
+
+    with _store() as database:
+        outcomes = refit_once(database)
+    if not outcomes:
+        _out("every scope is up to date (or there are no completed trials)")
+    for o in outcomes:
+        detail = f" fit {o.fit_id} {o.status}" if o.fit_id is not None else ""
+        _out(f"{o.scope} {o.kind}: {o.action}{detail}{f' ({o.message})' if o.message else ''}")
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+# --- recommend -----------------------------------------------------------------------------
+
+
+def format_recommendation(body: dict[str, Any]) -> str:
+    """Human-readable lines for a recommendation body."""
+
+    def iv(name: str) -> str:
+        interval = body.get(f"{name}_interval") or {}
+        low, high = interval.get("low"), interval.get("high")
+        if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+            return ""
+        return f"   [{low:.4g}, {high:.4g}] ({100 * interval.get('level', 0.9):.0f} %)"
+
+    lines = [
+        f"N={body['n_params']:.4g} parameters, D={body['n_tokens']:.4g} tokens, "
+        f"seq_len={body['seq_len']}"
+    ]
+    for name in (
+        "learning_rate",
+        "batch_size_tokens",
+        "batch_size_sequences",
+        "critical_batch_size_tokens",
+    ):
+        lines.append(f"  {name:<28}{body[name]:<12.4g}{iv(name)}")
+    if body.get("imposed_batch_size_tokens") is not None:
+        lines.append(f"at batch_size_tokens={body['imposed_batch_size_tokens']:.4g}:")
+        lr = body["learning_rate_for_batch"]
+        lines.append(f"  {'learning_rate_for_batch':<28}{lr:<12.4g}{iv('learning_rate_for_batch')}")
+        lines.append(f"  {'step_overhead':<28}{body['step_overhead']:<12.4g}")
+        lines.append(f"  {'token_overhead':<28}{body['token_overhead']:<12.4g}")
+    lines.append(
+        f"fit {', '.join(map(str, body['fit_ids']))} ({body['scope']}) on "
+        f"{body['n_trials']} trials, fitted at {body['fitted_at']}"
+    )
+    lines.extend(f"warning: {w}" for w in body.get("warnings", []))
+    return "\n".join(lines)
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from client.wire import dumps
+
+    params: dict[str, Any] = dict(
+        n_params=args.n_params, n_tokens=args.n_tokens, seq_len=args.seq_len
+    )
+    if args.batch_size_tokens is not None:
+        params["batch_size_tokens"] = args.batch_size_tokens
+    if args.url:
+        from client import HyperlawAPIError, HyperlawClient, HyperlawUnavailable
+
+        if args.experiment is not None:
+            params["experiment"] = args.experiment
+        try:
+            body = HyperlawClient(args.url, max_retries=1).recommend(**params)
+        except HyperlawAPIError as exc:
+            log.error("%s", exc)
+            return 2
+        except HyperlawUnavailable as exc:
+            log.error("%s", exc)
+            return 1
+    else:
+        from server.core.errors import HyperlawError
+        from server.recommend import recommend_from_database
+
+        try:
+            # a reader: plain deferred transactions on SQLite, never the write lock
+            with _store(sqlite_immediate=False) as database:
+                body = recommend_from_database(database, experiment=args.experiment, **params)
+        except (HyperlawError, ValueError) as exc:  # ValueError: fitting's ParameterError
+            log.error("%s", exc)
+            return 2
+    _out(dumps(body, indent=2) if args.json else format_recommendation(body))
+    return 0
+
+
+# --- import --------------------------------------------------------------------------------
+
+
+def cmd_import_steplaw(args: argparse.Namespace) -> int:
+    from fitting.data import RunsCsvError
+    from server.importers import STEPLAW_CITATION, STEPLAW_EXPERIMENT, import_steplaw
+
+    experiment = args.experiment or STEPLAW_EXPERIMENT
+    try:
+        with _store() as database:
+            exp_id, created, existing = import_steplaw(database, args.file, experiment)
+    except (OSError, RunsCsvError) as exc:
+        log.error("%s", exc)
+        return 2
+    _out(
+        f"experiment {experiment} ({exp_id}): {created} trials imported, "
+        f"{existing} already there. Data: {STEPLAW_CITATION}"
+    )
+    return 0
+
+
+def cmd_import_runs(args: argparse.Namespace) -> int:
+    from fitting.data import RunsCsvError
+    from server.importers import import_runs_csv
+
+    experiment = args.experiment or Path(args.file).stem
+    try:
+        with _store() as database:
+            exp_id, created, existing = import_runs_csv(database, args.file, experiment)
+    except (OSError, RunsCsvError) as exc:
+        log.error("%s", exc)
+        return 2
+    _out(f"experiment {experiment} ({exp_id}): {created} trials imported, {existing} already there")
+    return 0
+
+
+# --- quickstart ----------------------------------------------------------------------------
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """Migrate, import the bundled Step Law sweep into an empty store, fit the recommender,
+    serve. The estimators' fits (slower) are left to the server's fitting worker, so the
+    first answer does not wait for them."""
+    from server import crud
+    from server.core.db import upgrade
+    from server.importers import STEPLAW_CITATION, import_steplaw
+    from server.worker.fits import FIT_KINDS, RECOMMENDER_KIND
+    from server.worker.loop import refit_once
+
+    settings = _settings()
+    upgrade(settings.database_url)
+    with _store() as database:
+        with database.session() as session:
+            _none, n_trials = crud.list_trials(session=session, limit=1)
+        if n_trials:
+            _out(f"database has {n_trials} trials; using them")
+        else:
+            _out(f"empty database: importing the bundled Step Law sweep ({STEPLAW_CITATION})")
+            _id, created, _existing = import_steplaw(database)
+            _out(f"imported {created} runs")
+        outcomes = refit_once(database, kinds=[RECOMMENDER_KIND])
+    for o in outcomes:
+        _out(f"fit {o.scope}: {o.action} {o.status or ''} {o.message or ''}".rstrip())
+    if not outcomes:
+        _out("fits are up to date")
+    _out(f"the server's fitting worker fits {', '.join(FIT_KINDS[1:])} in the background")
+    host = args.host or settings.host
+    port = args.port or settings.port
+    _out(f"serving on http://{host}:{port} (API docs at /docs); try:")
+    _out(f"  curl 'http://{host}:{port}{EXAMPLE_QUERY}'")
+    return cmd_serve(argparse.Namespace(host=host, port=port, no_worker=False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Only the service's own commands (``python -m server.cli serve``), for running the
+    service where the other packages' commands are not needed."""
+    parser = argparse.ArgumentParser(prog="hyperlaw")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

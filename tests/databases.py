@@ -1,0 +1,101 @@
+"""Scratch databases for the tests and the benchmarks, and the data they start from.
+
+- ``postgres_admin_url()``: the PostgreSQL server the tests may create and drop databases on
+  (``HYPERLAW_TEST_DATABASE_URL``, else postgresql://postgres@127.0.0.1:5432/test);
+- ``create_postgres_database`` / ``drop_postgres_database``: an empty database with a
+  unique name, and its removal (connections closed first);
+- ``seed_steplaw(url)``: the bundled Step Law sweep imported and fitted;
+- ``add_completed_trial(url)``: one completed trained trial, created as the API creates it.
+
+The benchmarks import this module too (they put the repository root on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable
+
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from server.core.db import open_database
+
+DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def postgres_admin_url() -> str:
+    """The server for scratch databases, with the installed driver (psycopg2) named."""
+    url = os.environ.get("HYPERLAW_TEST_DATABASE_URL", DEFAULT_ADMIN_URL)
+    if url.startswith("postgresql://"):
+        url = url.replace("postgresql://", "postgresql+psycopg2://", 1)
+    return url
+
+
+def create_postgres_database(admin_url: str, prefix: str) -> str:
+    """Create an empty database named ``<prefix>_<random>`` on the server of ``admin_url``
+    (a role allowed to CREATE DATABASE); returns the new database's URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    # CREATE DATABASE cannot run inside a transaction
+    with open_database(admin_url, isolation_level="AUTOCOMMIT") as admin:
+        with admin.engine.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        return admin.engine.url.set(database=name).render_as_string(hide_password=False)
+
+
+def drop_postgres_database(admin_url: str, url: str) -> None:
+    """Drop the database of ``url`` (closing its connections) through ``admin_url``."""
+    name = make_url(url).database
+    with open_database(admin_url, isolation_level="AUTOCOMMIT") as admin:
+        with admin.engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def seed_steplaw(url: str, kinds: Iterable[str] | None = ("recommender",)) -> int:
+    """Import the bundled Step Law sweep into the migrated database at ``url`` and fit
+    ``kinds`` (default: the recommender only, which is what serves; None: every kind);
+    returns the experiment id."""
+    from server.importers import import_steplaw
+    from server.worker.fits import RECOMMENDER_KIND
+    from server.worker.loop import refit_once
+
+    with open_database(url) as database:
+        experiment_id, created, _ = import_steplaw(database)
+        assert created == 1911
+        outcomes = refit_once(database, kinds=kinds)
+    assert {o.status for o in outcomes if o.kind == RECOMMENDER_KIND} == {"ok"}, outcomes
+    return experiment_id
+
+
+def add_completed_trial(
+    url: str,
+    experiment: str = "steplaw",
+    *,
+    loss: float = 3.1,
+    learning_rate: float = 1e-3,
+    n_params: int = 300_000_000,
+) -> int:
+    """A completed trained trial, created as the API would (crud, which notifies)."""
+    from server import crud
+    from server.models import TrialSource, TrialStatus
+    from server.schemas import ExperimentCreate, TrialCreate
+
+    with open_database(url) as database, database.session() as session:
+        exp, _ = crud.create_experiment(
+            session=session, experiment_in=ExperimentCreate(name=experiment)
+        )
+        trial, _ = crud.create_trial(
+            session=session,
+            trial_in=TrialCreate(
+                experiment_id=exp.id,
+                n_params=n_params,
+                n_tokens=20_000_000_000,
+                seq_len=2048,
+                learning_rate=learning_rate,
+                batch_size_tokens=1_048_576,
+                status=TrialStatus.COMPLETED,
+                source=TrialSource.TRAINED,
+                final_loss=loss,
+            ),
+        )
+        return trial.id
