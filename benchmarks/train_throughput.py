@@ -30,6 +30,7 @@ model FLOPs utilisation, with 6·N·tokens + 12·n_layer·d_model·seq_len·toke
 training step (Kaplan et al. 2020; attention included) against the GPU's peak given by
 ``--peak-tflops``: the trainer computes in fp32, so the default is an H100 SXM's fp32 peak.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,10 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from trainer.config import TrainConfig  # noqa: E402
 from trainer.data import TokenCorpus, batch_generator, build_corpus  # noqa: E402
+from trainer.engine import merge_equal_groups  # noqa: E402
 from trainer.model import GPT, GPTConfig  # noqa: E402
+from trainer.schedule import lr_multiplier  # noqa: E402
 from trainer.telemetry import NullTelemetry  # noqa: E402
-from trainer.train import TrainConfig, lr_multiplier, merge_equal_groups, train  # noqa: E402
+from trainer.train import train  # noqa: E402
 
 logger = logging.getLogger("train_throughput")
 
@@ -69,13 +73,19 @@ def plain_pytorch(config: TrainConfig, device: str) -> float:
     EWA update of the constant+EWA schedule."""
     torch.manual_seed(config.seed)
     corpus = TokenCorpus(config.corpus_dir)
-    model = GPT(GPTConfig(**{"seq_len": config.seq_len, "vocab_size": corpus.vocab_size,
-                             **config.model})).to(device)
+    model = GPT(
+        GPTConfig(**{"seq_len": config.seq_len, "vocab_size": corpus.vocab_size, **config.model})
+    ).to(device)
     opt = config.optimizer
     groups = merge_equal_groups(model.optimizer_groups(config.learning_rate, opt.weight_decay))
     base_lrs = [g["lr"] for g in groups]
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(opt.beta1, opt.beta2),
-                                  eps=opt.eps, weight_decay=opt.weight_decay)
+    optimizer = torch.optim.AdamW(
+        groups,
+        lr=config.learning_rate,
+        betas=(opt.beta1, opt.beta2),
+        eps=opt.eps,
+        weight_decay=opt.weight_decay,
+    )
     params = list(model.parameters())
     use_ewa = config.schedule.name == "constant_ewa"
     ewa = [torch.zeros_like(p) for p in params] if use_ewa else []
@@ -84,9 +94,11 @@ def plain_pytorch(config: TrainConfig, device: str) -> float:
     _sync(device)
     start = time.perf_counter()
     for step in range(total):
-        for group, base in zip(optimizer.param_groups, base_lrs):
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = base * lr_multiplier(step, total, config.schedule)
-        x, y = corpus.batch("train", n_seq, config.seq_len, batch_generator(config.seed, step, 0, 0))
+        x, y = corpus.batch(
+            "train", n_seq, config.seq_len, batch_generator(config.seed, step, 0, 0)
+        )
         _, loss = model(x.to(device), y.to(device))
         loss.backward()
         if opt.grad_clip > 0:
@@ -95,8 +107,9 @@ def plain_pytorch(config: TrainConfig, device: str) -> float:
         optimizer.zero_grad(set_to_none=True)
         if use_ewa:  # ξ ← τ·ξ + (1 − τ)·θ, as the trainer does after every step
             with torch.no_grad():
-                torch._foreach_lerp_(ewa, [p.detach() for p in params],
-                                     1.0 - config.schedule.ewa_decay)
+                torch._foreach_lerp_(
+                    ewa, [p.detach() for p in params], 1.0 - config.schedule.ewa_decay
+                )
         float(loss.detach())  # the trainer reads the loss every step too
     _sync(device)
     return total * config.batch_size_tokens / (time.perf_counter() - start)
@@ -117,9 +130,13 @@ def main() -> int:
     parser.add_argument("--batch-sequences", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved repetitions")
-    parser.add_argument("--peak-tflops", type=float, default=67.0,
-                        help="GPU peak for MFU in the trainer's precision, fp32 (default: "
-                             "H100 SXM, 67 TFLOP/s without tensor cores)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=67.0,
+        help="GPU peak for MFU in the trainer's precision, fp32 (default: "
+        "H100 SXM, 67 TFLOP/s without tensor cores)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -129,16 +146,22 @@ def main() -> int:
         corpus = make_corpus(Path(tmp))
         shape = {"n_layer": args.n_layer, "n_head": args.n_head, "d_model": args.d_model}
         raw = {
-            "task": "gpt", "corpus_dir": str(corpus), "seq_len": args.seq_len, "model": shape,
-            "learning_rate": 3e-3, "batch_size_tokens": args.batch_sequences * args.seq_len,
+            "task": "gpt",
+            "corpus_dir": str(corpus),
+            "seq_len": args.seq_len,
+            "model": shape,
+            "learning_rate": 3e-3,
+            "batch_size_tokens": args.batch_sequences * args.seq_len,
             "n_tokens": args.steps * args.batch_sequences * args.seq_len,
-            "threads_per_worker": args.threads, "eval": {"batches": 1},
+            "threads_per_worker": args.threads,
+            "eval": {"batches": 1},
         }
         config = TrainConfig.from_dict(raw)
         # warm-up of the allocator and kernels, then interleaved rounds so that load from
         # other processes hits every variant alike; each variant keeps its best round
-        plain_pytorch(TrainConfig.from_dict({**raw, "n_tokens": raw["batch_size_tokens"] * 5}),
-                      device)
+        plain_pytorch(
+            TrainConfig.from_dict({**raw, "n_tokens": raw["batch_size_tokens"] * 5}), device
+        )
         rounds: dict[str, list[float]] = {"plain": [], "zero0": [], "zero2": []}
         for _ in range(args.rounds):
             rounds["plain"].append(plain_pytorch(config, device))
@@ -147,9 +170,11 @@ def main() -> int:
                 rounds[f"zero{stage}"].append(run.tokens_per_s)
                 n_params = run.n_params
         results = {name: max(values) for name, values in rounds.items()}
-    print(f"GPT n_layer={args.n_layer} d_model={args.d_model} seq_len={args.seq_len} "
-          f"batch={args.batch_sequences * args.seq_len} tokens, N={n_params}, {args.steps} steps, "
-          f"best of {args.rounds} interleaved rounds, device={device}")
+    print(
+        f"GPT n_layer={args.n_layer} d_model={args.d_model} seq_len={args.seq_len} "
+        f"batch={args.batch_sequences * args.seq_len} tokens, N={n_params}, {args.steps} steps, "
+        f"best of {args.rounds} interleaved rounds, device={device}"
+    )
     for name, value in results.items():
         each = ", ".join(f"{v:,.0f}" for v in rounds[name])
         print(f"{name:6s} tokens/s = {value:,.0f}  (rounds: {each})")

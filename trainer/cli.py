@@ -1,10 +1,13 @@
-"""Trainer commands: ``hyperlaw sweep`` and ``hyperlaw corpus build``.
+"""Trainer commands: ``hyperlaw sweep`` (``--schema``: the sweep file's JSON Schema) and
+``hyperlaw corpus build``.
 
 Registration is cheap: torch, DeepSpeed and Ray are imported inside the handlers.
 """
+
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 
@@ -22,22 +25,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "its loss curve and its final metrics are stored through the hyperlaw service."
         ),
     )
-    sweep.add_argument("config", help="sweep description (YAML), e.g. examples/cpu_small.yaml")
     sweep.add_argument(
-        "--resume", action="store_true",
+        "config", nargs="?", help="sweep description (YAML), e.g. examples/cpu_small.yaml"
+    )
+    sweep.add_argument(
+        "--schema",
+        action="store_true",
+        help="print the JSON Schema of sweep files (for editors) and exit; "
+        "examples/sweep.schema.json is its output",
+    )
+    sweep.add_argument(
+        "--resume",
+        action="store_true",
         help="continue an interrupted sweep: finished trials are not run again",
     )
     sweep.add_argument(
-        "--address", default=None,
+        "--address",
+        default=None,
         help="address of an existing Ray cluster (default: start a local one)",
     )
     sweep.add_argument(
-        "--url", default=None,
+        "--url",
+        default=None,
         help="hyperlaw service URL (default: $HYPERLAW_URL, else http://127.0.0.1:8000); "
         "the write token is read from $HYPERLAW_TOKEN",
     )
     sweep.add_argument(
-        "--output-dir", default=None,
+        "--output-dir",
+        default=None,
         help="where Ray keeps trial results and checkpoints (default: output_dir in the YAML)",
     )
     sweep.set_defaults(func=_sweep)
@@ -55,19 +70,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("sources", nargs="+", help="text files or directories of text files")
     build.add_argument("--out", required=True, help="output directory")
     build.add_argument(
-        "--val-fraction", type=float, default=0.05,
+        "--val-fraction",
+        type=float,
+        default=0.05,
         help="fraction of the tokens held out for validation (default 0.05)",
     )
     build.add_argument(
-        "--tokenizer", default="byte", choices=["byte"],
+        "--tokenizer",
+        default="byte",
+        choices=["byte"],
         help="offline tokenizer (default: byte, vocabulary of 256)",
     )
     build.set_defaults(func=_corpus_build)
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from trainer.sweep import SweepConfigError, load_sweep_config, run_sweep
+    from trainer.sweep_config import SweepConfigError, load_sweep_config, sweep_json_schema
 
+    if args.schema:
+        print(json.dumps(sweep_json_schema(), indent=2, ensure_ascii=False))
+        return 0
+    if args.config is None:
+        logger.error("hyperlaw sweep: a sweep file is required (or --schema)")
+        return 2
     try:
         config = load_sweep_config(args.config)
     except SweepConfigError as exc:
@@ -76,12 +101,16 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.output_dir:
         config = config.with_output_dir(args.output_dir)
     from client import HyperlawAPIError, HyperlawUnavailable
+    from trainer.sweep import run_sweep
 
     url = args.url or os.environ.get("HYPERLAW_URL") or "http://127.0.0.1:8000"
     try:
         summary = run_sweep(
-            config, url=url, token=os.environ.get("HYPERLAW_TOKEN"),
-            address=args.address, resume=args.resume,
+            config,
+            url=url,
+            token=os.environ.get("HYPERLAW_TOKEN"),
+            address=args.address,
+            resume=args.resume,
         )
     except SweepConfigError as exc:
         logger.error("%s: %s", args.config, exc)
@@ -94,7 +123,10 @@ def _sweep(args: argparse.Namespace) -> int:
         return 2
     logger.info(
         "sweep %s: %d completed, %d failed, %d skipped (already done), best %s",
-        config.experiment, summary.completed, summary.failed, summary.skipped,
+        config.experiment,
+        summary.completed,
+        summary.failed,
+        summary.skipped,
         summary.best_description(),
     )
     return 0 if summary.failed == 0 else 1
@@ -104,14 +136,18 @@ def _corpus_build(args: argparse.Namespace) -> int:
     from trainer.data import CorpusError, build_corpus
 
     try:
-        meta = build_corpus(args.sources, args.out, val_fraction=args.val_fraction,
-                            tokenizer=args.tokenizer)
+        meta = build_corpus(
+            args.sources, args.out, val_fraction=args.val_fraction, tokenizer=args.tokenizer
+        )
     except CorpusError as exc:
         logger.error("%s", exc)
         return 2
     logger.info(
         "corpus %s: %d train tokens, %d val tokens, vocab %d, fingerprint %s",
-        args.out, meta["n_train_tokens"], meta["n_val_tokens"], meta["vocab_size"],
+        args.out,
+        meta["n_train_tokens"],
+        meta["n_val_tokens"],
+        meta["vocab_size"],
         meta["fingerprint"],
     )
     return 0
@@ -123,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     parser = argparse.ArgumentParser(prog="hyperlaw")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return int(args.func(args) or 0)
 
 

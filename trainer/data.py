@@ -14,6 +14,7 @@ R(w) = (w − w*)ᵀ H (w − w*) + σ², so evaluation is noiseless and costs O
 variance error dominates and the paper's CBS grows with the data size as
 B* ≈ D^(1 − a / min(b, 2a + 1)).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,11 +50,10 @@ def _source_files(sources: list[str]) -> list[Path]:
     for source in sources:
         path = Path(source)
         if path.is_dir():  # hidden folders and bytecode caches are not text
-            files.extend(
-                p for p in sorted(path.rglob("*"))
-                if p.is_file() and not any(part.startswith(".") or part == "__pycache__"
-                                           for part in p.relative_to(path).parts)
-            )
+            for p in sorted(path.rglob("*")):
+                parts = p.relative_to(path).parts
+                if p.is_file() and not any(x.startswith(".") or x == "__pycache__" for x in parts):
+                    files.append(p)
         elif path.is_file():
             files.append(path)
         else:
@@ -107,7 +107,9 @@ class TokenCorpus:
         directory = Path(directory)
         meta_path = directory / "meta.json"
         if not meta_path.is_file():
-            raise CorpusError(f"{directory} has no meta.json; build it with `hyperlaw corpus build`")
+            raise CorpusError(
+                f"{directory} has no meta.json; build it with `hyperlaw corpus build`"
+            )
         self.meta = json.loads(meta_path.read_text())
         self.vocab_size = int(self.meta["vocab_size"])
         self.fingerprint = str(self.meta["fingerprint"])
@@ -127,7 +129,7 @@ class TokenCorpus:
                 f"{split} split has {len(data)} tokens, needs more than seq_len={seq_len}"
             )
         starts = torch.randint(len(data) - seq_len, (n_sequences,), generator=generator)
-        windows = np.stack([np.asarray(data[s: s + seq_len + 1]) for s in starts.tolist()])
+        windows = np.stack([np.asarray(data[s : s + seq_len + 1]) for s in starts.tolist()])
         windows = torch.from_numpy(windows.astype(np.int64))
         return windows[:, :-1], windows[:, 1:]
 
@@ -171,18 +173,23 @@ class SyntheticRegression:
         self.config = config
         i = torch.arange(1, config.dim + 1, dtype=torch.float64)
         self.eigenvalues = i ** (-config.capacity_exponent)  # λ_i
-        signs = torch.randint(
+        coins = torch.randint(
             0, 2, (config.dim,), generator=torch.Generator().manual_seed(config.task_seed)
-        ).to(torch.float64) * 2 - 1
+        )
+        signs = coins.to(torch.float64) * 2 - 1  # ±1
         # λ_i (w*_i)² = i^-b  ⇒  |w*_i| = i^((a - b) / 2)
         self.w_star = signs * i ** ((config.capacity_exponent - config.source_exponent) / 2)
         self._sqrt_eig = self.eigenvalues.sqrt().to(torch.float32)
         self._w_star32 = self.w_star.to(torch.float32)
 
     @property
+    def fingerprint(self) -> str:
+        return self.config.fingerprint
+
+    @property
     def bayes_risk(self) -> float:
         """σ², the smallest achievable loss."""
-        return self.config.noise_std ** 2
+        return self.config.noise_std**2
 
     def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """n samples: x (n, dim) with covariance H, y (n,) = xᵀw* + σ·ε."""

@@ -15,6 +15,7 @@ the non-embedding parameter count N used throughout hyperlaw.
 With m = 1 a µP model is exactly the standard one, so hyper-parameters tuned at the base width
 transfer to wider models.
 """
+
 from __future__ import annotations
 
 import math
@@ -92,10 +93,10 @@ class CausalSelfAttention(nn.Module):
         q = q.view(b, t, self.n_head, self.d_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(b, t, self.n_head, self.d_head).transpose(1, 2)
         v = v.view(b, t, self.n_head, self.d_head).transpose(1, 2)
+        dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+            q, k, v, is_causal=True, scale=self.scale, dropout_p=dropout
+        )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(b, t, d)
         return self.c_proj(y)
 

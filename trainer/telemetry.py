@@ -14,6 +14,7 @@ Points are idempotent on (trial, step) in the service, so a re-post never duplic
 
 ``NullTelemetry`` discards everything (benchmarks).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +99,9 @@ class ServiceTelemetry:
 
     # ---------------------------------------------------------------- called by the trainer
     def start(self) -> None:
-        self._call_with_retry("mark running", self.client.update_trial, self.trial_id,
-                              status="running")
+        self._call_with_retry(
+            "mark running", self.client.update_trial, self.trial_id, status="running"
+        )
         self.heartbeat()
 
     def add_point(self, point: dict[str, Any]) -> None:
@@ -117,8 +120,9 @@ class ServiceTelemetry:
         completed trial never lacks the end of its curve)."""
         self.flush(timeout_s=120.0)
         fields = {k: _finite_or_none_for_counts(k, v) for k, v in final.items()}
-        self._call_with_retry(f"mark {status}", self.client.update_trial, self.trial_id,
-                              status=status, **fields)
+        self._call_with_retry(
+            f"mark {status}", self.client.update_trial, self.trial_id, status=status, **fields
+        )
 
     def flush(self, timeout_s: float = 60.0) -> bool:
         """Post everything buffered now; True when the buffer emptied within ``timeout_s``."""
@@ -169,8 +173,9 @@ class ServiceTelemetry:
             self.client.post_points(self.trial_id, batch)
         except Exception as exc:  # noqa: BLE001 - any failure keeps the batch for a retry
             self.failed_posts += 1
-            logger.warning("trial %s: posting %d points failed, will retry: %s",
-                           self.trial_id, len(batch), exc)
+            logger.warning(
+                "trial %s: posting %d points failed, will retry: %s", self.trial_id, len(batch), exc
+            )
             return False
         with self._lock:
             for _ in batch:
@@ -178,8 +183,9 @@ class ServiceTelemetry:
             self.delivered += len(batch)
         return True
 
-    def _call_with_retry(self, what: str, fn: Callable[..., Any], *args: Any,
-                         attempts: int = 5, **kwargs: Any) -> Any:
+    def _call_with_retry(
+        self, what: str, fn: Callable[..., Any], *args: Any, attempts: int = 5, **kwargs: Any
+    ) -> Any:
         for attempt in range(1, attempts + 1):
             try:
                 return fn(*args, **kwargs)
@@ -196,15 +202,22 @@ class ServiceTelemetry:
         if not rest:
             return
         if self.spool_path is None:
-            logger.error("trial %s: %d points could not be delivered and no spool file is "
-                         "configured", self.trial_id, len(rest))
+            logger.error(
+                "trial %s: %d points could not be delivered and no spool file is configured",
+                self.trial_id,
+                len(rest),
+            )
             return
         self.spool_path.parent.mkdir(parents=True, exist_ok=True)
         with self.spool_path.open("a") as fh:
             for point in rest:
                 fh.write(json.dumps({"trial_id": self.trial_id, **point}) + "\n")
-        logger.error("trial %s: %d undelivered points written to %s",
-                     self.trial_id, len(rest), self.spool_path)
+        logger.error(
+            "trial %s: %d undelivered points written to %s",
+            self.trial_id,
+            len(rest),
+            self.spool_path,
+        )
 
 
 def _is_client_error(exc: Exception) -> bool:
@@ -219,8 +232,10 @@ def _finite_or_none_for_counts(key: str, value: Any) -> Any:
         return int(value)
     if isinstance(value, float) and key == "diverged":
         return bool(value)
-    if isinstance(value, float) and math.isnan(value) and key not in (
-        "final_loss", "final_eval_loss"
+    if (
+        isinstance(value, float)
+        and math.isnan(value)
+        and key not in ("final_loss", "final_eval_loss")
     ):
         return None
     return value

@@ -1,4 +1,5 @@
 """Token corpus builder and the synthetic power-law regression task."""
+
 import json
 
 import numpy as np
@@ -6,7 +7,11 @@ import pytest
 import torch
 
 from trainer.data import (
-    CorpusError, SyntheticRegression, SyntheticRegressionConfig, TokenCorpus, batch_generator,
+    CorpusError,
+    SyntheticRegression,
+    SyntheticRegressionConfig,
+    TokenCorpus,
+    batch_generator,
     build_corpus,
 )
 
@@ -30,8 +35,10 @@ def test_build_corpus_byte_level_split_and_batches(tmp_path):
     x3, _ = corpus.batch("train", 4, 16, batch_generator(0, 0, 1, 0))
     assert not torch.equal(x, x3)
     raw = (tmp_path / "src" / "a.txt").read_bytes()
-    assert bytes(np.fromfile(tmp_path / "corpus" / "train.bin", dtype=np.uint16)[:12]
-                 .astype(np.uint8)) == raw[:12]
+    assert (
+        bytes(np.fromfile(tmp_path / "corpus" / "train.bin", dtype=np.uint16)[:12].astype(np.uint8))
+        == raw[:12]
+    )
 
 
 def test_build_corpus_skips_hidden_and_bytecode(tmp_path):
@@ -56,12 +63,13 @@ def test_build_corpus_errors(tmp_path):
 
 
 def test_synthetic_task_power_laws_and_exact_risk():
-    cfg = SyntheticRegressionConfig(dim=32, capacity_exponent=1.5, source_exponent=2.0,
-                                    noise_std=0.3)
+    cfg = SyntheticRegressionConfig(
+        dim=32, capacity_exponent=1.5, source_exponent=2.0, noise_std=0.3
+    )
     task = SyntheticRegression(cfg)
     i = torch.arange(1, 33, dtype=torch.float64)
-    assert torch.allclose(task.eigenvalues, i ** -1.5)
-    assert torch.allclose(task.eigenvalues * task.w_star ** 2, i ** -2.0)
+    assert torch.allclose(task.eigenvalues, i**-1.5)
+    assert torch.allclose(task.eigenvalues * task.w_star**2, i**-2.0)
     assert task.risk(task.w_star) == pytest.approx(0.09)
     # the exact risk matches the Monte-Carlo mean squared error at w = 0
     x, y = task.batch(200_000, batch_generator(1, 0, 0, 0))

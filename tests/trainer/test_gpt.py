@@ -1,4 +1,5 @@
 """The GPT path: corpus built through the CLI, a DeepSpeed run with gradient accumulation."""
+
 import argparse
 import random
 
@@ -17,8 +18,9 @@ def corpus_dir(tmp_path):
     (tmp_path / "text.txt").write_text(text)
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["corpus", "build", str(tmp_path / "text.txt"),
-                              "--out", str(tmp_path / "corpus")])
+    args = parser.parse_args(
+        ["corpus", "build", str(tmp_path / "text.txt"), "--out", str(tmp_path / "corpus")]
+    )
     assert args.func(args) == 0
     return tmp_path / "corpus"
 
@@ -26,12 +28,20 @@ def corpus_dir(tmp_path):
 @pytest.mark.parametrize("mup", [False, True])
 def test_gpt_learns_with_accumulation(corpus_dir, mup):
     shape = {"n_layer": 1, "n_head": 2, "d_model": 32, "mup": mup, "mup_base_d_model": 16}
-    result = train({
-        "task": "gpt", "corpus_dir": str(corpus_dir), "seq_len": 32, "model": shape,
-        "batch_size_tokens": 32 * 8, "micro_batch_size_sequences": 4,  # accumulation 2
-        "n_tokens": 32 * 8 * 60, "learning_rate": 1e-2,
-        "schedule": {"name": "cosine", "warmup_fraction": 0.1}, "eval": {"batches": 2},
-    })
+    result = train(
+        {
+            "task": "gpt",
+            "corpus_dir": str(corpus_dir),
+            "seq_len": 32,
+            "model": shape,
+            "batch_size_tokens": 32 * 8,
+            "micro_batch_size_sequences": 4,  # accumulation 2
+            "n_tokens": 32 * 8 * 60,
+            "learning_rate": 1e-2,
+            "schedule": {"name": "cosine", "warmup_fraction": 0.1},
+            "eval": {"batches": 2},
+        }
+    )
     assert result.n_params == gpt_non_embedding_params(1, 32)
     assert result.steps_done == 60 and result.tokens_done == 60 * 256
     assert not result.diverged
@@ -42,6 +52,7 @@ def test_gpt_learns_with_accumulation(corpus_dir, mup):
 def test_corpus_cli_reports_bad_sources(tmp_path):
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["corpus", "build", str(tmp_path / "nope"), "--out",
-                              str(tmp_path / "out")])
+    args = parser.parse_args(
+        ["corpus", "build", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]
+    )
     assert args.func(args) == 2

@@ -1,9 +1,14 @@
 """The models: exact non-embedding parameter counts, shapes, µP."""
+
 import pytest
 import torch
 
 from trainer.model import (
-    GPT, GPTConfig, LinearRegression, LinearRegressionConfig, gpt_non_embedding_params,
+    GPT,
+    GPTConfig,
+    LinearRegression,
+    LinearRegressionConfig,
+    gpt_non_embedding_params,
 )
 
 

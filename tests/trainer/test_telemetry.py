@@ -1,4 +1,5 @@
 """Buffered telemetry survives a service outage without losing points."""
+
 import socket
 import threading
 import time
@@ -76,12 +77,26 @@ def test_points_sent_during_an_outage_arrive_after_it(live_server):
     proxy = TcpProxy(port)
     with HyperlawClient(live_server.url, live_server.token) as direct:
         exp = direct.ensure_experiment("trainer-test-outage")
-        trial = direct.create_trial(experiment_id=exp["id"], n_params=8, n_tokens=1000,
-                                    seq_len=1, learning_rate=0.1, batch_size_tokens=4)
+        trial = direct.create_trial(
+            experiment_id=exp["id"],
+            n_params=8,
+            n_tokens=1000,
+            seq_len=1,
+            learning_rate=0.1,
+            batch_size_tokens=4,
+        )
         sink = ServiceTelemetry(
-            lambda: HyperlawClient(f"http://127.0.0.1:{proxy.port}", live_server.token,
-                                   timeout=2.0, max_retries=1, backoff_s=0.05),
-            trial["id"], batch_size=20, flush_interval_s=0.1, retry_interval_s=0.1,
+            lambda: HyperlawClient(
+                f"http://127.0.0.1:{proxy.port}",
+                live_server.token,
+                timeout=2.0,
+                max_retries=1,
+                backoff_s=0.05,
+            ),
+            trial["id"],
+            batch_size=20,
+            flush_interval_s=0.1,
+            retry_interval_s=0.1,
         )
         sink.start()
         for step in range(50):
@@ -96,8 +111,9 @@ def test_points_sent_during_an_outage_arrive_after_it(live_server):
         assert sink.failed_posts > 0  # the outage was real
         assert direct.get_points(trial["id"])["count"] == 50
         proxy.up()
-        sink.finish("completed", final_loss=1 / 150, steps_done=150, tokens_done=600,
-                    diverged=False)
+        sink.finish(
+            "completed", final_loss=1 / 150, steps_done=150, tokens_done=600, diverged=False
+        )
         assert sink.close(timeout_s=30)
         points = direct.get_points(trial["id"])["data"]
         stored = direct.get_trial(trial["id"])

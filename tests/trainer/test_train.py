@@ -1,25 +1,43 @@
 """Single-process DeepSpeed runs reporting to a live service: divergence and resume."""
+
 import math
 
 import pytest
 
 from client import HyperlawClient
-from trainer.train import InjectedFailure, train
+from tests.trainer.hooks import FailOnce, InjectedFailure
+from trainer.train import train
 
 
 def _new_trial(client, name, **over):
     exp = client.ensure_experiment(name)
-    fields = {"experiment_id": exp["id"], "n_params": 64, "n_tokens": 1280, "seq_len": 1,
-              "learning_rate": 0.01, "batch_size_tokens": 32, "world_size": 1, "zero_stage": 0}
+    fields = {
+        "experiment_id": exp["id"],
+        "n_params": 64,
+        "n_tokens": 1280,
+        "seq_len": 1,
+        "learning_rate": 0.01,
+        "batch_size_tokens": 32,
+        "world_size": 1,
+        "zero_stage": 0,
+    }
     fields.update(over)
     return client.create_trial(**fields)
 
 
 def _config(live_server, trial_id, **over):
-    cfg = {"task": "synthetic", "learning_rate": 0.01, "batch_size_tokens": 32,
-           "n_tokens": 1280, "synthetic": {"dim": 64}, "optimizer": {"grad_clip": 0.0},
-           "schedule": {"ewa_decay": 0.9}, "trial_id": trial_id,
-           "service_url": live_server.url, "service_token": live_server.token}
+    cfg = {
+        "task": "synthetic",
+        "learning_rate": 0.01,
+        "batch_size_tokens": 32,
+        "n_tokens": 1280,
+        "synthetic": {"dim": 64},
+        "optimizer": {"grad_clip": 0.0},
+        "schedule": {"ewa_decay": 0.9},
+        "trial_id": trial_id,
+        "service_url": live_server.url,
+        "service_token": live_server.token,
+    }
     cfg.update(over)
     return cfg
 
@@ -39,20 +57,28 @@ def test_diverging_learning_rate_is_recorded_not_raised(live_server):
     # the curve up to the blow-up is kept, with the huge loss that ended it
     assert [p["step"] for p in points] == list(range(result.steps_done + 1))
     assert points[-1]["train_loss"] > 100 * points[1]["train_loss"] or not math.isfinite(
-        points[-1]["train_loss"])
+        points[-1]["train_loss"]
+    )
 
 
 def test_resume_from_checkpoint_continues_the_step_count(live_server, tmp_path):
     ckpt = tmp_path / "ckpt"
     with HyperlawClient(live_server.url, live_server.token) as client:
         trial = _new_trial(client, "trainer-test-resume")
-        cfg = _config(live_server, trial["id"], checkpoint_dir=str(ckpt), checkpoint_every=10,
-                      fail_at_step=25, learning_rate=0.05)
+        cfg = _config(
+            live_server,
+            trial["id"],
+            checkpoint_dir=str(ckpt),
+            checkpoint_every=10,
+            learning_rate=0.05,
+        )
+        fail_once = FailOnce(step=25, marker=str(tmp_path / "failed-once"))
         with pytest.raises(InjectedFailure):
-            train(cfg)
+            # as in a sweep, whose workers may be restarted: the trial is not marked failed
+            train(cfg, mark_failed=False, on_step=fail_once)
         assert (ckpt / "latest").read_text().strip() == "step20"
         assert client.get_trial(trial["id"])["status"] == "running"
-        resumed = train(cfg)  # the failure is injected once only
+        resumed = train(cfg, on_step=fail_once)  # the failure is injected once only
         assert resumed.resumed_from_step == 20
         assert resumed.steps_done == 40 and resumed.tokens_done == 40 * 32
         stored = client.get_trial(trial["id"])
@@ -64,9 +90,8 @@ def test_resume_from_checkpoint_continues_the_step_count(live_server, tmp_path):
     assert not ckpt.exists()  # a finished run drops its checkpoint
     # the resumed run ends exactly where an uninterrupted one does (same batches, optimizer
     # state and EWA restored from the checkpoint)
-    plain = train({k: v for k, v in cfg.items()
-                   if k not in ("trial_id", "service_url", "service_token", "checkpoint_dir",
-                                "checkpoint_every", "fail_at_step")})
+    elsewhere = ("trial_id", "service_url", "service_token", "checkpoint_dir", "checkpoint_every")
+    plain = train({k: v for k, v in cfg.items() if k not in elsewhere})
     assert resumed.final_eval_loss == pytest.approx(plain.final_eval_loss, rel=1e-6)
     assert plain.final_eval_loss < 0.5 * points[0]["eval_loss"]  # and it learned
 
@@ -76,8 +101,15 @@ def test_gradient_noise_scale_from_micro_batches(live_server):
     |g_big|² from the 32-sample batch; b_simple lands in the points."""
     with HyperlawClient(live_server.url, live_server.token) as client:
         trial = _new_trial(client, "trainer-test-noise-scale")
-        result = train(_config(live_server, trial["id"], micro_batch_size_sequences=8,
-                               n_tokens=32 * 400, learning_rate=0.02))
+        result = train(
+            _config(
+                live_server,
+                trial["id"],
+                micro_batch_size_sequences=8,
+                n_tokens=32 * 400,
+                learning_rate=0.02,
+            )
+        )
         points = client.get_points(trial["id"])["data"]
     assert result.steps_done == 400
     late = [p["b_simple"] for p in points if p["step"] > 200]
@@ -86,3 +118,17 @@ def test_gradient_noise_scale_from_micro_batches(live_server):
     # b_simple grows during training (McCandlish et al. 2018, fig. 5)
     early = [p["b_simple"] for p in points if 40 <= p["step"] <= 80]
     assert late[-1] > 2 * sum(early) / len(early)
+
+
+def test_an_error_from_the_step_hook_fails_the_run_like_any_error(live_server, tmp_path):
+    with HyperlawClient(live_server.url, live_server.token) as client:
+        trial = _new_trial(client, "trainer-test-hook-failure", n_tokens=32 * 10)
+        fail_once = FailOnce(step=3, marker=str(tmp_path / "failed-once"))
+        with pytest.raises(InjectedFailure):
+            train(_config(live_server, trial["id"], n_tokens=32 * 10), on_step=fail_once)
+        stored = client.get_trial(trial["id"])
+        points = client.get_points(trial["id"])["data"]
+    assert stored["status"] == "failed"
+    assert stored["status_reason"] == "InjectedFailure: injected failure after step 3"
+    assert stored["steps_done"] == 3 and stored["tokens_done"] == 3 * 32
+    assert [p["step"] for p in points] == [0, 1, 2, 3]  # flushed before the trial was closed

@@ -2,6 +2,7 @@
 and 3 against stage 0, on one process and on two (gloo), with clipping active and µP
 parameter groups whose learning rates differ; and parameter groups are merged only where
 their hyperparameters are equal."""
+
 import multiprocessing
 import os
 import queue
@@ -11,15 +12,11 @@ import time
 
 import pytest
 
+from trainer.config import TrainConfig, batch_layout
 from trainer.data import build_corpus
+from trainer.engine import deepspeed_config, merge_equal_groups
 from trainer.model import GPT, GPTConfig
-from trainer.train import (
-    TrainConfig,
-    batch_layout,
-    deepspeed_config,
-    merge_equal_groups,
-    train,
-)
+from trainer.train import train
 
 SHAPE = {"n_layer": 1, "n_head": 2, "d_model": 32, "mup": True, "mup_base_d_model": 16}
 
@@ -59,12 +56,18 @@ def corpus_dir(tmp_path_factory):
 
 def _config(corpus_dir, stage, schedule):
     return {
-        "task": "gpt", "corpus_dir": str(corpus_dir), "seq_len": 16, "model": SHAPE,
-        "batch_size_tokens": 16 * 8, "n_tokens": 16 * 8 * 24, "learning_rate": 2e-2,
+        "task": "gpt",
+        "corpus_dir": str(corpus_dir),
+        "seq_len": 16,
+        "model": SHAPE,
+        "batch_size_tokens": 16 * 8,
+        "n_tokens": 16 * 8 * 24,
+        "learning_rate": 2e-2,
         # a small clip threshold, so that every step is clipped by the global norm
         "optimizer": {"grad_clip": 0.05, "weight_decay": 0.1},
         "schedule": {"name": schedule, "warmup_fraction": 0.1},
-        "eval": {"batches": 2, "log_every": 1}, "zero_stage": stage,
+        "eval": {"batches": 2, "log_every": 1},
+        "zero_stage": stage,
     }
 
 
@@ -76,16 +79,25 @@ def _assert_same_training(reference, other, label):
     ref, got = _curve(reference), _curve(other)
     assert sorted(got) == sorted(ref) == list(range(1, 25)), label
     for step in ref:
-        assert got[step]["train_loss"] == pytest.approx(ref[step]["train_loss"], rel=2e-4), \
+        assert got[step]["train_loss"] == pytest.approx(ref[step]["train_loss"], rel=2e-4), (
             f"{label}: train loss at step {step}"
-        assert got[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=2e-3), \
+        )
+        assert got[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=2e-3), (
             f"{label}: grad norm at step {step}"
+        )
     assert ref[24]["grad_norm"] > 2 * 0.05  # clipping was active to the end
 
 
 def _worker(rank, world_size, port, raw, results):
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)})
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+        }
+    )
     sink = Collect()
     result = train(raw, telemetry=sink)
     results.put((rank, sink.points, result.final_eval_loss))
@@ -130,20 +142,29 @@ def test_merge_equal_groups_keeps_distinct_hyperparameters_apart():
     assert [(g["lr"], g["weight_decay"]) for g in merged] == [(0.005, 0.1), (0.01, 0.0)]
     assert [id(p) for p in merged[0]["params"]] == [id(p) for p in groups[0]["params"]]
     assert [id(p) for p in merged[1]["params"]] == [
-        id(p) for p in groups[1]["params"] + groups[2]["params"]]
+        id(p) for p in groups[1]["params"] + groups[2]["params"]
+    ]
     # the caller's groups are left as they were
-    assert [len(g["params"]) for g in groups] == [len(g["params"]) for g in
-                                                  model.optimizer_groups(0.01, 0.1)]
+    assert [len(g["params"]) for g in groups] == [
+        len(g["params"]) for g in model.optimizer_groups(0.01, 0.1)
+    ]
     # at the base width and without weight decay all three groups are one
     plain = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=2, d_model=32))
     one = merge_equal_groups(plain.optimizer_groups(learning_rate=0.01, weight_decay=0.0))
     assert len(one) == 1 and len(one[0]["params"]) == len(list(plain.parameters()))
 
 
-@pytest.mark.parametrize("accelerator,stage,contiguous", [
-    ("cpu", 0, None), ("cpu", 1, False), ("cpu", 2, False), ("cpu", 3, None),
-    ("cuda", 0, None), ("cuda", 2, None),
-])
+@pytest.mark.parametrize(
+    "accelerator,stage,contiguous",
+    [
+        ("cpu", 0, None),
+        ("cpu", 1, False),
+        ("cpu", 2, False),
+        ("cpu", 3, None),
+        ("cuda", 0, None),
+        ("cuda", 2, None),
+    ],
+)
 def test_zero_settings_per_stage_and_accelerator(corpus_dir, accelerator, stage, contiguous):
     """contiguous_gradients off only for ZeRO 1-2 on the CPU; DeepSpeed clips under ZeRO 1-3,
     the trainer under ZeRO-0."""
@@ -156,8 +177,13 @@ def test_zero_settings_per_stage_and_accelerator(corpus_dir, accelerator, stage,
 
 def test_zero_stages_train_like_zero0_on_one_process(corpus_dir):
     runs = {}
-    for stage, schedule in ((0, "constant_ewa"), (1, "constant_ewa"), (2, "constant_ewa"),
-                            (0, "wsd"), (3, "wsd")):
+    for stage, schedule in (
+        (0, "constant_ewa"),
+        (1, "constant_ewa"),
+        (2, "constant_ewa"),
+        (0, "wsd"),
+        (3, "wsd"),
+    ):
         sink = Collect()
         result = train(_config(corpus_dir, stage, schedule), telemetry=sink)
         runs[stage, schedule] = (sink.points, result.final_eval_loss)

@@ -1,0 +1,222 @@
+"""The sweep file of ``hyperlaw sweep``: a YAML document read into a frozen pydantic model.
+
+A sweep is the product models × n_tokens × learning rates × batch sizes × seeds of runs that
+share everything else. What they share are the ``RunSettings`` of ``trainer.config`` (task,
+optimizer, schedule, eval, ...), so a sweep file's ``optimizer:``, ``schedule:`` and ``eval:``
+sections are the training configuration's own models, with their defaults. Grid search lists
+the learning rates and batch sizes; adaptive search places them around the service's
+recommendation (``trainer.plan``). Every grid point is checked to make a valid run when the
+file is read (batch arithmetic included), so a bad file fails at once, not inside Ray.
+
+``hyperlaw sweep --schema`` prints the JSON Schema (``sweep_json_schema``), committed as
+``examples/sweep.schema.json``; a sweep file whose first line is
+``# yaml-language-server: $schema=sweep.schema.json`` is checked and completed by editors
+with a YAML language server. Errors are ``SweepConfigError``s naming the field and the rule,
+as in ``trainer.config``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from annotated_types import Gt, MinLen
+from pydantic import (
+    AllowInfNan,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from trainer.config import (
+    FrozenConfig,
+    PositiveInt,
+    RunSettings,
+    Task,
+    TrainConfig,
+    batch_layout,
+    describe_errors,
+)
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+class SweepConfigError(ValueError):
+    """A sweep file that breaks a rule; the message names the field."""
+
+
+def _as_list(value: Any) -> Any:
+    return value if value is None or isinstance(value, list) else [value]  # one value: a list
+
+
+# a list in the YAML, or one value standing for a list of one
+LearningRates = Annotated[
+    list[Annotated[float, Gt(0), AllowInfNan(False)]], MinLen(1), BeforeValidator(_as_list)
+]
+Counts = Annotated[list[PositiveInt], MinLen(1), BeforeValidator(_as_list)]
+Seeds = Annotated[list[int], MinLen(1), BeforeValidator(_as_list)]
+
+
+class SearchConfig(FrozenConfig):
+    kind: Literal["grid", "adaptive"] = "grid"
+    """grid: the listed learning rates and batch sizes; adaptive: points around the
+    service's recommendation at each (N, D)"""
+    learning_rate: LearningRates | None = None
+    """grid: peak learning rates"""
+    batch_size_tokens: Counts | None = None
+    """grid: global batch sizes in tokens"""
+    points_per_axis: PositiveInt = 3
+    """adaptive: learning rates and batch sizes per (N, D)"""
+    lr_spread_decades: float = 0.5
+    """adaptive: learning rates within ± this many decades of the recommended one"""
+    batch_spread_octaves: float = 1.0
+    """adaptive: batch sizes within ± this many octaves of the recommended one"""
+
+
+class SweepConfig(RunSettings):
+    """A sweep of DeepSpeed trainings under Ray Tune, reported to the hyperlaw service."""
+
+    experiment: str
+    """the experiment's name in the service (trials are registered under it)"""
+    description: str | None = None
+    task: Task = "synthetic"
+    models: list[dict[str, Any]] | None = None
+    """gpt: model shapes (n_layer, n_head, d_model, ...); synthetic: overrides of the
+    synthetic section (e.g. dim)"""
+    model: dict[str, Any] | None = None
+    """one model shape, instead of models"""
+    n_tokens: Counts
+    """token budgets D"""
+    search: SearchConfig = SearchConfig()
+    seeds: Seeds = [0]
+    workers_per_trial: PositiveInt = 1
+    """DeepSpeed data-parallel workers of one trial"""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """also torch's threads per worker"""
+    use_gpu: Literal["auto", True, False] = "auto"
+    """auto: one GPU per worker when the Ray cluster has GPUs"""
+    max_concurrent_trials: Literal["auto"] | PositiveInt = "auto"
+    """auto: as many as the cluster's CPUs (and GPUs) hold"""
+    max_failures: int = Field(1, ge=0)
+    """restarts of a trial's workers from their last checkpoint"""
+    output_dir: str = "hyperlaw-runs"
+    """Ray's trial results and the checkpoints"""
+
+    @field_validator("experiment")
+    @classmethod
+    def _named(cls, experiment: str) -> str:
+        if not experiment.strip():
+            raise ValueError("must be a non-empty name")
+        return experiment.strip()
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _empty_search(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @model_validator(mode="after")
+    def _every_run_is_valid(self) -> SweepConfig:
+        """Every grid point must make a valid run: fail now, naming the field, not inside Ray.
+        (Adaptive points are placed later, on the batch-size unit seq_len × workers.)"""
+        search = self.search
+        if search.kind != "grid":
+            return self
+        learning_rates, batch_sizes = search.learning_rate, search.batch_size_tokens
+        if learning_rates is None:
+            raise ValueError("search.learning_rate is required")
+        if batch_sizes is None:
+            raise ValueError("search.batch_size_tokens is required")
+        for batch in batch_sizes:
+            batch_layout(
+                batch, self.seq_len, self.workers_per_trial, self.micro_batch_size_sequences
+            )
+        for spec in self.grid(learning_rates, batch_sizes):
+            TrainConfig.from_dict(spec)
+        return self
+
+    @property
+    def shapes(self) -> list[dict[str, Any]]:
+        """The model shapes: ``models``, else ``model``, else one default shape."""
+        return self.models if self.models is not None else [self.model or {}]
+
+    def grid(
+        self,
+        learning_rates: list[float],
+        batch_sizes: list[int],
+        *,
+        shapes: list[dict[str, Any]] | None = None,
+        n_tokens: list[int] | None = None,
+    ) -> list[dict[str, Any]]:
+        """The training configs (``TrainConfig`` fields) of the product shapes × n_tokens ×
+        learning rates × batch sizes × seeds; by default of all shapes and budgets. The
+        sections hold what the file sets (``TrainConfig`` adds the defaults): a run's identity
+        (``trainer.plan.idempotency_key``) is a hash of these."""
+        specs = []
+        for shape in self.shapes if shapes is None else shapes:
+            synthetic = {**self.synthetic, **shape} if self.task == "synthetic" else {}
+            for budget in self.n_tokens if n_tokens is None else n_tokens:
+                for lr in learning_rates:
+                    for batch in batch_sizes:
+                        for seed in self.seeds:
+                            specs.append(self._spec(shape, synthetic, budget, lr, batch, seed))
+        return specs
+
+    def _spec(
+        self, shape: dict, synthetic: dict, n_tokens: int, lr: float, batch: int, seed: int
+    ) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "learning_rate": lr,
+            "batch_size_tokens": batch,
+            "n_tokens": n_tokens,
+            "seq_len": self.seq_len,
+            "micro_batch_size_sequences": self.micro_batch_size_sequences,
+            "model": {} if self.task == "synthetic" else dict(shape),
+            "synthetic": synthetic,
+            "corpus_dir": self.corpus_dir,
+            "optimizer": self.optimizer.model_dump(exclude_unset=True),
+            "schedule": self.schedule.model_dump(exclude_unset=True),
+            "eval": self.eval.model_dump(exclude_unset=True),
+            "target_loss": self.target_loss,
+            "divergence_factor": self.divergence_factor,
+            "zero_stage": self.zero_stage,
+            "seed": seed,
+            "threads_per_worker": max(1, int(self.cpus_per_worker)),
+            "checkpoint_every": self.checkpoint_every,
+        }
+
+    def with_output_dir(self, output_dir: str) -> SweepConfig:
+        return self.model_copy(update={"output_dir": output_dir})
+
+
+def parse_sweep_config(raw: Any, base_dir: Path | None = None) -> SweepConfig:
+    """Validate a parsed YAML document; a relative ``corpus_dir`` is resolved against
+    ``base_dir`` (the YAML's folder)."""
+    if not isinstance(raw, dict):
+        raise SweepConfigError("the sweep file must be a mapping")
+    corpus_dir = raw.get("corpus_dir")
+    if isinstance(corpus_dir, str) and base_dir is not None and not Path(corpus_dir).is_absolute():
+        raw = {**raw, "corpus_dir": str((base_dir / corpus_dir).resolve())}
+    try:
+        return SweepConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise SweepConfigError(describe_errors(exc, SweepConfig)) from exc
+
+
+def load_sweep_config(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SweepConfigError(f"cannot read {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise SweepConfigError(f"not valid YAML: {exc}") from exc
+    return parse_sweep_config(raw, base_dir=path.parent)
+
+
+def sweep_json_schema() -> dict[str, Any]:
+    """The JSON Schema of a sweep file, for editors (``hyperlaw sweep --schema``)."""
+    return {"$schema": SCHEMA_DIALECT, **SweepConfig.model_json_schema()}
