@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install run lint test bench clean
 
 install: $(STAMP)
 
@@ -23,7 +23,14 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/hyperlaw quickstart
 
-test: install
+# Style, types and the import contract (layers in pyproject.toml) before the tests.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q
 
 bench: install

@@ -5,6 +5,7 @@ trainer or a notebook can talk to the service without the server's packages.
 
 >>> from client import HyperlawClient
 """
+
 from client.rest import DEFAULT_URL, HyperlawAPIError, HyperlawClient, HyperlawUnavailable
 
 __all__ = ["DEFAULT_URL", "HyperlawAPIError", "HyperlawClient", "HyperlawUnavailable"]

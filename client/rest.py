@@ -17,6 +17,7 @@ Contract:
   encoding); this client writes and reads them as Python floats.
 - One instance may be shared by threads (``httpx.Client`` pools connections safely).
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,8 @@ import random
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -105,7 +106,11 @@ class HyperlawClient:
         time.sleep(min(delay, _MAX_SLEEP_S) * jitter)
 
     def request(
-        self, method: str, path: str, *, json_body: Any = None,
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
         params: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """One API call with retries; returns the decoded JSON body."""
@@ -143,8 +148,9 @@ class HyperlawClient:
 
     def ensure_experiment(self, name: str, description: str | None = None) -> dict[str, Any]:
         """The experiment called ``name``, created if it does not exist."""
-        return self.request("POST", "/v1/experiments",
-                            json_body={"name": name, "description": description})
+        return self.request(
+            "POST", "/v1/experiments", json_body={"name": name, "description": description}
+        )
 
     def get_experiment(self, experiment_id: int) -> dict[str, Any]:
         return self.request("GET", f"/v1/experiments/{experiment_id}")
@@ -186,12 +192,17 @@ class HyperlawClient:
         """
         points = list(points)
         steps = {int(p["step"]) for p in points}
-        batches = [points[i:i + MAX_POINTS_PER_REQUEST]
-                   for i in range(0, len(points), MAX_POINTS_PER_REQUEST)]
+        batches = [
+            points[i : i + MAX_POINTS_PER_REQUEST]
+            for i in range(0, len(points), MAX_POINTS_PER_REQUEST)
+        ]
 
         def send(batch: list[Mapping[str, Any]]) -> None:
-            self.request("POST", f"/v1/trials/{trial_id}/points",
-                         json_body={"points": [dict(p) for p in batch]})
+            self.request(
+                "POST",
+                f"/v1/trials/{trial_id}/points",
+                json_body={"points": [dict(p) for p in batch]},
+            )
 
         if len(batches) > 1 and len(steps) == len(points):
             with ThreadPoolExecutor(POST_CONCURRENCY, thread_name_prefix="hyperlaw-post") as pool:
@@ -210,9 +221,14 @@ class HyperlawClient:
         page_size = 100_000
         while True:
             page = self.request(
-                "GET", f"/v1/trials/{trial_id}/points",
-                params={"step_min": step_min, "step_max": step_max, "limit": page_size,
-                        "offset": len(data)},
+                "GET",
+                f"/v1/trials/{trial_id}/points",
+                params={
+                    "step_min": step_min,
+                    "step_max": step_max,
+                    "limit": page_size,
+                    "offset": len(data),
+                },
             )
             data.extend(page["data"])
             if len(data) >= page["count"] or not page["data"]:

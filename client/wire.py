@@ -8,6 +8,7 @@ refuse them), but diverged runs produce them. hyperlaw writes them as the string
 ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` and reads those strings back as floats,
 except under keys that hold text (``name``, ``message``, ...).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,23 @@ MAX_POINTS_PER_REQUEST = 10_000
 _TO_STR = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _FROM_STR = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 # Keys whose values are text: a value "NaN" under them stays a string.
-TEXT_KEYS = frozenset({
-    "name", "description", "status_reason", "message", "kind", "scope", "idempotency_key",
-    "data_watermark", "schedule", "detail", "status", "source", "reason",
-})
+TEXT_KEYS = frozenset(
+    {
+        "name",
+        "description",
+        "status_reason",
+        "message",
+        "kind",
+        "scope",
+        "idempotency_key",
+        "data_watermark",
+        "schedule",
+        "detail",
+        "status",
+        "source",
+        "reason",
+    }
+)
 
 
 def encode_nonfinite(value: Any) -> Any:

@@ -1,4 +1,5 @@
 """``python -m hyperlaw`` is the ``hyperlaw`` command."""
+
 import sys
 
 from hyperlaw.cli import main

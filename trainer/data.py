@@ -129,8 +129,8 @@ class TokenCorpus:
                 f"{split} split has {len(data)} tokens, needs more than seq_len={seq_len}"
             )
         starts = torch.randint(len(data) - seq_len, (n_sequences,), generator=generator)
-        windows = np.stack([np.asarray(data[s : s + seq_len + 1]) for s in starts.tolist()])
-        windows = torch.from_numpy(windows.astype(np.int64))
+        rows = np.stack([np.asarray(data[s : s + seq_len + 1]) for s in starts.tolist()])
+        windows = torch.from_numpy(rows.astype(np.int64))  # (n, seq_len + 1)
         return windows[:, :-1], windows[:, 1:]
 
 

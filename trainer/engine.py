@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from fitting.noise_scale import GradientNoiseScale
 from trainer.config import BatchLayout, TrainConfig
+from trainer.model import GPT, LinearRegression
 
 # DeepSpeed is imported where it is used: importing it probes the accelerator (seconds).
 
@@ -112,7 +113,7 @@ def merge_equal_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def build_engine(
-    config: TrainConfig, model: torch.nn.Module, layout: BatchLayout
+    config: TrainConfig, model: GPT | LinearRegression, layout: BatchLayout
 ) -> tuple[Any, list[float]]:
     """AdamW (or SGD with momentum beta1) over the model's parameter groups, equal ones
     merged, inside a DeepSpeed engine. Returns the engine and each group's peak learning rate

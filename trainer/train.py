@@ -116,10 +116,13 @@ def train(
 
     # -- task and model (the same initialisation on every worker)
     torch.manual_seed(config.seed)
+    data: SyntheticRegression | TokenCorpus
+    model: LinearRegression | GPT
     if config.task == "synthetic":
         data = SyntheticRegression(SyntheticRegressionConfig(**config.synthetic))
         model = LinearRegression(LinearRegressionConfig(dim=data.config.dim))
     else:
+        assert config.corpus_dir is not None  # TrainConfig requires it for the GPT
         data = TokenCorpus(config.corpus_dir)
         model = GPT(_gpt_config(config, data.vocab_size))
 
@@ -184,7 +187,7 @@ def train(
     try:
         if step == 0:  # the curve starts at the initial weights
             current, averaged = evaluate()
-            last_eval = current if ewa is None else averaged
+            last_eval = averaged if averaged is not None else current  # EWA's if any
             initial = {"eval_loss": current, "ewa_eval_loss": averaged, "wall_time_s": 0.0}
             sink.add_point({"step": 0, "tokens": 0, **initial})
             points_recorded += 1
@@ -221,7 +224,7 @@ def train(
             }
             if step in eval_at or diverged:
                 current, averaged = evaluate()
-                last_eval = current if ewa is None else averaged
+                last_eval = averaged if averaged is not None else current  # EWA's if any
                 point.update(eval_loss=current, ewa_eval_loss=averaged)
                 reached_target = config.target_loss is not None and last_eval <= config.target_loss
                 speed = point["tokens_per_s"] or 0.0  # Ray's metrics take numbers only

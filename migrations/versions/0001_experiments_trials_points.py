@@ -7,6 +7,7 @@ Create Date: 2026-11-24
 Table definitions are frozen here (not imported from ``server.models``) so that this
 revision keeps meaning the same thing when the models move on.
 """
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -32,7 +33,8 @@ def upgrade() -> None:
         "trials",
         sa.Column("id", BIG_ID, primary_key=True),
         sa.Column(
-            "experiment_id", sa.BigInteger,
+            "experiment_id",
+            sa.BigInteger,
             sa.ForeignKey("experiments.id", ondelete="CASCADE", name="fk_trials_experiment"),
             nullable=False,
         ),
@@ -78,7 +80,8 @@ def upgrade() -> None:
     op.create_table(
         "points",
         sa.Column(
-            "trial_id", sa.BigInteger,
+            "trial_id",
+            sa.BigInteger,
             sa.ForeignKey("trials.id", ondelete="CASCADE", name="fk_points_trial"),
             nullable=False,
         ),
@@ -87,8 +90,14 @@ def upgrade() -> None:
         *[
             sa.Column(name, sa.Double, nullable=True)
             for name in (
-                "train_loss", "eval_loss", "ewa_eval_loss", "lr", "grad_norm",
-                "b_simple", "tokens_per_s", "wall_time_s",
+                "train_loss",
+                "eval_loss",
+                "ewa_eval_loss",
+                "lr",
+                "grad_norm",
+                "b_simple",
+                "tokens_per_s",
+                "wall_time_s",
             )
         ],
         sa.PrimaryKeyConstraint("trial_id", "step", name="pk_points"),

@@ -4,6 +4,7 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-24
 """
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -23,7 +24,8 @@ def upgrade() -> None:
         sa.Column("kind", sa.String(100), nullable=False),
         sa.Column("scope", sa.String(200), nullable=False),
         sa.Column(
-            "experiment_id", sa.BigInteger,
+            "experiment_id",
+            sa.BigInteger,
             sa.ForeignKey("experiments.id", ondelete="SET NULL", name="fk_fits_experiment"),
             nullable=True,
         ),

@@ -1,10 +1,12 @@
 """client.HyperlawClient against the live service (and, for 5xx/429 retries, a scripted
 stub server standing in for a failing service)."""
+
 from __future__ import annotations
 
 import json
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -28,14 +30,16 @@ def test_4xx_raises_at_once_without_retry(live_server):
         with pytest.raises(HyperlawAPIError) as bad:
             client.create_trial(experiment_id=1, n_params=0)
         assert bad.value.status_code == 422
-        assert {"field": "n_params", "rule": "greater_than",
-                "message": "n_params must be > 0"} in bad.value.detail
+        assert {
+            "field": "n_params",
+            "rule": "greater_than",
+            "message": "n_params must be > 0",
+        } in bad.value.detail
         assert client.retries == 0
 
 
 def test_unreachable_raises_unavailable_after_retries():
-    with HyperlawClient(f"http://127.0.0.1:{free_port()}", max_retries=3,
-                        backoff_s=0.01) as client:
+    with HyperlawClient(f"http://127.0.0.1:{free_port()}", max_retries=3, backoff_s=0.01) as client:
         with pytest.raises(HyperlawUnavailable, match="after 4 attempts"):
             client.heartbeat(1)
         assert client.retries == 3
@@ -92,8 +96,14 @@ def test_5xx_and_429_are_retried_with_the_same_body():
 def test_post_points_splits_batches_and_reads_back(live_server):
     with HyperlawClient(live_server.url, live_server.token) as client:
         exp = client.ensure_experiment("client-batches")
-        trial = client.create_trial(experiment_id=exp["id"], n_params=10**6, n_tokens=10**8,
-                                    seq_len=128, learning_rate=1e-3, batch_size_tokens=4096)
+        trial = client.create_trial(
+            experiment_id=exp["id"],
+            n_params=10**6,
+            n_tokens=10**8,
+            seq_len=128,
+            learning_rate=1e-3,
+            batch_size_tokens=4096,
+        )
         assert trial["idempotency_key"].startswith("client-")  # retries of the POST are safe
         points = [{"step": s, "train_loss": 5.0 - s * 1e-4} for s in range(25_000)]
         assert client.post_points(trial["id"], points) == {"trial_id": trial["id"], "count": 25_000}
@@ -105,24 +115,25 @@ def test_post_points_splits_batches_and_reads_back(live_server):
 def test_client_is_thread_safe(live_server):
     with HyperlawClient(live_server.url, live_server.token) as client:
         exp = client.ensure_experiment("client-threads")
-        trials = [client.create_trial(experiment_id=exp["id"], n_params=1, n_tokens=1,
-                                      seq_len=1, learning_rate=1e-3, batch_size_tokens=1,
-                                      idempotency_key=f"t{i}")["id"] for i in range(4)]
-        errors: list[BaseException] = []
+        trials = [
+            client.create_trial(
+                experiment_id=exp["id"],
+                n_params=1,
+                n_tokens=1,
+                seq_len=1,
+                learning_rate=1e-3,
+                batch_size_tokens=1,
+                idempotency_key=f"t{i}",
+            )["id"]
+            for i in range(4)
+        ]
 
         def work(i: int) -> None:
-            try:
-                trial_id = trials[i % 4]
-                for k in range(10):
-                    client.heartbeat(trial_id)
-                    client.post_points(trial_id, [{"step": i * 100 + k, "train_loss": 1.0}])
-            except BaseException as exc:  # collected and asserted below
-                errors.append(exc)
+            trial_id = trials[i % 4]
+            for k in range(10):
+                client.heartbeat(trial_id)
+                client.post_points(trial_id, [{"step": i * 100 + k, "train_loss": 1.0}])
 
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert errors == []
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(work, range(8)))  # re-raises any thread's error here
         assert sum(client.get_points(t)["count"] for t in trials) == 80
