@@ -117,11 +117,8 @@ def create_trial(*, session: Session, trial_in: TrialCreate) -> tuple[Trial, boo
         existing = _find_by_key(session, trial_in.experiment_id, key)
         if existing is not None:
             return existing, False
-    values = trial_in.model_dump()
-    values["status"] = trial_in.status.value
-    values["source"] = trial_in.source.value
     now = utcnow()
-    trial = Trial(**values, created_at=now, updated_at=now)
+    trial = Trial(**trial_in.model_dump(), created_at=now, updated_at=now)  # enums as values
     if trial_in.status in FINISHED_STATUSES:
         trial.completed_at = now
     try:

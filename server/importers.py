@@ -1,9 +1,13 @@
 """Published or past sweeps into the trial store (``hyperlaw import steplaw|runs``).
 
 Imported runs become completed trials with ``source = imported``, one experiment per
-import, in one transaction: a file is stored whole or not at all. Each row's idempotency key
-is ``<prefix>:<row>`` with the prefix derived from the file's SHA-256, so importing the same
-file again adds nothing. Every created trial notifies the fitting worker (``server.crud``).
+import, in one transaction: a file is stored whole or not at all. Published sweeps report
+each run's loss at its token budget, so a run is stored as having trained it
+(``stop_reason = budget``, ``tokens_done = n_tokens``); a run whose loss is not finite is
+stored as diverged (``stop_reason = diverged``, its tokens done not known). Each row's
+idempotency key is ``<prefix>:<row>`` with the prefix derived from the file's SHA-256, so
+importing the same file again adds nothing. Every created trial notifies the fitting worker
+(``server.crud``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from server import crud
 from server.core.db import Database
-from server.models import TrialSource, TrialStatus
+from server.models import StopReason, TrialSource, TrialStatus
 from server.schemas import ExperimentCreate, TrialCreate
 
 if TYPE_CHECKING:
@@ -36,9 +40,12 @@ def file_sha256(path: Path) -> str:
 def _trial_in(
     runs: Runs, i: int, *, experiment_id: int, key_prefix: str, config: dict[str, Any]
 ) -> TrialCreate:
-    """Row ``i`` of ``runs`` as a completed, imported trial; its ``config`` also holds the
-    row number, its steps to target (if recorded) and its original trial id (if any)."""
+    """Row ``i`` of ``runs`` as a completed, imported trial that trained its budget (or
+    diverged: module docstring); its ``config`` also holds the row number, its steps to
+    target (if recorded) and its original trial id (if any)."""
     loss = float(runs.loss[i])
+    diverged = not math.isfinite(loss)
+    n_tokens = int(round(float(runs.n_tokens[i])))
     row_config = {**config, "row": i}
     if runs.steps_to_target is not None and runs.target_loss is not None:
         steps, target = float(runs.steps_to_target[i]), float(runs.target_loss[i])
@@ -49,7 +56,7 @@ def _trial_in(
     return TrialCreate(
         experiment_id=experiment_id,
         n_params=int(round(float(runs.n_params[i]))),
-        n_tokens=int(round(float(runs.n_tokens[i]))),
+        n_tokens=n_tokens,
         seq_len=int(runs.seq_len[i]),
         learning_rate=float(runs.learning_rate[i]),
         batch_size_tokens=int(round(float(runs.batch_size_tokens[i]))),
@@ -57,7 +64,9 @@ def _trial_in(
         source=TrialSource.IMPORTED,
         idempotency_key=f"{key_prefix}:{i}",
         final_loss=loss,
-        diverged=not math.isfinite(loss),
+        diverged=diverged,
+        stop_reason=StopReason.DIVERGED if diverged else StopReason.BUDGET,
+        tokens_done=None if diverged else n_tokens,
         config=row_config,
     )
 

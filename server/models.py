@@ -28,7 +28,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, validates
 from sqlalchemy.types import DateTime, TypeDecorator
 
 # Integer primary keys: BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite.
@@ -109,6 +109,18 @@ class TrialSource(str, enum.Enum):
     IMPORTED = "imported"
 
 
+class StopReason(str, enum.Enum):
+    """Why a run stopped: it trained its token budget (``budget``), its evaluation loss
+    reached its ``target_loss`` (``target``), it diverged, or it failed. A trial whose
+    stop reason is not known (rows from before it was recorded, clients that do not say)
+    stores null."""
+
+    BUDGET = "budget"
+    TARGET = "target"
+    DIVERGED = "diverged"
+    FAILED = "failed"
+
+
 class TokenScope(str, enum.Enum):
     """Scopes are ordered: admin implies write implies read."""
 
@@ -148,6 +160,9 @@ class Trial(Base):
             "status IN ('queued','running','completed','failed','pruned')", name="ck_trials_status"
         ),
         CheckConstraint("source IN ('trained','imported')", name="ck_trials_source"),
+        CheckConstraint(
+            "stop_reason IN ('budget','target','diverged','failed')", name="ck_trials_stop_reason"
+        ),
         Index("ix_trials_status", "status"),
         Index("ix_trials_n_params_n_tokens", "n_params", "n_tokens"),
     )
@@ -187,6 +202,7 @@ class Trial(Base):
     steps_done: Mapped[int | None] = mapped_column(BigInteger)
     tokens_done: Mapped[int | None] = mapped_column(BigInteger)
     diverged: Mapped[bool | None] = mapped_column(Boolean)
+    stop_reason: Mapped[str | None] = mapped_column(String(16))  # a StopReason, or unknown
     # everything else: resolved config, code version, data fingerprint, ...
     config: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
@@ -194,6 +210,11 @@ class Trial(Base):
     completed_at: Mapped[dt.datetime | None] = mapped_column()
 
     experiment: Mapped[Experiment] = relationship(back_populates="trials", lazy="raise")
+
+    @validates("status", "source", "stop_reason")
+    def _enum_value(self, _key: str, value: Any) -> Any:
+        """TrialStatus, TrialSource and StopReason members are stored as their values."""
+        return value.value if isinstance(value, enum.Enum) else value
 
     @property
     def batch_size_sequences(self) -> float:

@@ -1,5 +1,5 @@
 """The stale-trial reaper: running trials whose heartbeat is older than the grace period are
-marked failed, with the reason stored (:func:`reap_stale_trials`).
+marked failed (stop reason ``failed``), with the reason stored (:func:`reap_stale_trials`).
 
 ``run_reaper_once(settings)`` is what tests call; ``start_reaper(settings)`` is the
 background starter ``hyperlaw serve`` hands to ``create_app``: it starts a daemon thread
@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from server.core.config import Settings
 from server.core.db import Database, is_sqlite, open_database
 from server.core.errors import HyperlawError
-from server.models import Trial, TrialStatus, utcnow
+from server.models import StopReason, Trial, TrialStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 def reap_stale_trials(
     *, session: Session, grace_s: float, now: dt.datetime | None = None
 ) -> list[int]:
-    """Mark failed every running trial whose last heartbeat (or, without one, last update)
-    is older than ``grace_s`` seconds; the reason names the silence and the grace period.
+    """Mark failed (stop reason ``failed``) every running trial whose last heartbeat (or,
+    without one, last update) is older than ``grace_s`` seconds; the reason names the
+    silence and the grace period.
 
     Returns the ids it failed. Safe to run from several processes at once (row locks with
     SKIP LOCKED on PostgreSQL; SQLite write transactions are serialised).
@@ -43,6 +44,7 @@ def reap_stale_trials(
     for trial in session.scalars(stmt):
         seen = trial.heartbeat_at or trial.updated_at
         trial.status = TrialStatus.FAILED.value
+        trial.stop_reason = StopReason.FAILED.value
         trial.status_reason = (
             f"no heartbeat for {(now - seen).total_seconds():.0f} s "
             f"(grace {grace_s:g} s; last seen {seen.isoformat()})"

@@ -19,13 +19,22 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
 from client.wire import MAX_POINTS_PER_REQUEST, encode_nonfinite
-from server.models import TokenScope, TrialSource, TrialStatus
+from server.models import StopReason, TokenScope, TrialSource, TrialStatus
 
 NONFINITE_NOTE = (
     'Non-finite values are written as the strings "NaN", "Infinity" and "-Infinity", '
     "and accepted in the same form."
 )
 INT64_MAX = 2**63 - 1
+STOP_REASON_NOTE = (
+    "why the run stopped: budget (it trained its n_tokens), target (its evaluation loss "
+    "reached its target_loss), diverged or failed; null when not known. Only completed runs "
+    "that trained their budget (or diverged) enter the final-loss fits"
+)
+TOKENS_DONE_NOTE = (
+    "tokens the run trained (steps_done x batch_size_tokens): its final loss is the loss after "
+    "these, short of n_tokens when it stopped early"
+)
 
 PositiveInt = Annotated[int, Field(gt=0, le=INT64_MAX)]
 NonNegativeInt = Annotated[int, Field(ge=0, le=INT64_MAX)]
@@ -109,8 +118,9 @@ class TrialCreate(InModel):
     final_loss: AnyFloat | None = None
     final_eval_loss: AnyFloat | None = None
     steps_done: NonNegativeInt | None = None
-    tokens_done: NonNegativeInt | None = None
+    tokens_done: Annotated[NonNegativeInt | None, Field(description=TOKENS_DONE_NOTE)] = None
     diverged: bool | None = None
+    stop_reason: Annotated[StopReason | None, Field(description=STOP_REASON_NOTE)] = None
     config: dict[str, Any] | None = Field(
         default=None, description="everything else: resolved config, code version, data hash"
     )
@@ -124,8 +134,9 @@ class TrialUpdate(InModel):
     final_loss: AnyFloat | None = None
     final_eval_loss: AnyFloat | None = None
     steps_done: NonNegativeInt | None = None
-    tokens_done: NonNegativeInt | None = None
+    tokens_done: Annotated[NonNegativeInt | None, Field(description=TOKENS_DONE_NOTE)] = None
     diverged: bool | None = None
+    stop_reason: Annotated[StopReason | None, Field(description=STOP_REASON_NOTE)] = None
     model_shape: dict[str, Any] | None = None
     config: dict[str, Any] | None = Field(
         default=None, description="merged key by key into the stored config"
@@ -160,8 +171,9 @@ class TrialPublic(OutModel):
     final_loss: AnyFloat | None
     final_eval_loss: AnyFloat | None
     steps_done: int | None
-    tokens_done: int | None
+    tokens_done: int | None = Field(description=TOKENS_DONE_NOTE)
     diverged: bool | None
+    stop_reason: StopReason | None = Field(description=STOP_REASON_NOTE)
     config: JsonObjectOut
     created_at: dt.datetime
     updated_at: dt.datetime

@@ -7,7 +7,7 @@ that builds a TorchTrainer of ``workers_per_trial`` DeepSpeed workers (``_ray_wo
 calls ``trainer.train.train``; gloo on CPU, NCCL on GPUs, chosen by Ray Train) → each worker's
 rank 0 streams points and the final metrics to the service; Ray Train restarts a failed
 worker group from its last checkpoint up to ``max_failures`` times, and a trial whose training
-still fails is marked failed.
+still fails is marked failed (stop reason ``failed``).
 
 Nothing reaches a worker but its config: ``run_sweep`` hands each trial driver its training
 config and the run settings through Tune's ``param_space``, and the driver hands the workers
@@ -110,7 +110,10 @@ def _trial_driver(tune_config: dict[str, Any]) -> None:
         with HyperlawClient(run["url"], run["token"]) as client:
             try:
                 client.update_trial(
-                    trial_id, status="failed", status_reason=f"{type(exc).__name__}: {exc}"[:2000]
+                    trial_id,
+                    status="failed",
+                    status_reason=f"{type(exc).__name__}: {exc}"[:2000],
+                    stop_reason="failed",
                 )
             except Exception as update_exc:  # noqa: BLE001 - already finished, or unreachable
                 logger.warning("trial %s: could not mark failed: %s", trial_id, update_exc)

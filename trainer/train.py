@@ -14,7 +14,9 @@ rank 0 sets the trial's gauges on the Ray dashboard.
 
 A loss that becomes NaN/inf, or exceeds ``divergence_factor`` × the first loss, ends the run
 as diverged: recorded with its non-finite loss, not raised. An evaluation loss at or below
-``target_loss`` ends the run as having reached it.
+``target_loss`` ends the run as having reached it. The trial records why the run stopped
+(``stop_reason``): ``diverged``, ``target`` (before its last step), ``budget`` (it trained
+all of ``n_tokens`` it could: steps · batch_size_tokens), or ``failed`` on an exception.
 
 Checkpoints, every ``checkpoint_every`` steps into ``checkpoint_dir``: save shard → barrier →
 report, so a reported checkpoint is complete. A run started again with the same directory
@@ -67,9 +69,10 @@ class RunResult:
     """What a run ended with (also the final metrics stored on the trial)."""
 
     status: str  # completed | failed
+    stop_reason: str  # diverged | target | budget: why the loop ended (module docstring)
     diverged: bool
     steps_done: int
-    tokens_done: int
+    tokens_done: int  # steps_done · batch_size_tokens: D of the final loss
     final_loss: float  # smoothed train loss (EMA, decay 0.9 per step); NaN/inf when diverged
     final_eval_loss: float  # last evaluation with the evaluation weights (EWA for constant_ewa)
     reached_target: bool
@@ -86,6 +89,7 @@ class RunResult:
             "steps_done": self.steps_done,
             "tokens_done": self.tokens_done,
             "diverged": self.diverged,
+            "stop_reason": self.stop_reason,
         }
 
 
@@ -259,7 +263,11 @@ def train(
         if mark_failed:
             reason = f"{type(exc).__name__}: {exc}"[:2000]
             sink.finish(
-                "failed", status_reason=reason, steps_done=step, tokens_done=step * batch_tokens
+                "failed",
+                status_reason=reason,
+                stop_reason="failed",
+                steps_done=step,
+                tokens_done=step * batch_tokens,
             )
         sink.close(timeout_s=30.0)
         raise
@@ -270,8 +278,15 @@ def train(
         final_loss = train_loss if not math.isfinite(train_loss) else math.inf
         last_eval = last_eval if not math.isfinite(last_eval) else math.inf
     trained_tokens = (step - resumed_from_step) * batch_tokens
+    if diverged:
+        stop_reason = "diverged"
+    elif step < total_steps:  # the evaluation loss reached target_loss first
+        stop_reason = "target"
+    else:  # a target reached at the last step trained the whole budget too
+        stop_reason = "budget"
     result = RunResult(
         status="completed",
+        stop_reason=stop_reason,
         diverged=diverged,
         steps_done=step,
         tokens_done=step * batch_tokens,
@@ -296,6 +311,7 @@ def train(
             "final_loss": final_loss if math.isfinite(final_loss) else math.inf,
             "final_eval_loss": last_eval if math.isfinite(last_eval) else math.inf,
             "diverged": diverged,
+            "stop_reason": stop_reason,
             "n_params": model.n_params,
             "data_fingerprint": data.fingerprint,
         },

@@ -9,15 +9,19 @@ A record whose status is not ok is stored with its reason and never replaces the
 of its (kind, scope): readers ask for the newest fit *with status ok*
 (``server.crud.latest_ok_fit``).
 
+The final-loss kinds (recommender, near_optimal, bell) fit only the runs that trained their
+budget (:func:`server.worker.scopes.trials_to_runs`): the others are left out of their
+``trial_ids`` and counted in their quality as ``n_runs_not_at_budget``.
+
 Kinds (the ``fits.kind`` column):
 
 ``recommender``
     :func:`fitting.recommender.fit_recommender`: the fitted state that serves
     ``/v1/recommendations``; params is ``Recommender.to_dict()``, intervals those of its
     answer at the geometric centre of the fitted (N, D) range. Stored with every trial of
-    the scope.
+    the scope that trained its budget.
 ``near_optimal``
-    :func:`fitting.near_optimal.fit_near_optimal` (Step Law) over every run with a loss:
+    :func:`fitting.near_optimal.fit_near_optimal` (Step Law) over the runs with a loss:
     η = c·N^α_N·D^α_D and B = c·D^β_D from the runs within 0.25 % of their (N, D) group's
     best loss. Intervals: the laws' coefficient and exponents (bootstrap over groups).
 ``bell``
@@ -26,11 +30,11 @@ Kinds (the ``fits.kind`` column):
     laws in D (and jointly in N, D). Intervals: the laws' coefficient and exponents.
 ``cbs``
     Zhang et al.'s steps-to-target critical batch size (:mod:`fitting.cbs`) over the groups
-    of :mod:`server.worker.steps_to_target`. Per group, log S = log(a + b/B) over the best
-    run of each batch size, B* = (1+ε)·B_opt + ε·b/a with ε = 0.2 and B_opt the group's
-    smallest batch size that reached the target; then B* = c·D^γ, c·N^β and c·N^β·D^γ
-    across groups, with D the tokens to target at B_opt, S(B_opt)·B_opt. ``ok`` when at
-    least one group has a CBS.
+    of :mod:`server.worker.steps_to_target`, from every run, early-stopped ones included.
+    Per group, log S = log(a + b/B) over the best run of each batch size,
+    B* = (1+ε)·B_opt + ε·b/a with ε = 0.2 and B_opt the group's smallest batch size that
+    reached the target; then B* = c·D^γ, c·N^β and c·N^β·D^γ across groups, with D the
+    tokens to target at B_opt, S(B_opt)·B_opt. ``ok`` when at least one group has a CBS.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import numpy as np
 
 from client import wire
 from server.models import Trial
-from server.worker.scopes import Curves, trials_to_runs
+from server.worker.scopes import Curves, not_at_budget, trials_to_runs
 from server.worker.steps_to_target import steps_to_target_groups
 
 if TYPE_CHECKING:
@@ -135,10 +139,12 @@ def _law_quality(law: PowerLawFit) -> dict[str, Any]:
     }
 
 
-def _no_runs(kind: str) -> FitRecord:
-    return FitRecord(
-        "insufficient_data", f"{kind}: no completed trial has a loss", None, None, {"n_runs": 0}, []
-    )
+def _no_runs(kind: str, n_not_at_budget: int) -> FitRecord:
+    why = f"{kind}: no completed trial that trained its budget has a loss"
+    if n_not_at_budget:
+        why += f" ({n_not_at_budget} stopped before their budget)"
+    quality = {"n_runs": 0, "n_runs_not_at_budget": n_not_at_budget}
+    return FitRecord("insufficient_data", why, None, None, quality, [])
 
 
 def _run_ids(runs: Runs) -> list[int]:
@@ -170,9 +176,11 @@ def _reference_point(fitted_range: dict[str, Any]) -> tuple[float, float] | None
 def fit_recommender_kind(
     trials: Sequence[Trial], fitter: Fitter = default_fitter, options: dict[str, Any] | None = None
 ) -> FitRecord:
-    """Fit the recommender (module docstring); it is stored with every trial of the scope."""
+    """Fit the recommender (module docstring); it is stored with every trial of the scope
+    that trained its budget."""
     from fitting.results import FitStatus
 
+    left_out = set(not_at_budget(trials))
     rec = fitter(trials_to_runs(trials), **(options or {}))
     state = rec.to_dict()
     intervals = None
@@ -183,14 +191,19 @@ def fit_recommender_kind(
             intervals = {"at": {"n_params": ref[0], "n_tokens": ref[1]}}
             intervals.update({k: v for k, v in answer.items() if k.endswith("_interval")})
     quality = dict(state.get("quality") or {})
-    quality.update(n_runs=rec.n_runs, n_groups=state.get("n_groups"))
+    quality.update(
+        n_runs=rec.n_runs, n_groups=state.get("n_groups"), n_runs_not_at_budget=len(left_out)
+    )
+    message = rec.reason or None
+    if message and left_out and rec.status is not FitStatus.OK:
+        message += f" ({len(left_out)} run(s) that stopped before their budget left out)"
     return FitRecord(
         status=rec.status.value,
-        message=rec.reason or None,
+        message=message,
         params=state,
         intervals=intervals,
         quality=quality,
-        trial_ids=[t.id for t in trials],
+        trial_ids=[t.id for t in trials if t.id not in left_out],
     )
 
 
@@ -200,12 +213,13 @@ def fit_recommender_kind(
 def fit_near_optimal_kind(
     trials: Sequence[Trial], curves: Curves | None = None, *, n_bootstrap: int = 200
 ) -> FitRecord:
-    """The Step Law near-optimal regression over the scope's runs (module docstring)."""
+    """The Step Law near-optimal regression over the scope's runs that trained their budget
+    (module docstring)."""
     from fitting.near_optimal import fit_near_optimal
 
-    runs = trials_to_runs(trials)
+    runs, n_not_at_budget = trials_to_runs(trials), len(not_at_budget(trials))
     if len(runs) == 0:
-        return _no_runs(NEAR_OPTIMAL_KIND)
+        return _no_runs(NEAR_OPTIMAL_KIND, n_not_at_budget)
     fit = fit_near_optimal(
         runs.n_params,
         runs.n_tokens,
@@ -226,6 +240,7 @@ def fit_near_optimal_kind(
             "n_runs": fit.n_runs,
             "n_diverged": fit.n_diverged,
             "n_groups": fit.n_groups,
+            "n_runs_not_at_budget": n_not_at_budget,
         },
         trial_ids=_run_ids(runs),
     )
@@ -246,12 +261,13 @@ _BELL_LAWS = (
 def fit_bell_kind(
     trials: Sequence[Trial], curves: Curves | None = None, *, n_bootstrap: int = 100
 ) -> FitRecord:
-    """The bell curve of η*(B) per (N, D) group and its power laws (module docstring)."""
+    """The bell curve of η*(B) per (N, D) group, over the runs that trained their budget,
+    and its power laws (module docstring)."""
     from fitting.bell import fit_bell_surface
 
-    runs = trials_to_runs(trials)
+    runs, n_not_at_budget = trials_to_runs(trials), len(not_at_budget(trials))
     if len(runs) == 0:
-        return _no_runs(BELL_KIND)
+        return _no_runs(BELL_KIND, n_not_at_budget)
     fit = fit_bell_surface(
         runs.n_params,
         runs.n_tokens,
@@ -274,6 +290,7 @@ def fit_bell_kind(
             "n_groups_out_of_range": fit.n_groups_out_of_range,
             "n_points": fit.n_points,
             "n_diverged": fit.n_diverged,
+            "n_runs_not_at_budget": n_not_at_budget,
         },
         trial_ids=_run_ids(runs),
     )

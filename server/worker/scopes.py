@@ -3,20 +3,30 @@
 Scopes. Every completed trial belongs to two scopes: ``global`` (all completed trials) and
 ``experiment:<id>`` (its experiment). One fit of each kind is kept per scope and data state.
 
-Data watermark. For a scope, ``w = "v<state version>:n=<count>:id=<max id>:t=<max
-updated_at>"`` over its completed trials, the state version being the recommender's
-(``fitting.recommender.STATE_VERSION``), so a new recommender refits every scope. A
-(kind, scope) needs a refit exactly when no fit row of (kind, scope, w) exists; the table's
-UNIQUE (kind, scope, data_watermark) means a fit of a kind for a given state of the data is
-stored at most once, whatever its status (so a refit that failed is not retried until the
-data changes). Loss curves do not enter the watermark: the trainer sends a trial's points
-before it marks the trial completed.
+Data watermark. For a scope, ``w = "v<state version>:r<rule version>:n=<count>:id=<max
+id>:t=<max updated_at>"`` over its completed trials. The state version is the recommender's
+(``fitting.recommender.STATE_VERSION``), the rule version :data:`RUN_RULE_VERSION`, that of
+the rule choosing the runs of the final-loss fits (below): a new recommender or a new rule
+refits every scope, and so does a store fitted before the rule had a version (its marks lack
+the ``r`` part). A (kind, scope) needs a refit exactly when no fit row of (kind, scope, w)
+exists; the table's UNIQUE (kind, scope, data_watermark) means a fit of a kind for a given
+state of the data is stored at most once, whatever its status (so a refit that failed is not
+retried until the data changes). Loss curves do not enter the watermark: the trainer sends a
+trial's points before it marks the trial completed.
 
-Trials as runs (:func:`trials_to_runs`). A run's loss is its ``final_eval_loss`` if
-recorded, else its ``final_loss``; ``inf`` when it diverged (a diverged run bounds the
-stable learning-rate range, so it is data); a completed trial with neither is left out.
-``steps_to_target`` and ``target_loss`` come from a trial's ``config`` when an import
-stored them there.
+Trials as runs (:func:`trials_to_runs`), the input of the final-loss fits (recommender,
+near_optimal, bell), whose D is a run's budget ``n_tokens``. A final loss is a loss at D only
+if the run trained D, so only completed trials that did enter (:func:`trained_its_budget`):
+``stop_reason`` ``budget``, or ``diverged`` (a diverged run bounds the stable learning-rate
+range, so it is data; so is one flagged ``diverged`` without a stop reason), or no stop
+reason and ``tokens_done`` null or at least ``n_tokens − batch_size_tokens`` (the last step
+may end short of D by less than a batch). Runs stopped at their ``target`` loss, failed, or
+short of their budget are left out and counted (:func:`not_at_budget`) in each fit's
+quality as ``n_runs_not_at_budget``. The ``cbs`` kind does not use this rule: its steps to a
+target come from every run's curve, early-stopped ones included. A run's loss is its
+``final_eval_loss`` if recorded, else its ``final_loss``; ``inf`` when it diverged; a
+completed trial with neither is left out. ``steps_to_target`` and ``target_loss`` come from
+a trial's ``config`` when an import stored them there.
 
 Loss curves (:func:`load_curves`). Only the evaluated points of completed trained trials,
 judged by ``ewa_eval_loss`` for the ``constant_ewa`` schedule and by ``eval_loss``
@@ -35,13 +45,16 @@ import numpy as np
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from server.models import Point, Trial, TrialSource, TrialStatus
+from server.models import Point, StopReason, Trial, TrialSource, TrialStatus
 
 if TYPE_CHECKING:
     from fitting.data import Runs
 
 GLOBAL_SCOPE = "global"
 EWA_SCHEDULE = "constant_ewa"
+#: The version of the rule of :func:`trained_its_budget`, part of every data watermark:
+#: bump it when the rule changes, so that every scope is refitted under the new one.
+RUN_RULE_VERSION = 1
 
 
 # --- scopes --------------------------------------------------------------------------------
@@ -72,9 +85,10 @@ def _state_version() -> int:
 
 
 def watermark(count: int, max_id: int | None, max_updated: dt.datetime | None) -> str:
-    """``v<state version>:n=<count>:id=<max id>:t=<max updated_at, ISO UTC>``."""
+    """``v<state version>:r<rule version>:n=<count>:id=<max id>:t=<max updated_at, ISO
+    UTC>``."""
     stamp = "-" if max_updated is None else max_updated.astimezone(dt.timezone.utc).isoformat()
-    return f"v{_state_version()}:n={count}:id={max_id or 0}:t={stamp}"
+    return f"v{_state_version()}:r{RUN_RULE_VERSION}:n={count}:id={max_id or 0}:t={stamp}"
 
 
 def scope_watermarks(session: Session) -> dict[str, str]:
@@ -135,13 +149,36 @@ def recorded_steps_to_target(trial: Trial) -> tuple[float, float] | None:
     return float(steps), float(target)
 
 
+def trained_its_budget(trial: Trial) -> bool:
+    """Whether a completed trial's final loss is a loss at its budget D (or it diverged):
+    ``stop_reason`` budget or diverged; else, with no stop reason, flagged diverged or
+    ``tokens_done`` unknown or at least ``n_tokens − batch_size_tokens``."""
+    if trial.stop_reason is not None:
+        return trial.stop_reason in (StopReason.BUDGET.value, StopReason.DIVERGED.value)
+    if trial.diverged or trial.tokens_done is None:
+        return True
+    return trial.tokens_done >= trial.n_tokens - trial.batch_size_tokens
+
+
+def not_at_budget(trials: Iterable[Trial]) -> list[int]:
+    """Ids of the trials that :func:`trials_to_runs` leaves out because they stopped before
+    their budget (at their target loss, failed, or short of it)."""
+    return [t.id for t in trials if not trained_its_budget(t)]
+
+
 def trials_to_runs(trials: Iterable[Trial]) -> Runs:
-    """Trials -> ``fitting.data.Runs`` (trials without any loss are left out; module
-    docstring)."""
+    """The completed trials that trained their budget -> ``fitting.data.Runs``, the input
+    of the final-loss fits, with D = ``n_tokens``. Left out: trials stopped at their target
+    loss, failed, or short of their budget (``stop_reason`` target or failed, or no stop
+    reason and ``tokens_done < n_tokens − batch_size_tokens``: :func:`trained_its_budget`,
+    counted by :func:`not_at_budget`), and trials without any loss. Diverged runs stay,
+    with loss ``inf`` (module docstring)."""
     from fitting.data import Runs
 
     records = []
     for t in trials:
+        if not trained_its_budget(t):
+            continue
         loss = trial_loss(t)
         if loss is None:
             continue

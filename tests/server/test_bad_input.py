@@ -144,6 +144,15 @@ CASES = [
         "status must be one of",
     ),
     (
+        "unknown stop reason",
+        "POST",
+        "/v1/trials",
+        trial_body(status="completed", stop_reason="early"),
+        422,
+        "stop_reason",
+        "stop_reason must be one of 'budget', 'target', 'diverged' or 'failed'",
+    ),
+    (
         "unknown experiment",
         "POST",
         "/v1/trials",
@@ -223,6 +232,15 @@ CASES = [
         422,
         "status",
         "status must be one of",
+    ),
+    (
+        "patch unknown stop reason",
+        "PATCH",
+        "/v1/trials/{trial}",
+        {"status": "completed", "stop_reason": "Budget"},
+        422,
+        "stop_reason",
+        "stop_reason must be one of",
     ),
     (
         "patch negative steps",

@@ -1,17 +1,21 @@
 """Migrations from empty to head and back, revision by revision, on both databases; the
-models match the migrated schema; the service refuses an out-of-date schema."""
+models match the migrated schema; data already stored is backfilled (0003: the trials'
+stop reasons) and kept on the way down; the service refuses an out-of-date schema."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import sys
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
+from sqlalchemy.exc import IntegrityError
 
 from server.core.config import Settings
 from server.core.db import (
@@ -47,7 +51,7 @@ def test_upgrade_from_empty_and_downgrade_back(make_database, backend):
         engine = database.engine
         assert current_revision(engine) is None and not schema_is_current(engine)
         revisions = _revisions()
-        assert revisions == ["0001", "0002"]
+        assert revisions == ["0001", "0002", "0003"]
         for rev in revisions:  # up one revision at a time
             upgrade(url, rev)
             assert current_revision(engine) == rev
@@ -61,6 +65,101 @@ def test_upgrade_from_empty_and_downgrade_back(make_database, backend):
         assert _tables(url) == set()
         upgrade(url)  # and up again from empty, in one go
         assert _tables(url) == ALL_TABLES
+
+
+# trials as revision 0002 left them: (status, source, diverged, n_tokens, tokens_done) and
+# the stop reason 0003 gives each (batch size 100 tokens throughout)
+BACKFILL = [
+    ("completed", "trained", True, 10_000, 300, "diverged"),
+    ("completed", "imported", True, 10_000, None, "diverged"),
+    ("failed", "trained", False, 10_000, 300, "failed"),
+    ("completed", "imported", False, 10_000, None, "budget"),
+    ("completed", "trained", False, 10_000, 10_000, "budget"),
+    ("completed", "trained", None, 10_000, 9_950, "budget"),  # within one batch of D
+    ("completed", "trained", False, 10_000, 9_900, "budget"),  # exactly one batch short
+    ("completed", "trained", False, 10_000, 9_899, None),  # stopped early: reason unknown
+    ("completed", "trained", False, 10_000, None, None),  # tokens not recorded
+    ("running", "trained", None, 10_000, 500, None),
+    ("queued", "trained", None, 10_000, None, None),
+    ("pruned", "trained", False, 10_000, 2_000, None),
+]
+
+
+def _rows_at_0002(url: str) -> list[int]:
+    """One experiment, the BACKFILL trials and a point of each, written as 0002's schema
+    has them (the columns it requires, and those 0003 reads); returns the trial ids in
+    BACKFILL's order."""
+    now = dt.datetime.now(dt.timezone.utc)
+    experiments = sa.table(
+        "experiments", sa.column("id"), sa.column("name"), sa.column("created_at")
+    )
+    trials = sa.table("trials", *(sa.column(c) for c in TRIAL_COLUMNS_0002))
+    points = sa.table("points", sa.column("trial_id"), sa.column("step"), sa.column("eval_loss"))
+    with open_database(url) as database, database.engine.begin() as conn:
+        conn.execute(experiments.insert().values(id=1, name="before-0003", created_at=now))
+        for i, (status, source, diverged, n_tokens, tokens_done, _) in enumerate(BACKFILL, 1):
+            trial = dict(
+                id=i,
+                experiment_id=1,
+                n_params=10**6,
+                n_tokens=n_tokens,
+                seq_len=1,
+                learning_rate=1e-3,
+                batch_size_tokens=100,
+                status=status,
+                source=source,
+                diverged=diverged,
+                tokens_done=tokens_done,
+                created_at=now,
+                updated_at=now,
+            )
+            conn.execute(trials.insert().values(**trial))
+            conn.execute(points.insert().values(trial_id=i, step=0, eval_loss=3.0))
+    return list(range(1, len(BACKFILL) + 1))
+
+
+TRIAL_COLUMNS_0002 = (
+    "id",
+    "experiment_id",
+    "n_params",
+    "n_tokens",
+    "seq_len",
+    "learning_rate",
+    "batch_size_tokens",
+    "status",
+    "source",
+    "diverged",
+    "tokens_done",
+    "created_at",
+    "updated_at",
+)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_stop_reason_is_backfilled_and_dropped_with_the_data_kept(make_database, backend):
+    url = make_database(backend)
+    upgrade(url, "0002")
+    ids = _rows_at_0002(url)
+    upgrade(url, "0003")
+    with open_database(url) as database:
+        with database.engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT id, stop_reason FROM trials ORDER BY id")).all()
+            updated = conn.execute(sa.text("SELECT DISTINCT updated_at FROM trials")).all()
+        assert rows == [(i, case[-1]) for i, case in zip(ids, BACKFILL, strict=True)]
+        assert len(updated) == 1  # the backfill changes no other column
+        # the column holds a stop reason or nothing else
+        with pytest.raises(IntegrityError), database.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE trials SET stop_reason = 'bored' WHERE id = 1"))
+    downgrade(url, "0002")
+    with open_database(url) as database, database.engine.connect() as conn:
+        columns = {c["name"] for c in inspect(database.engine).get_columns("trials")}
+        assert "stop_reason" not in columns and "tokens_done" in columns
+        assert conn.scalar(sa.text("SELECT count(*) FROM trials")) == len(BACKFILL)
+        assert conn.scalar(sa.text("SELECT count(*) FROM points")) == len(BACKFILL)
+    upgrade(url)  # and up again over the same rows
+    with open_database(url) as database, database.engine.connect() as conn:
+        backfilled = conn.execute(sa.text("SELECT stop_reason FROM trials ORDER BY id"))
+        assert [r for (r,) in backfilled] == [case[-1] for case in BACKFILL]
 
 
 def test_app_refuses_an_outdated_schema(make_database):
@@ -89,7 +188,7 @@ def test_db_and_token_commands(make_database):
     assert _cli(url, "db", "current").returncode == 1
     assert _cli(url, "db", "upgrade").returncode == 0  # from an unrelated cwd
     current = _cli(url, "db", "current")
-    assert current.returncode == 0 and "current=0002 head=0002" in current.stdout
+    assert current.returncode == 0 and "current=0003 head=0003" in current.stdout
     created = _cli(url, "token", "create", "--name", "ci", "--scope", "write")
     secret = created.stdout.strip()
     assert created.returncode == 0 and secret.startswith("hl_") and len(secret) > 40

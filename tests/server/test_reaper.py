@@ -53,6 +53,11 @@ def _status(url: str, trial_id: int) -> tuple[str, str | None]:
         return trial.status, trial.status_reason
 
 
+def _stop_reason(url: str, trial_id: int) -> str | None:
+    with open_database(url) as database, database.session() as session:
+        return session.get(Trial, trial_id).stop_reason
+
+
 def test_reaper_fails_only_stale_running_trials(db_url):
     stale, fresh, queued_old, done_old = _make_trials(
         db_url, [("running", 400.0), ("running", 10.0), ("queued", None), ("completed", 900.0)]
@@ -63,7 +68,8 @@ def test_reaper_fails_only_stale_running_trials(db_url):
     status, reason = _status(db_url, stale)
     assert status == "failed"
     assert reason.startswith("no heartbeat for 4") and "grace 300 s" in reason
-    assert _status(db_url, fresh) == ("running", None)
+    assert _stop_reason(db_url, stale) == "failed"
+    assert _status(db_url, fresh) == ("running", None) and _stop_reason(db_url, fresh) is None
     assert _status(db_url, queued_old)[0] == "queued"
     assert _status(db_url, done_old)[0] == "completed"
     assert stale not in run_reaper_once(settings)  # idempotent

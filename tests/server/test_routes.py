@@ -30,6 +30,13 @@ def test_docs_and_openapi_are_served(api):
     body = spec["paths"]["/v1/trials/{trial_id}/points"]["post"]["requestBody"]
     assert "points" in body["content"]["application/json"]["schema"]["properties"]
     assert '"NaN"' in spec["info"]["description"]
+    # why a run stopped: documented, with its values, on what goes in and what comes out
+    schemas = spec["components"]["schemas"]
+    assert schemas["StopReason"]["enum"] == ["budget", "target", "diverged", "failed"]
+    for name in ("TrialCreate", "TrialUpdate", "TrialPublic"):
+        field = schemas[name]["properties"]["stop_reason"]
+        assert "trained its n_tokens" in field["description"], name
+        assert {"$ref": "#/components/schemas/StopReason"} in field["anyOf"], name
 
 
 def test_experiments_create_get_list(api):
@@ -93,6 +100,7 @@ def test_trial_fields_round_trip(api):
     assert got["batch_size_sequences"] == 64.0
     assert got["model_shape"]["d_model"] == 256 and got["zero_stage"] == 2
     assert got["status"] == "queued" and got["source"] == "trained"
+    assert got["stop_reason"] is None and got["tokens_done"] is None  # not known yet
     assert got["config"]["code_version"] == "abc"
     assert got["created_at"].endswith("Z") or "+00:00" in got["created_at"]
 
@@ -130,9 +138,12 @@ def test_trial_status_transitions(api):
         steps_done=100,
         tokens_done=3_276_800,
         diverged=False,
+        stop_reason="target",
         config={"k": 1},
     )
     assert done["status"] == "completed" and done["completed_at"] is not None
+    assert done["stop_reason"] == "target" and done["tokens_done"] == 3_276_800
+    assert api.client.get_trial(t["id"])["stop_reason"] == "target"
     assert done["final_loss"] == 3.2 and done["config"] == {"k": 1}
     # re-sending the final status (a retried PATCH) is fine; reopening is not
     assert api.client.update_trial(t["id"], status="completed")["status"] == "completed"

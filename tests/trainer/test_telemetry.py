@@ -112,7 +112,12 @@ def test_points_sent_during_an_outage_arrive_after_it(live_server):
         assert direct.get_points(trial["id"])["count"] == 50
         proxy.up()
         sink.finish(
-            "completed", final_loss=1 / 150, steps_done=150, tokens_done=600, diverged=False
+            "completed",
+            final_loss=1 / 150,
+            steps_done=150,
+            tokens_done=600,
+            diverged=False,
+            stop_reason="target",
         )
         assert sink.close(timeout_s=30)
         points = direct.get_points(trial["id"])["data"]
@@ -121,3 +126,4 @@ def test_points_sent_during_an_outage_arrive_after_it(live_server):
     assert [p["step"] for p in points] == list(range(150))
     assert sink.delivered == 150
     assert stored["status"] == "completed" and stored["steps_done"] == 150
+    assert stored["stop_reason"] == "target" and stored["tokens_done"] == 600

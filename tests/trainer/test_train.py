@@ -1,4 +1,5 @@
-"""Single-process DeepSpeed runs reporting to a live service: divergence and resume."""
+"""Single-process DeepSpeed runs reporting to a live service: divergence, a target loss
+reached early, resume, and failure -- each stored with why the run stopped."""
 
 import math
 
@@ -47,10 +48,12 @@ def test_diverging_learning_rate_is_recorded_not_raised(live_server):
         trial = _new_trial(client, "trainer-test-divergence", learning_rate=1000.0)
         result = train(_config(live_server, trial["id"], learning_rate=1000.0))
         assert result.diverged and result.status == "completed"
+        assert result.stop_reason == "diverged"
         assert result.steps_done < 40
         stored = client.get_trial(trial["id"])
         points = client.get_points(trial["id"])["data"]
     assert stored["status"] == "completed" and stored["diverged"] is True
+    assert stored["stop_reason"] == "diverged"
     assert stored["final_loss"] == math.inf and stored["final_eval_loss"] == math.inf
     assert stored["steps_done"] == result.steps_done
     assert stored["tokens_done"] == result.steps_done * 32
@@ -59,6 +62,27 @@ def test_diverging_learning_rate_is_recorded_not_raised(live_server):
     assert points[-1]["train_loss"] > 100 * points[1]["train_loss"] or not math.isfinite(
         points[-1]["train_loss"]
     )
+
+
+def test_a_reached_target_loss_stops_the_run_before_its_budget(live_server):
+    """The synthetic task's EWA evaluation loss falls from about 1.6 to about 0.25 in 200
+    steps at this learning rate, crossing 0.5 between the evaluations at steps 64 and 128:
+    the run stops there, stored as stopped at its target with the tokens it trained."""
+    with HyperlawClient(live_server.url, live_server.token) as client:
+        trial = _new_trial(client, "trainer-test-target", n_tokens=32 * 200)
+        result = train(_config(live_server, trial["id"], n_tokens=32 * 200, target_loss=0.5))
+        stored = client.get_trial(trial["id"])
+        points = client.get_points(trial["id"])["data"]
+    assert result.status == "completed" and result.reached_target and not result.diverged
+    assert result.stop_reason == "target"
+    assert result.final_eval_loss <= 0.5 and 0 < result.steps_done < 200
+    assert result.tokens_done == result.steps_done * 32 < 32 * 200
+    assert stored["status"] == "completed" and stored["stop_reason"] == "target"
+    assert stored["steps_done"] == result.steps_done
+    assert stored["tokens_done"] == result.tokens_done < stored["n_tokens"] - 32
+    evaluated = [p for p in points if p["ewa_eval_loss"] is not None]
+    assert evaluated[-1]["step"] == result.steps_done and evaluated[-1]["ewa_eval_loss"] <= 0.5
+    assert all(p["ewa_eval_loss"] > 0.5 for p in evaluated[:-1])  # the first one at or below
 
 
 def test_resume_from_checkpoint_continues_the_step_count(live_server, tmp_path):
@@ -84,6 +108,7 @@ def test_resume_from_checkpoint_continues_the_step_count(live_server, tmp_path):
         stored = client.get_trial(trial["id"])
         points = client.get_points(trial["id"])["data"]
     assert stored["status"] == "completed" and stored["steps_done"] == 40
+    assert resumed.stop_reason == "budget" and stored["stop_reason"] == "budget"
     # every step once (steps 21..25 were re-sent and upserted), tokens = step x B
     assert [p["step"] for p in points] == list(range(41))
     assert all(p["tokens"] == p["step"] * 32 for p in points)
@@ -128,7 +153,7 @@ def test_an_error_from_the_step_hook_fails_the_run_like_any_error(live_server, t
             train(_config(live_server, trial["id"], n_tokens=32 * 10), on_step=fail_once)
         stored = client.get_trial(trial["id"])
         points = client.get_points(trial["id"])["data"]
-    assert stored["status"] == "failed"
+    assert stored["status"] == "failed" and stored["stop_reason"] == "failed"
     assert stored["status_reason"] == "InjectedFailure: injected failure after step 3"
     assert stored["steps_done"] == 3 and stored["tokens_done"] == 3 * 32
     assert [p["step"] for p in points] == [0, 1, 2, 3]  # flushed before the trial was closed

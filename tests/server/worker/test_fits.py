@@ -14,7 +14,7 @@ from fitting.data import Runs
 from server import crud
 from server.core.db import open_database
 from server.importers import import_runs, import_steplaw
-from server.models import Fit, TrialSource, TrialStatus
+from server.models import Fit, Trial, TrialSource, TrialStatus
 from server.schemas import ExperimentCreate, PointIn, TrialCreate, TrialUpdate
 from server.worker.fits import (
     CBS_KIND,
@@ -69,9 +69,9 @@ def add_trained_run(
     diverge_at: int | None = None,
 ) -> int:
     """A trained trial as the trainer leaves it: created running, its evaluated points
-    posted, then completed with its final losses. ``s_target``: the step at which its
-    judged loss reaches ``target``; ``configured_target``: it was trained towards that loss
-    and stopped at the first evaluation at or below it."""
+    posted, then completed with its final losses and why it stopped. ``s_target``: the step
+    at which its judged loss reaches ``target``; ``configured_target``: it was trained
+    towards that loss and stopped at the first evaluation at or below it."""
     train = {"schedule": {"name": schedule}, "target_loss": configured_target}
     trial, _ = crud.create_trial(
         session=session,
@@ -92,9 +92,12 @@ def add_trained_run(
     judged = linear_curve(steps, target, s_target if s_target else 1e12)
     if diverge_at is not None:
         judged = np.where(steps >= diverge_at, math.nan, judged)
+    stop_reason = "budget"
     if configured_target is not None:
         reached = np.flatnonzero(judged <= configured_target)
         if reached.size:
+            if reached[0] + 1 < steps.size:  # before its last evaluation: short of its budget
+                stop_reason = "target"
             steps, judged = steps[: reached[0] + 1], judged[: reached[0] + 1]
     ewa = schedule == "constant_ewa"
     # the other column drifts away from the judged one, so using it would move every
@@ -121,6 +124,7 @@ def add_trained_run(
             diverged=not math.isfinite(final),
             steps_done=int(steps[-1]),
             tokens_done=int(steps[-1]) * batch,
+            stop_reason="diverged" if not math.isfinite(final) else stop_reason,
         ),
     )
     return trial.id
@@ -278,6 +282,9 @@ def test_cbs_from_trained_curves(fresh_db, database_for, live_server_factory):
     assert set(fit.trial_ids) == all_ids and fit.n_trials == len(all_ids)
     with database_for(fresh_db).session() as session:
         assert fit.data_watermark == scope_watermarks(session)[GLOBAL_SCOPE]
+        # the runs that stopped at their target are what the steps to target come from
+        at_target = set(session.scalars(select(Trial.id).where(Trial.stop_reason == "target")))
+    assert at_target and at_target <= set(sweeps[-1]["trial_ids"]) and at_target <= all_ids
     one = stored(fresh_db, kind=CBS_KIND, scope=experiment_scope(sweeps[0]["experiment_id"]))
     assert [len(f.params["groups"]) for f in one] == [1]
     assert one[0].params["laws"]["n_tokens"]["status"] == "insufficient_data"
@@ -329,6 +336,14 @@ def test_cbs_from_imported_steps_to_target(fresh_db, database_for):
         key_prefix="past",
         config={},
     )
+    with database_for(fresh_db).session() as session:  # a published run trained its budget
+        imported = session.scalars(select(Trial)).all()
+        assert {(t.stop_reason, t.tokens_done) for t in imported if t.diverged} == {
+            ("diverged", None)
+        }
+        at_budget = [t for t in imported if not t.diverged]
+        assert len(at_budget) == 2 * len(BATCHES)
+        assert all(t.stop_reason == "budget" and t.tokens_done == t.n_tokens for t in at_budget)
     [outcome] = [
         o for o in refit_once(database_for(fresh_db), kinds=[CBS_KIND]) if o.scope == GLOBAL_SCOPE
     ]
