@@ -31,13 +31,16 @@ CBS, from the tokens-to-target T(B) above and steps S(B) = T(B)/B:
 ``step_overhead`` = max(0, S(B)/S(CBS) − 1) (extra optimizer steps, paid below it), with
 T(CBS) = (1+ε)·D.
 
-Intervals: percentile intervals (90 %) over a bootstrap of (N, D) groups; each draw refits
-the surface, and the draws' parameters are kept in the fitted state so that a query only
-evaluates closed forms (no fitting at query time).
+Intervals (90 %) are prediction intervals, where the optimum of a new (N, D) group lies
+(:mod:`fitting.intervals`): for q = ln η*, ln B*, ln CBS or ln η at an imposed B,
+exp(q̂ + δ̄ ± t_{0.95, G−3}·√(Var_b(q*_b) + Σ_g(δ_g − δ̄)²/(G − 3))), with q*_b the refits of
+a bootstrap over the G groups (one drawn k times counts k times) and δ_g the offset of group
+g's own optimum from the laws. Draws and offsets are kept in the fitted state.
 
 Fitted state, by name (:mod:`fitting.recommender_state`): the surface's parameters and v_c
 (:class:`SurfacePoint`, one per fit and one per bootstrap draw; the draws are evaluated
-together as :class:`SurfaceDraws`) and, with steps-to-target data, the CBS and k laws
+together as :class:`SurfaceDraws`), the groups' offsets from the laws
+(:class:`fitting.intervals.GroupScatter`) and, with steps-to-target data, the CBS and k laws
 (:class:`fitting.steps_law.StepsCbsLaw`). :meth:`Recommender.to_dict` stores them as JSON
 under ``STATE_VERSION``.
 """
@@ -52,23 +55,27 @@ from typing import Any
 
 import numpy as np
 
+from fitting import intervals
 from fitting import surface as surf
 from fitting.data import Runs
+from fitting.intervals import GroupScatter
 from fitting.recommender_state import (
     SurfaceDraws,
     SurfacePoint,
     batch_range_warnings,
     fitted_range_of,
+    log_critical_batch_size,
     range_warnings,
 )
-from fitting.results import FitStatus, Interval, ParameterError, percentile_interval
+from fitting.results import FitStatus, Interval, check_positive, check_positive_integer
 from fitting.steps_law import StepsCbsLaw, fit_steps_cbs_law
 
 logger = logging.getLogger(__name__)
 
 METHOD = "loss_surface"
 # 2: the steps-to-target CBS law is stored by name (version 1 stored positional lists).
-STATE_VERSION = 2
+# 3: the groups' offsets from the laws (prediction intervals) and the CBS law's, stored.
+STATE_VERSION = 3
 _SOURCE_OPTIMUM = "loss_surface argmin (power laws in N and D)"
 _SOURCE_CBS = "loss_surface tokens-to-target, Zhang et al. epsilon={eps:g}"
 _SOURCE_STEPS_CBS = (
@@ -121,25 +128,14 @@ class Recommendation:
         return out
 
 
-def _check_positive(name: str, value) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ParameterError(name, "number", f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise ParameterError(
-            name, "positive_finite", f"{name} must be finite and > 0, got {value!r}"
-        )
-    return number
-
-
 class Recommender:
     """A fitted recommender; build with :func:`fit_recommender` or :meth:`from_dict`.
 
     ``recommend`` evaluates closed forms on the stored parameters (tens of microseconds);
     the object is read-only after construction and safe to share between threads.
     ``surface`` is the fit (None unless the status is ok), ``surface_draws`` its bootstrap
-    refits, ``cbs_law`` the steps-to-target CBS law when the runs supported one.
+    refits, ``scatter`` the groups' offsets from its laws, ``cbs_law`` the steps-to-target
+    CBS law when the runs supported one.
     """
 
     def __init__(
@@ -154,6 +150,7 @@ class Recommender:
         quality: Mapping[str, float],
         surface: SurfacePoint | None = None,
         surface_draws: Sequence[SurfacePoint] = (),
+        scatter: GroupScatter | None = None,
         cbs_law: StepsCbsLaw | None = None,
     ):
         self.status = FitStatus(status)
@@ -166,6 +163,7 @@ class Recommender:
         self._surface = surface
         self._surface_draws = tuple(surface_draws)
         self._draws = SurfaceDraws.stack(self._surface_draws) if self._surface_draws else None
+        self._scatter = scatter or GroupScatter.empty()
         self._cbs_law = cbs_law
 
     @property
@@ -185,6 +183,7 @@ class Recommender:
             "options": self.options,
             "params": None if self._surface is None else self._surface.as_dict(),
             "draws": [point.as_dict() for point in self._surface_draws],
+            "scatter": self._scatter.as_dict(),
             "quality": self.quality,
             "cbs_law": None if self._cbs_law is None else self._cbs_law.as_dict(),
         }
@@ -209,6 +208,7 @@ class Recommender:
             quality=d.get("quality", {}),
             surface=None if params is None else SurfacePoint.from_dict(params),
             surface_draws=[SurfacePoint.from_dict(row) for row in d["draws"]],
+            scatter=GroupScatter.from_dict(d["scatter"]),
             cbs_law=None if cbs_law is None else StepsCbsLaw.from_dict(cbs_law),
         )
 
@@ -240,11 +240,6 @@ class Recommender:
             "critical_batch_size_tokens": law(cbs_intercept, p.batch_n, p.batch_d),
         }
 
-    def _interval(self, samples: np.ndarray, level: float = 0.9) -> Interval:
-        if self._draws is None or self._draws.size < 2:
-            return Interval(float("nan"), float("nan"), level)
-        return percentile_interval(samples, level)
-
     def recommend(
         self,
         n_params: float,
@@ -258,17 +253,11 @@ class Recommender:
         and the rule) for bad input and :class:`RecommenderUnavailable` when the
         fit's status is not ok.
         """
-        n_params = _check_positive("n_params", n_params)
-        n_tokens = _check_positive("n_tokens", n_tokens)
-        if isinstance(seq_len, bool) or float(_check_positive("seq_len", seq_len)) != int(seq_len):
-            raise ParameterError(
-                "seq_len",
-                "positive_integer",
-                f"seq_len must be a positive integer, got {seq_len!r}",
-            )
-        seq_len = int(seq_len)
+        n_params = check_positive("n_params", n_params)
+        n_tokens = check_positive("n_tokens", n_tokens)
+        seq_len = check_positive_integer("seq_len", seq_len)
         if batch_size_tokens is not None:
-            batch_size_tokens = _check_positive("batch_size_tokens", batch_size_tokens)
+            batch_size_tokens = check_positive("batch_size_tokens", batch_size_tokens)
         surface = self._fitted_surface()
 
         p, draws, law = surface.params, self._draws, self._cbs_law
@@ -276,21 +265,24 @@ class Recommender:
         log_eps = math.log1p(self.overhead)
         x, y = surf.optimum_log(p, log_n, log_d)
         lr, bs = math.exp(x), math.exp(y)
-        cbs = math.exp(y + p.batch_d * log_eps + surface.cbs_offset)
-        if draws is not None:
-            xs, ys = surf.optimum_log(draws.params, log_n, log_d)
-            lr_iv = self._interval(np.exp(xs))
-            bs_iv = self._interval(np.exp(ys))
-            cbs_iv = self._interval(np.exp(ys + draws.params.batch_d * log_eps + draws.cbs_offset))
-        else:
-            lr_iv = bs_iv = cbs_iv = self._interval(np.array([]))
+        cbs = math.exp(log_critical_batch_size(surface, y, self.overhead))
         k_steps = None
         if law is not None:
             cbs = math.exp(law.critical_batch_size.log_value(log_n, log_d))
             k_steps = math.exp(law.k.log_value(log_n, log_d))
-            cbs_iv = self._interval(np.exp(law.log_critical_batch_size_draws(log_n, log_d)))
+        ivs = intervals.prediction_intervals(
+            surface,
+            draws,
+            self._scatter,
+            log_n,
+            log_d,
+            overhead=self.overhead,
+            cbs_law=law,
+            log_imposed_batch=None if batch_size_tokens is None else math.log(batch_size_tokens),
+        )
+        bs_iv = ivs.batch_size_tokens
         seq_iv = Interval(bs_iv.low / seq_len, bs_iv.high / seq_len, bs_iv.level)
-        warnings = range_warnings(self.fitted_range, n_params, n_tokens, seq_len)
+        warnings = range_warnings(self.fitted_range, n_params, n_tokens, seq_len) + ivs.warnings
         if not math.isfinite(cbs):
             warnings.append(
                 "the critical batch size is undefined for this fit (the loss at "
@@ -309,11 +301,6 @@ class Recommender:
         if batch_size_tokens is not None:
             v0 = math.log(batch_size_tokens) - y
             lr_b = math.exp(x + float(surf.best_eta_offset(p, v0)))
-            if draws is not None:
-                v_draws = math.log(batch_size_tokens) - ys
-                lr_b_iv = self._interval(np.exp(xs + surf.best_eta_offset(draws.params, v_draws)))
-            else:
-                lr_b_iv = self._interval(np.array([]))
             if k_steps is not None:
                 # Zhang et al.'s model: T(B) ∝ B + k, S(B) ∝ 1 + k/B.
                 tau = 0.0
@@ -327,7 +314,7 @@ class Recommender:
             extra = {
                 "imposed_batch_size_tokens": batch_size_tokens,
                 "learning_rate_for_batch": lr_b,
-                "learning_rate_for_batch_interval": lr_b_iv,
+                "learning_rate_for_batch_interval": ivs.learning_rate_for_batch,
                 "step_overhead": max(0.0, step_ratio - 1.0),
                 "token_overhead": max(0.0, token_ratio - 1.0),
             }
@@ -347,13 +334,13 @@ class Recommender:
             n_tokens=n_tokens,
             seq_len=seq_len,
             learning_rate=lr,
-            learning_rate_interval=lr_iv,
+            learning_rate_interval=ivs.learning_rate,
             batch_size_tokens=bs,
             batch_size_tokens_interval=bs_iv,
             batch_size_sequences=bs / seq_len,
             batch_size_sequences_interval=seq_iv,
             critical_batch_size_tokens=cbs,
-            critical_batch_size_tokens_interval=cbs_iv,
+            critical_batch_size_tokens_interval=ivs.critical_batch_size_tokens,
             sources=sources,
             warnings=warnings,
             **extra,
@@ -373,10 +360,11 @@ def fit_recommender(
     """Fit the recommender of the module docstring to ``runs``.
 
     ``overhead`` is the CBS's ε; ``window``, ``f_scale`` and ``cubic`` go to
-    :func:`fitting.surface.fit_surface`; ``n_bootstrap`` group-bootstrap refits give the
+    :func:`fitting.surface.fit_surface` (and :func:`fitting.surface.fit_group_optima`);
+    ``n_bootstrap`` group-bootstrap refits with the groups' offsets give the prediction
     intervals (0 = no intervals, NaN bounds).
     """
-    overhead = _check_positive("overhead", overhead)
+    overhead = check_positive("overhead", overhead)
     if int(n_bootstrap) != n_bootstrap or n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}")
     options = {
@@ -397,6 +385,7 @@ def fit_recommender(
         quality: Mapping[str, float],
         surface: SurfacePoint | None = None,
         surface_draws: Sequence[SurfacePoint] = (),
+        scatter: GroupScatter | None = None,
         cbs_law: StepsCbsLaw | None = None,
     ) -> Recommender:
         return Recommender(
@@ -409,6 +398,7 @@ def fit_recommender(
             quality=quality,
             surface=surface,
             surface_draws=surface_draws,
+            scatter=scatter,
             cbs_law=cbs_law,
         )
 
@@ -423,18 +413,23 @@ def fit_recommender(
         reason = "critical batch size undefined: the loss at the optimum does not fall with D"
     rng = np.random.default_rng(seed)
     draws = []
-    for _ in range(int(n_bootstrap)):
+    for _ in range(int(n_bootstrap)):  # a group drawn k times counts k times
         pick = rng.integers(0, len(groups), len(groups))
-        idx = np.concatenate([groups[i].index for i in pick])
-        boot = surf.fit_surface(runs.subset(idx), window=window, f_scale=f_scale, cubic=cubic)
+        resample = [groups[i].index for i in pick]
+        boot = surf.fit_surface(runs, window=window, f_scale=f_scale, cubic=cubic, groups=resample)
         if boot.status is FitStatus.OK and boot.params is not None:
             draws.append(SurfacePoint.from_params(boot.params, overhead))
-    if n_bootstrap:
+    scatter = GroupScatter.empty()
+    if n_bootstrap:  # no draws, no intervals: the groups' scatter is only needed with them
         logger.info("recommender bootstrap: %d of %d draws fitted", len(draws), n_bootstrap)
+        scatter = intervals.group_scatter(
+            runs, fit.params, window=window, f_scale=f_scale, cubic=cubic
+        )
     quality = {
         "n_runs_used": fit.n_runs_used,
         "rms_residual_log_loss": fit.rms_residual,
         "n_bootstrap_ok": len(draws),
+        "n_scatter_groups": scatter.size,
     }
     cbs_law, why = fit_steps_cbs_law(
         runs, overhead=overhead, n_bootstrap=int(n_bootstrap), seed=seed
@@ -444,5 +439,11 @@ def fit_recommender(
     if cbs_law is not None and reason:
         reason = ""  # the steps-to-target law supplies the CBS
     return result(
-        FitStatus.OK, reason, quality=quality, surface=surface, surface_draws=draws, cbs_law=cbs_law
+        FitStatus.OK,
+        reason,
+        quality=quality,
+        surface=surface,
+        surface_draws=draws,
+        scatter=scatter,
+        cbs_law=cbs_law,
     )

@@ -3,15 +3,19 @@ keeps and :meth:`fitting.recommender.Recommender.to_dict` stores.
 
 * :class:`SurfacePoint`: one fit of the loss surface (:mod:`fitting.surface`) with v_c, the
   offset of ln CBS that the fit implies at ε; one for the fit and one per bootstrap draw.
-* :class:`SurfaceDraws`: the draws as arrays, evaluated together at query time.
+* :class:`SurfaceDraws`: the draws as arrays, evaluated together at query time;
+  :func:`log_critical_batch_size` for either.
 * The fitted range: the span of the runs in N, D, D/N, seq_len and B
-  (:func:`fitted_range_of`), and the warnings a query outside it gets.
+  (:func:`fitted_range_of`), and the warnings a query outside it gets, which say how far
+  outside it lies (e.g. "65.2× above the largest fitted").
 
-The steps-to-target CBS law is :class:`fitting.steps_law.StepsCbsLaw`.
+The steps-to-target CBS law is :class:`fitting.steps_law.StepsCbsLaw`, the groups' offsets
+from the laws (for the prediction intervals) :class:`fitting.intervals.GroupScatter`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
@@ -70,6 +74,12 @@ class SurfaceDraws:
         )
 
 
+def log_critical_batch_size(fit: SurfacePoint | SurfaceDraws, log_batch, overhead: float):
+    """ln CBS = y* + batch_d·ln(1+ε) + v_c (:mod:`fitting.recommender`) for the optimal
+    ln B ``log_batch`` of one fit, or of every draw (arrays)."""
+    return log_batch + fit.params.batch_d * math.log1p(overhead) + fit.cbs_offset
+
+
 def fitted_range_of(runs: Runs) -> dict[str, list[float]]:
     """The span of the runs in each quantity the recommender warns about."""
     if not len(runs):
@@ -93,25 +103,31 @@ def fitted_range_of(runs: Runs) -> dict[str, list[float]]:
     }
 
 
+def _outside(name: str, value: float, span: Sequence[float]) -> list[str]:
+    """``[warning]`` when ``value`` lies outside ``span`` = [low, high], saying by what
+    factor, e.g. "n_params=7e+10 is outside the fitted range [2.147e+08, 1.074e+09], 65.2×
+    above the largest fitted: extrapolating"; ``[]`` inside it."""
+    low, high = span
+    if value > high * (1 + 1e-9):
+        how_far = f"{value / high:.3g}× above the largest fitted"
+    elif value < low * (1 - 1e-9):
+        how_far = f"{low / value:.3g}× below the smallest fitted"
+    else:
+        return []
+    return [
+        f"{name}={value:.4g} is outside the fitted range [{low:.4g}, {high:.4g}], "
+        f"{how_far}: extrapolating"
+    ]
+
+
 def range_warnings(
     fitted_range: Mapping[str, Sequence[float]], n_params: float, n_tokens: float, seq_len: int
 ) -> list[str]:
-    """One warning for each of N, D, D/N and seq_len that lies outside ``fitted_range``."""
-    out = []
-    for name, value in (("n_params", n_params), ("n_tokens", n_tokens)):
-        low, high = fitted_range[name]
-        if value < low * (1 - 1e-9) or value > high * (1 + 1e-9):
-            out.append(
-                f"{name}={value:.4g} is outside the fitted range "
-                f"[{low:.4g}, {high:.4g}]: extrapolating"
-            )
-    ratio = n_tokens / n_params
-    low, high = fitted_range["tokens_per_param"]
-    if ratio < low * (1 - 1e-9) or ratio > high * (1 + 1e-9):
-        out.append(
-            f"n_tokens/n_params={ratio:.4g} is outside the fitted range "
-            f"[{low:.4g}, {high:.4g}]: extrapolating"
-        )
+    """One warning for each of N, D, D/N and seq_len that lies outside ``fitted_range``;
+    those of N, D and D/N say by what factor."""
+    out = _outside("n_params", n_params, fitted_range["n_params"])
+    out += _outside("n_tokens", n_tokens, fitted_range["n_tokens"])
+    out += _outside("n_tokens/n_params", n_tokens / n_params, fitted_range["tokens_per_param"])
     seq_lens = fitted_range.get("seq_len")
     if seq_lens and not (seq_lens[0] <= seq_len <= seq_lens[1]):
         out.append(
@@ -125,14 +141,7 @@ def range_warnings(
 def batch_range_warnings(
     fitted_range: Mapping[str, Sequence[float]], batch_size_tokens: float
 ) -> list[str]:
-    """A warning when an imposed ``batch_size_tokens`` lies outside ``fitted_range``."""
+    """A warning when an imposed ``batch_size_tokens`` lies outside ``fitted_range``, saying
+    by what factor."""
     batch_range = fitted_range.get("batch_size_tokens")
-    if batch_range and not (
-        batch_range[0] * (1 - 1e-9) <= batch_size_tokens <= batch_range[1] * (1 + 1e-9)
-    ):
-        return [
-            f"batch_size_tokens={batch_size_tokens:.4g} is outside the "
-            f"fitted range [{batch_range[0]:.4g}, {batch_range[1]:.4g}]: "
-            f"extrapolating"
-        ]
-    return []
+    return _outside("batch_size_tokens", batch_size_tokens, batch_range) if batch_range else []

@@ -2,12 +2,14 @@
 
 Every estimator returns a frozen dataclass with named fields, a ``status`` and, when the
 status is not ``ok``, a ``reason`` a person can act on. Intervals are percentile intervals
-of a bootstrap over runs or groups, at ``level`` (0.9 unless said otherwise).
+of a bootstrap over runs or groups, at ``level`` (0.9 unless said otherwise); the
+recommender's are prediction intervals (:mod:`fitting.intervals`).
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +25,29 @@ class ParameterError(ValueError):
         self.rule = rule
 
 
+def check_positive(name: str, value) -> float:
+    """``value`` as a finite float > 0, else :class:`ParameterError` naming ``name``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ParameterError(name, "number", f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ParameterError(
+            name, "positive_finite", f"{name} must be finite and > 0, got {value!r}"
+        )
+    return number
+
+
+def check_positive_integer(name: str, value) -> int:
+    """``value`` as an integer > 0 (an integral float is accepted, a bool is not), else
+    :class:`ParameterError` naming ``name``."""
+    if isinstance(value, bool) or check_positive(name, value) != int(value):
+        raise ParameterError(
+            name, "positive_integer", f"{name} must be a positive integer, got {value!r}"
+        )
+    return int(value)
+
+
 class FitStatus(str, enum.Enum):
     OK = "ok"
     INSUFFICIENT_DATA = "insufficient_data"
@@ -31,7 +56,9 @@ class FitStatus(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Interval:
-    """A two-sided interval ``[low, high]`` holding ``level`` of the bootstrap mass."""
+    """A two-sided interval ``[low, high]`` at ``level``: holding that share of the bootstrap
+    mass, or, for the recommender's prediction intervals, a new group's optimum with that
+    probability (:mod:`fitting.intervals`)."""
 
     low: float
     high: float

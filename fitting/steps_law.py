@@ -13,7 +13,9 @@ there. Across at least 3 groups, both B* and k are fitted as power laws in log s
     ln B* = log_coefficient + n_params_exponent·ln N + n_tokens_exponent·ln D,
 
 and likewise ln k; in D alone (n_params_exponent = 0) when the joint law cannot be fitted.
-A bootstrap over groups refits both laws; its draws give the interval of B*.
+A bootstrap over groups refits both laws; with the groups' offsets from the B* law,
+ln B*_g − ln B*(N_g, D_g), on G − 1 − (number of regressors) degrees of freedom, its draws
+give the prediction interval of a new group's B* (:func:`fitting.intervals.prediction_interval`).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class StepsCbsLaw:
     k = b/a (``k``, tokens) of the module docstring, fitted over ``n_groups`` groups in the
     ``regressors`` (("n_params", "n_tokens") or ("n_tokens",)), with the bootstrap refits
     of each (``critical_batch_size_draws`` and ``k_draws``, one entry per ok draw, in the
-    same order).
+    same order), and ``critical_batch_size_residuals``, each group's ln B*_g minus the law's.
     """
 
     regressors: tuple[str, ...]
@@ -96,6 +98,7 @@ class StepsCbsLaw:
     k: LogLinearLaw
     critical_batch_size_draws: tuple[LogLinearLaw, ...] = ()
     k_draws: tuple[LogLinearLaw, ...] = ()
+    critical_batch_size_residuals: tuple[float, ...] = ()
 
     def log_critical_batch_size_draws(self, log_n: float, log_d: float) -> np.ndarray:
         """ln B* of every bootstrap draw at (ln N, ln D) (empty without draws)."""
@@ -103,6 +106,11 @@ class StepsCbsLaw:
             return np.zeros(0)
         terms = np.array([law.terms() for law in self.critical_batch_size_draws])
         return terms @ np.array([1.0, log_n, log_d])
+
+    @property
+    def residual_dof(self) -> int:
+        """Degrees of freedom of the residuals about the B* law: G − 1 − len(regressors)."""
+        return max(len(self.critical_batch_size_residuals) - 1 - len(self.regressors), 0)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -112,6 +120,7 @@ class StepsCbsLaw:
             "k": self.k.as_dict(),
             "critical_batch_size_draws": [law.as_dict() for law in self.critical_batch_size_draws],
             "k_draws": [law.as_dict() for law in self.k_draws],
+            "critical_batch_size_residuals": list(self.critical_batch_size_residuals),
         }
 
     @classmethod
@@ -125,6 +134,9 @@ class StepsCbsLaw:
                 LogLinearLaw.from_dict(law) for law in d["critical_batch_size_draws"]
             ),
             k_draws=tuple(LogLinearLaw.from_dict(law) for law in d["k_draws"]),
+            critical_batch_size_residuals=tuple(
+                float(v) for v in d["critical_batch_size_residuals"]
+            ),
         )
 
 
@@ -215,6 +227,9 @@ def fit_steps_cbs_law(
             cbs_draw, k_draw = draw
             cbs_draws.append(cbs_draw)
             k_draws.append(k_draw)
+    # Each group's offset of ln B* from the law: the scatter a new group's B* carries.
+    terms = np.column_stack([np.ones(n_groups), np.log(groups.n_params), np.log(groups.n_tokens)])
+    residuals = np.log(groups.critical_batch_size) - terms @ cbs_law.terms()
     law = StepsCbsLaw(
         regressors=regressors,
         n_groups=n_groups,
@@ -222,5 +237,6 @@ def fit_steps_cbs_law(
         k=k_law,
         critical_batch_size_draws=tuple(cbs_draws),
         k_draws=tuple(k_draws),
+        critical_batch_size_residuals=tuple(float(v) for v in residuals),
     )
     return law, ""

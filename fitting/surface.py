@@ -17,8 +17,9 @@ asymmetric (too large an η hurts faster than too small) without biasing x*, y*.
 Fitting: per group, the runs whose loss is within ``window`` (default 1 %) of the group's
 best (at least ``min_runs_per_group`` of its best runs), diverged runs excluded; least
 squares on ln L with a soft-L1 robust loss (scale ``f_scale`` in ln L) and weights that give
-every group about the same total weight. The window and the robust loss were chosen by
-leave-one-group-out regret on the Step Law sweep (see ``benchmarks/recommend_quality.py``).
+every group about the same total weight (a group listed k times, as in a bootstrap resample,
+weighs k times as much). The window and the robust loss were chosen by leave-one-group-out
+regret on the Step Law sweep (see ``benchmarks/recommend_quality.py``).
 
 With ``cubic=False`` the cubic terms are held at 0 (a quadratic valley); the default keeps
 them, also a leave-one-group-out choice (the benchmark's nested row re-makes it per fold).
@@ -113,8 +114,7 @@ def _surface_not_ok(
 
 def optimum_log(p, log_n, log_d):
     """(x*, y*) = (ln η*, ln B*) at ln N = log_n, ln D = log_d. Works on arrays of draws."""
-    n = log_n - p.n_ref
-    d = log_d - p.d_ref
+    n, d = log_n - p.n_ref, log_d - p.d_ref
     return (p.eta_0 + p.eta_n * n + p.eta_d * d, p.batch_0 + p.batch_n * n + p.batch_d * d)
 
 
@@ -212,11 +212,10 @@ def log_tokens_to_target(p, v0: float, tau_max: float = 12.0) -> float:
     return float("inf") if math.isnan(tau) else tau
 
 
-def _select(runs: Runs, window: float, min_runs_per_group: int):
-    """Indices of runs within ``window`` of their group's best, per group (≥ min runs)."""
+def _select(runs: Runs, window: float, min_runs_per_group: int, groups=None):
+    """Indices of runs within ``window`` of their group's best, per group of ``groups``."""
     chosen = []
-    for group in runs.groups():
-        idx = group.index
+    for idx in [g.index for g in runs.groups()] if groups is None else groups:
         loss = runs.loss[idx]
         finite = np.isfinite(loss)
         if finite.sum() == 0:
@@ -254,13 +253,15 @@ def fit_surface(
     f_scale: float = 0.002,
     min_runs_per_group: int = 6,
     cubic: bool = True,
+    groups: list[np.ndarray] | None = None,
 ) -> SurfaceFit:
     """Fit the surface of the module docstring to ``runs`` (see there for the method);
-    ``cubic=False`` holds cubic_eta, cubic_batch and cubic_mixed at 0."""
+    ``cubic=False`` holds the cubic terms E, F, H at 0. ``groups``: index arrays into ``runs``
+    (default its (N, D) groups); one listed k times is k groups, each with its own c_g."""
     from scipy.optimize import least_squares
 
     _check_options(window, f_scale)
-    chosen = _select(runs, window, min_runs_per_group)
+    chosen = _select(runs, window, min_runs_per_group, groups)
 
     def insufficient(reason: str) -> SurfaceFit:
         return _surface_not_ok(

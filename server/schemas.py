@@ -272,11 +272,15 @@ class TokenPublic(OutModel):
 
 
 class IntervalPublic(OutModel):
-    """A percentile interval over the fit's bootstrap draws (resampled (N, D) groups)."""
+    """A prediction interval: where the optimum of a new (N, D) group lies, from the laws'
+    bootstrap over groups plus the groups' own scatter about the laws
+    (``fitting.intervals``)."""
 
     low: AnyFloat = Field(description="lower end; NaN when the fit kept no bootstrap draws")
     high: AnyFloat = Field(description="upper end; NaN when the fit kept no bootstrap draws")
-    level: float = Field(description="the share of the draws inside [low, high], e.g. 0.9")
+    level: float = Field(
+        description="the probability that a new group's optimum lies in [low, high], e.g. 0.9"
+    )
 
 
 class RecommendationPublic(OutModel):

@@ -10,15 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from fitting.data import Runs, bundled_steplaw_path, load_steplaw_csv
+from fitting.intervals import NO_CBS_SCATTER_WARNING, NO_SCATTER_WARNING, GroupScatter
 from fitting.recommender import (
     STATE_VERSION,
     Recommender,
     RecommenderUnavailable,
     fit_recommender,
 )
+from fitting.recommender_state import SurfaceDraws, SurfacePoint
 from fitting.results import FitStatus
+from fitting.surface import fit_group_optima, fit_surface, optimum_log
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,8 +115,7 @@ def test_contract_on_the_steplaw_sweep(fitted):
         interval = getattr(out, f"{name}_interval")
         assert math.isfinite(value) and value > 0
         assert interval.level == 0.9
-        assert interval.low < interval.high
-        assert interval.low / 1.2 < value < interval.high * 1.2
+        assert interval.low < value < interval.high
     assert out.batch_size_sequences == pytest.approx(out.batch_size_tokens / 4096)
     assert out.critical_batch_size_tokens > out.batch_size_tokens
     assert set(out.sources) == {"learning_rate", "batch_size_tokens", "critical_batch_size_tokens"}
@@ -140,11 +143,23 @@ def test_contract_on_the_steplaw_sweep(fitted):
     assert as_json["critical_batch_size_tokens_interval"]["level"] == 0.9
 
 
-def test_extrapolation_is_warned_with_the_fitted_range(fitted):
-    out = fitted.recommend(7e10, 2e12)
-    text = " ".join(out.warnings)
-    assert "n_params=7e+10 is outside the fitted range [2.147e+08, 1.074e+09]" in text
-    assert "n_tokens=2e+12 is outside the fitted range [4e+09, 1e+11]" in text
+def test_extrapolation_is_warned_with_the_fitted_range_and_how_far(fitted):
+    assert fitted.recommend(7e10, 2e12).warnings == [
+        "n_params=7e+10 is outside the fitted range [2.147e+08, 1.074e+09], "
+        "65.2× above the largest fitted: extrapolating",
+        "n_tokens=2e+12 is outside the fitted range [4e+09, 1e+11], "
+        "20× above the largest fitted: extrapolating",
+    ]
+    below = fitted.recommend(1e8, 1e9).warnings
+    assert below[:2] == [
+        "n_params=1e+08 is outside the fitted range [2.147e+08, 1.074e+09], "
+        "2.15× below the smallest fitted: extrapolating",
+        "n_tokens=1e+09 is outside the fitted range [4e+09, 1e+11], "
+        "4× below the smallest fitted: extrapolating",
+    ]
+    # D/N = 10 is below the sweep's smallest tokens per parameter too.
+    assert below[2].startswith("n_tokens/n_params=10 is outside the fitted range [")
+    assert "× below the smallest fitted: extrapolating" in below[2]
     assert fitted.recommend(4e8, 2e10).warnings == []
 
 
@@ -164,12 +179,12 @@ def test_imposed_batch_size(fitted):
         assert out.learning_rate_for_batch > previous_lr
         previous_lr = out.learning_rate_for_batch
         iv = out.learning_rate_for_batch_interval
-        assert iv.low < out.learning_rate_for_batch * 1.2 and iv.high > iv.low
+        assert iv.low < out.learning_rate_for_batch < iv.high
         assert "learning_rate_for_batch" in out.sources
     far = fitted.recommend(4e8, 2e10, batch_size_tokens=2**24)
     assert far.warnings == [
         "batch_size_tokens=1.678e+07 is outside the fitted range "
-        "[3.277e+04, 4.194e+06]: extrapolating"
+        "[3.277e+04, 4.194e+06], 4× above the largest fitted: extrapolating"
     ]
     # A batch 8× the CBS costs more than the 20 % token overhead that defines the CBS.
     assert (
@@ -178,6 +193,81 @@ def test_imposed_batch_size(fitted):
         ).token_overhead
         > 0.2
     )
+
+
+def test_intervals_are_prediction_intervals_for_a_new_group(fitted, steplaw):
+    """At N = 4e8, D = 3e10 the 90 % interval of η* (and of B*) is
+    exp(x̂ + r̄ ± t_{0.95, G−3}·√(Var_b(x*_b) + Σ(r − r̄)²/(G − 3))), r the groups' own
+    optima (fit_group_optima on the same runs) minus the laws: about ±18 % in η, where the
+    laws' own bootstrap interval is about ±3 %; the groups' scatter sets the width."""
+    n, d = 4e8, 3e10
+    out = fitted.recommend(n, d, batch_size_tokens=2**20)
+    for name in (
+        "learning_rate",
+        "batch_size_tokens",
+        "critical_batch_size_tokens",
+        "learning_rate_for_batch",
+    ):
+        iv = getattr(out, f"{name}_interval")
+        assert iv.low < getattr(out, name) < iv.high, name
+    draws = SurfaceDraws.stack([SurfacePoint.from_dict(row) for row in fitted.to_dict()["draws"]])
+    laws = fitted.power_laws()
+    optima = fit_group_optima(steplaw)
+    t = stats.t.ppf(0.95, optima.n_params.size - 3)
+    xs, ys = optimum_log(draws.params, math.log(n), math.log(d))
+    for name, own, law_draws in (
+        ("learning_rate", optima.learning_rate, xs),
+        ("batch_size_tokens", optima.batch_size_tokens, ys),
+    ):
+        law = laws[name]
+        on_law = (
+            law["coefficient"]
+            * optima.n_params ** law["n_params_exponent"]
+            * optima.n_tokens ** law["n_tokens_exponent"]
+        )
+        offsets = np.log(own / on_law)
+        scatter = np.sum((offsets - offsets.mean()) ** 2) / (offsets.size - 3)
+        half = t * math.sqrt(law_draws.var(ddof=1) + scatter)
+        centre = math.log(getattr(out, name)) + offsets.mean()
+        iv = getattr(out, f"{name}_interval")
+        assert math.log(iv.low) == pytest.approx(centre - half, abs=1e-9)
+        assert math.log(iv.high) == pytest.approx(centre + half, abs=1e-9)
+        # Wider than the laws' own interval, by about the groups' scatter.
+        law_low, law_high = np.percentile(law_draws, [5, 95])
+        assert half > 2 * (law_high - law_low) / 2
+        assert t * math.sqrt(scatter) < half < 1.25 * t * math.sqrt(scatter)
+    assert 0.75 < out.learning_rate_interval.low / out.learning_rate < 0.9
+    assert 1.1 < out.learning_rate_interval.high / out.learning_rate < 1.3
+
+
+def test_without_the_groups_scatter_the_intervals_are_the_laws_and_say_so(fitted):
+    state = json.loads(json.dumps(fitted.to_dict()))
+    state["scatter"] = GroupScatter.empty().as_dict()
+    narrow = Recommender.from_dict(state).recommend(4e8, 3e10)
+    served = fitted.recommend(4e8, 3e10)
+    assert NO_SCATTER_WARNING in narrow.warnings and served.warnings == []
+    for name in ("learning_rate", "batch_size_tokens", "critical_batch_size_tokens"):
+        iv, wide = getattr(narrow, f"{name}_interval"), getattr(served, f"{name}_interval")
+        assert wide.low < iv.low < getattr(narrow, name) < iv.high < wide.high
+    # No bootstrap, no intervals, and no warning about what they hold.
+    none = fit_recommender(synthetic_runs(), n_bootstrap=0, window=0.05).recommend(4e8, 2e10)
+    assert math.isnan(none.learning_rate_interval.low) and none.warnings == []
+
+
+def test_the_bootstrap_counts_a_group_drawn_k_times_k_times(steplaw):
+    """Each draw refits the surface on the resampled groups as a list, a group drawn k times
+    listed k times (fitting.surface.fit_surface's ``groups``), not on the resampled runs,
+    where the equal-weight rule merged the copies into one group."""
+    runs = steplaw.subset(np.concatenate([group.index for group in steplaw.groups()[::2]]))
+    groups = runs.groups()
+    rec = fit_recommender(runs, n_bootstrap=1, seed=3)
+    pick = np.random.default_rng(3).integers(0, len(groups), len(groups))  # the same draw
+    assert np.bincount(pick).max() >= 2
+    draw = rec.to_dict()["draws"][0]
+    listed = fit_surface(runs, groups=[groups[i].index for i in pick]).params
+    merged = fit_surface(runs.subset(np.concatenate([groups[i].index for i in pick]))).params
+    assert {k: draw[k] for k in listed.as_dict()} == pytest.approx(listed.as_dict(), rel=1e-9)
+    assert abs(merged.eta_0 - listed.eta_0) > 1e-3
 
 
 def test_state_round_trips_through_json_and_queries_are_cheap(fitted):
@@ -192,8 +282,9 @@ def test_state_round_trips_through_json_and_queries_are_cheap(fitted):
     for _ in range(500):
         again.recommend(5e8, 3e10)
     assert (time.perf_counter() - start) / 500 < 1e-3
-    # A state stored by another version (1 stored the steps-to-target law positionally) is
-    # refused, so that the service refits instead of misreading it.
+    # A state stored by another version (1 stored the steps-to-target law positionally, 2
+    # had no groups' scatter for the prediction intervals) is refused, so that the service
+    # refits instead of misreading it.
     for version in (STATE_VERSION - 1, 99):
         with pytest.raises(ValueError, match="not a loss_surface recommender state"):
             Recommender.from_dict({**state, "version": version})
@@ -314,12 +405,19 @@ def test_nested_choice_takes_the_option_with_the_best_inner_score(steplaw):
 
 def test_benchmark_prints_the_table_and_its_machine_readable_last_line(capsys):
     bench = load_benchmark("recommend_quality_main")
-    assert bench.main([]) == 0
+    assert bench.main(["--coverage-draws", "3"]) == 0  # 30 by default: about a minute
     lines = capsys.readouterr().out.strip().splitlines()
     assert any(line.startswith("steplaw_published ") for line in lines)
     assert any(line.startswith("deepseek_published ") for line in lines)
     assert any(line.startswith("law fitted in-sample ") for line in lines)
     assert any(line.startswith("group's own optimum ") for line in lines)
+    for row in bench.COVERAGE_ROWS:
+        assert any(line.startswith(row) for line in lines), row
+    coverage = lines[-3].split()
+    assert coverage[0] == "recommender"
+    shares = {key: float(value) for key, value in (item.split("=") for item in coverage[1:])}
+    assert set(shares) == {"coverage_learning_rate_pct", "coverage_batch_size_pct"}
+    assert all(0 <= share <= 100 for share in shares.values())
     assert lines[-2].startswith("recommender's hardest group N=")
     last = lines[-1].split()
     assert last[0] == "recommender"
@@ -388,6 +486,10 @@ def test_steps_to_target_data_supplies_the_critical_batch_size():
         math.log(2.0**20) - 0.5 * math.log(1e10), abs=0.05
     )
     assert 2 <= len(law["critical_batch_size_draws"]) == len(law["k_draws"]) <= 10
+    # Each group's offset of ln B* from the law (exact here, so about 0): the scatter a new
+    # group's B* carries in its prediction interval.
+    assert len(law["critical_batch_size_residuals"]) == 6
+    assert np.abs(law["critical_batch_size_residuals"]).max() < 0.05
     assert set(law["critical_batch_size"]) == {
         "log_coefficient",
         "n_params_exponent",
@@ -411,6 +513,19 @@ def test_steps_to_target_data_supplies_the_critical_batch_size():
         (1 + 4 * k / expected) / (1 + k / expected) - 1, rel=0.1
     )
     assert small.token_overhead == 0.0
+    # The groups' scatter about the CBS law widens its interval (ν = 6 − 1 − 2 = 3); with
+    # no degree of freedom left it is the law's own, and the answer says so.
+    scattered = json.loads(json.dumps(state))
+    scattered["cbs_law"]["critical_batch_size_residuals"] = [0.2, -0.2, 0.1, -0.1, 0.0, 0.0]
+    wide = Recommender.from_dict(scattered).recommend(4e8, 1e10)
+    wide_iv = wide.critical_batch_size_tokens_interval
+    assert wide_iv.low < iv.low <= iv.high < wide_iv.high
+    assert math.log(wide_iv.high / wide_iv.low) / 2 == pytest.approx(
+        stats.t.ppf(0.95, 3) * math.sqrt(0.1 / 3), rel=0.05
+    )
+    scattered["cbs_law"]["critical_batch_size_residuals"] = [0.2, -0.2, 0.0]
+    assert NO_CBS_SCATTER_WARNING in Recommender.from_dict(scattered).recommend(4e8, 1e10).warnings
+    assert NO_CBS_SCATTER_WARNING not in out.warnings
     # Without steps-to-target columns the surface supplies the CBS.
     plain = fit_recommender(surface, n_bootstrap=0, window=0.05).recommend(4e8, 1e10)
     assert plain.sources["critical_batch_size_tokens"].startswith("loss_surface")

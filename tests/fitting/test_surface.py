@@ -9,7 +9,7 @@ import pytest
 
 from fitting.data import Runs
 from fitting.results import FitStatus
-from fitting.surface import fit_group_optima, fit_surface
+from fitting.surface import fit_group_optima, fit_surface, optimum_log
 
 # ln η and ln B offsets of each group's optimum from the power laws, in group order.
 SHIFTS = [
@@ -109,3 +109,37 @@ def test_group_optima_report_thin_data_and_bad_options():
     thin = fit_group_optima(two_lr, window=0.05)
     assert thin.status is FitStatus.INSUFFICIENT_DATA and "3 learning rates" in thin.reason
     assert thin.learning_rate.size == 0
+
+
+def test_a_group_listed_k_times_counts_as_k_groups():
+    """``groups`` lists the groups as index arrays (a bootstrap resample): one listed twice
+    weighs as two groups with the same runs would, and pulls the laws towards its optimum;
+    listing each once is the default fit."""
+    runs = grid_runs(shifts=SHIFTS)
+    groups = [group.index for group in runs.groups()]
+    once = fit_surface(runs, window=0.05).params
+    assert fit_surface(runs, window=0.05, groups=groups).params == once
+    j = 3  # the group moved furthest off the laws: (0.20, 0.12)
+    twice = fit_surface(runs, window=0.05, groups=[*groups, groups[j]]).params
+    # A twin: the same runs again as a group of its own (n_tokens 1e-12 apart).
+    extra = runs.subset(groups[j])
+    twin = Runs(
+        **{
+            name: np.concatenate([getattr(runs, name), getattr(extra, name)])
+            for name in ("n_params", "seq_len", "learning_rate", "batch_size_tokens", "loss")
+        },
+        n_tokens=np.concatenate([runs.n_tokens, extra.n_tokens * (1 + 1e-12)]),
+    )
+    assert len(twin.groups()) == len(groups) + 1
+    with_twin = fit_surface(twin, window=0.05).params
+    for name in ("eta_0", "eta_n", "eta_d", "batch_0", "batch_n", "batch_d", "loss_d"):
+        assert getattr(twice, name) == pytest.approx(getattr(with_twin, name), abs=1e-6)
+    # Three copies pull the laws towards that group's own optimum.
+    thrice = fit_surface(runs, window=0.05, groups=[*groups, groups[j], groups[j]]).params
+    n_params, n_tokens = runs.n_params[groups[j][0]], runs.n_tokens[groups[j][0]]
+    x_true = math.log(2e-3) - 0.7 * math.log(n_params / 4e8) + 0.3 * math.log(n_tokens / 2e10)
+    misses = [
+        abs(optimum_log(p, math.log(n_params), math.log(n_tokens))[0] - x_true - SHIFTS[j][0])
+        for p in (once, twice, thrice)
+    ]
+    assert misses[0] > misses[1] > misses[2] and misses[2] < 0.6 * misses[0]
