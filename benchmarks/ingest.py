@@ -39,7 +39,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from client import HyperlawClient  # noqa: E402
-from tests.databases import DEFAULT_ADMIN_URL  # noqa: E402
+from tests.databases import (  # noqa: E402
+    DEFAULT_ADMIN_URL,
+    hyperlaw_command,
+)
 from tests.databases import create_postgres_database as create_database  # noqa: E402
 from tests.databases import drop_postgres_database as drop_database  # noqa: E402
 
@@ -68,28 +71,10 @@ def start_server(database_url: str, log_dir: Path) -> tuple[subprocess.Popen, st
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "HYPERLAW_DATABASE_URL": database_url}
-    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    args = ("serve", "--no-worker", "--host", "127.0.0.1", "--port", str(port))
+    argv, env = hyperlaw_command(database_url, *args)
     log_file = open(log_dir / "server.log", "wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hyperlaw",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--no-worker",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-    )
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

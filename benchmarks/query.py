@@ -35,6 +35,7 @@ from tests.databases import (  # noqa: E402
     DEFAULT_ADMIN_URL,
     create_postgres_database,
     drop_postgres_database,
+    hyperlaw_command,
 )
 
 log = logging.getLogger("benchmarks.query")
@@ -76,27 +77,9 @@ def seed(url: str) -> None:
 
 
 def start_server(url: str, port: int, log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "HYPERLAW_DATABASE_URL": url}
-    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    argv, env = hyperlaw_command(url, "serve", "--host", "127.0.0.1", "--port", str(port))
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "hyperlaw",
-                "--log-level",
-                "WARNING",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -17,7 +17,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,12 +30,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from server.core.db import open_database
 from tests.databases import (
+    REPO_ROOT,
     create_postgres_database,
     drop_postgres_database,
+    hyperlaw_command,
     postgres_admin_url,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def create_pg_database(prefix: str = "hyperlaw_test") -> str:
@@ -189,20 +188,8 @@ def start_live_server(
     """Start ``hyperlaw serve`` on ``port`` (default: a free one), as a user would type it,
     and wait until it answers."""
     port = port or free_port()
-    run_env = {**os.environ, "HYPERLAW_DATABASE_URL": database_url, **(env or {})}
-    run_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + run_env.get("PYTHONPATH", "")
-    cmd = [
-        sys.executable,
-        "-m",
-        "hyperlaw",
-        "--log-level",
-        "WARNING",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    args = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd, run_env = hyperlaw_command(database_url, *args, env=env)
     if not worker:
         cmd.append("--no-worker")
     log_path = log_dir / f"server-{port}-{uuid.uuid4().hex[:6]}.log"

@@ -5,7 +5,9 @@
 - ``create_postgres_database`` / ``drop_postgres_database``: an empty database with a
   unique name, and its removal (connections closed first);
 - ``seed_steplaw(url)``: the bundled Step Law sweep imported and fitted;
-- ``add_completed_trial(url)``: one completed trained trial, created as the API creates it.
+- ``add_completed_trial(url)``: one completed trained trial, created as the API creates it;
+- ``hyperlaw_command(url, *args)`` / ``run_hyperlaw(url, *args)``: the ``hyperlaw`` command
+  of this checkout on a database, as a user types it (``python -m hyperlaw``).
 
 The benchmarks import this module too (they put the repository root on ``sys.path``).
 """
@@ -13,8 +15,11 @@ The benchmarks import this module too (they put the repository root on ``sys.pat
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -22,6 +27,28 @@ from sqlalchemy.engine import make_url
 from server.core.db import open_database
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def hyperlaw_command(
+    database_url: str, *args: str, env: Mapping[str, str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment of ``hyperlaw --log-level WARNING ARGS`` run from this
+    checkout on the database at ``database_url`` (``env`` is added to this process's)."""
+    run_env = {**os.environ, "HYPERLAW_DATABASE_URL": database_url, **(env or {})}
+    run_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + run_env.get("PYTHONPATH", "")
+    return [sys.executable, "-m", "hyperlaw", "--log-level", "WARNING", *args], run_env
+
+
+def run_hyperlaw(
+    database_url: str, *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """Run ``hyperlaw ARGS`` on the database at ``database_url`` to the end; its output is
+    captured as text."""
+    argv, env = hyperlaw_command(database_url, *args)
+    return subprocess.run(
+        argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def postgres_admin_url() -> str:

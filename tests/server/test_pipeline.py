@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import httpx
 from sqlalchemy import select
@@ -20,22 +17,9 @@ from server.recommend import recommend_from_database
 from server.worker.fits import RECOMMENDER_KIND
 from server.worker.loop import refit_once, stale_scopes
 from server.worker.scopes import GLOBAL_SCOPE, experiment_scope, scope_watermarks
-from tests.conftest import REPO_ROOT
+from tests.databases import run_hyperlaw
 
 KEYS = ("learning_rate", "batch_size_tokens", "batch_size_sequences", "critical_batch_size_tokens")
-
-
-def run_cli(url: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYPERLAW_DATABASE_URL": url}
-    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run(
-        [sys.executable, "-m", "hyperlaw", "--log-level", "WARNING", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_import_fit_recommend(fresh_db, database_for):
@@ -91,9 +75,9 @@ def test_cli_and_api_give_the_same_numbers(seeded_pg, live_server_factory):
         "2097152",
         "--json",
     ]
-    from_db = run_cli(seeded_pg, *cli_args)
+    from_db = run_hyperlaw(seeded_pg, *cli_args)
     assert from_db.returncode == 0, from_db.stderr
-    via_url = run_cli(seeded_pg, *cli_args, "--url", server.url)
+    via_url = run_hyperlaw(seeded_pg, *cli_args, "--url", server.url)
     assert via_url.returncode == 0, via_url.stderr
     for out in (from_db.stdout, via_url.stdout):
         cli = json.loads(out)
@@ -102,29 +86,29 @@ def test_cli_and_api_give_the_same_numbers(seeded_pg, live_server_factory):
             assert cli[key] == api[key], key
         assert cli["fit_ids"] == api["fit_ids"] and cli["fitted_at"] == api["fitted_at"]
 
-    text = run_cli(seeded_pg, "recommend", "--n-params", "3e8", "--n-tokens", "2e10")
+    text = run_hyperlaw(seeded_pg, "recommend", "--n-params", "3e8", "--n-tokens", "2e10")
     assert text.returncode == 0, text.stderr
     assert "learning_rate" in text.stdout and f"{api['fit_ids'][0]}" in text.stdout
 
 
 def test_cli_commands(fresh_db):
-    empty = run_cli(fresh_db, "recommend", "--n-params", "1e9", "--n-tokens", "1e11")
+    empty = run_hyperlaw(fresh_db, "recommend", "--n-params", "1e9", "--n-tokens", "1e11")
     assert empty.returncode == 2 and "hyperlaw import steplaw" in empty.stderr
-    imported = run_cli(fresh_db, "import", "steplaw")
+    imported = run_hyperlaw(fresh_db, "import", "steplaw")
     assert imported.returncode == 0, imported.stderr
     assert "1911 trials imported" in imported.stdout and "arXiv:2503.04715" in imported.stdout
-    fitted = run_cli(fresh_db, "fit")
+    fitted = run_hyperlaw(fresh_db, "fit")
     assert fitted.returncode == 0, fitted.stderr
     for kind in ("recommender", "near_optimal", "bell"):
         assert re.search(rf"^global {kind}: fitted fit \d+ ok$", fitted.stdout, re.M), kind
     assert re.search(
         r"^global cbs: fitted fit \d+ insufficient_data \(no trial has steps", fitted.stdout, re.M
     )
-    again = run_cli(fresh_db, "fit")
+    again = run_hyperlaw(fresh_db, "fit")
     assert "up to date" in again.stdout
-    bad = run_cli(fresh_db, "recommend", "--n-params", "-5", "--n-tokens", "1e11")
+    bad = run_hyperlaw(fresh_db, "recommend", "--n-params", "-5", "--n-tokens", "1e11")
     assert bad.returncode == 2 and "n_params must be finite and > 0" in bad.stderr
-    by_name = run_cli(
+    by_name = run_hyperlaw(
         fresh_db,
         "recommend",
         "--n-params",
@@ -155,9 +139,9 @@ def test_import_runs_csv(fresh_db, tmp_path, database_for):
     path.write_text("\n".join(lines) + "\n")
     bad = tmp_path / "bad.csv"
     bad.write_text(lines[0] + "\n" + lines[1] + "\n1e9,1e11,2048,-1,1e6,3.0\n")
-    refused = run_cli(fresh_db, "import", "runs", str(bad))
+    refused = run_hyperlaw(fresh_db, "import", "runs", str(bad))
     assert refused.returncode == 2 and "line 3" in refused.stderr
-    done = run_cli(fresh_db, "import", "runs", str(path), "--experiment", "past")
+    done = run_hyperlaw(fresh_db, "import", "runs", str(path), "--experiment", "past")
     assert done.returncode == 0, done.stderr
     assert "1911 trials imported" in done.stdout
     database = database_for(fresh_db)
