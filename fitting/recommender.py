@@ -24,12 +24,8 @@ B*_g = (1+ε)·B_ref + ε·b/a, with D_g = S(B_ref)·B_ref the tokens to target 
 groups, and likewise k = b/a ∝ N^β_k·D^γ_k. The imposed-batch overheads then follow that
 model: T(B)/T(B*) = (B + k)/(B* + k) and S(B)/S(B*) = (1 + k/B)/(1 + k/B*).
 
-Imposed batch size B: ``learning_rate_for_batch`` = exp(x* + u*(v)) with v = ln B − y* and u*
-the ln η offset minimising Q at v (the fitted η–B coupling). Its cost versus running at the
-CBS, from the tokens-to-target T(B) above and steps S(B) = T(B)/B:
-``token_overhead`` = max(0, T(B)/T(CBS) − 1) (extra tokens, paid above the CBS) and
-``step_overhead`` = max(0, S(B)/S(CBS) − 1) (extra optimizer steps, paid below it), with
-T(CBS) = (1+ε)·D.
+Imposed batch size B: η at that B and its step and token overheads versus the CBS, see
+:mod:`fitting.imposed_batch`.
 
 Intervals (90 %) are prediction intervals, where the optimum of a new (N, D) group lies
 (:mod:`fitting.intervals`): for q = ln η*, ln B*, ln CBS or ln η at an imposed B,
@@ -50,7 +46,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -58,8 +53,11 @@ import numpy as np
 from fitting import intervals
 from fitting import surface as surf
 from fitting.data import Runs
+from fitting.imposed_batch import imposed_batch
 from fitting.intervals import GroupScatter
 from fitting.recommender_state import (
+    Recommendation,
+    RecommenderUnavailable,
     SurfaceDraws,
     SurfacePoint,
     batch_range_warnings,
@@ -82,50 +80,6 @@ _SOURCE_STEPS_CBS = (
     "steps-to-target, Zhang et al. epsilon={eps:g}: power law in {regressors} "
     "over {n_groups} groups (fitting.cbs)"
 )
-_SOURCE_LR_FOR_BATCH = "loss_surface argmin over learning rate at the imposed batch size"
-
-
-class RecommenderUnavailable(RuntimeError):
-    """``recommend`` was called on a recommender whose status is not ok."""
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    """One answer. Batch sizes in tokens unless the name says sequences.
-
-    ``learning_rate_for_batch``, ``step_overhead`` and ``token_overhead`` are set only when a
-    batch size was imposed (see the module docstring for their formulas).
-    """
-
-    n_params: float
-    n_tokens: float
-    seq_len: int
-    learning_rate: float
-    learning_rate_interval: Interval
-    batch_size_tokens: float
-    batch_size_tokens_interval: Interval
-    batch_size_sequences: float
-    batch_size_sequences_interval: Interval
-    critical_batch_size_tokens: float
-    critical_batch_size_tokens_interval: Interval
-    sources: dict[str, str]
-    warnings: list[str] = field(default_factory=list)
-    imposed_batch_size_tokens: float | None = None
-    learning_rate_for_batch: float | None = None
-    learning_rate_for_batch_interval: Interval | None = None
-    step_overhead: float | None = None
-    token_overhead: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Interval):
-                value = value.as_dict()
-            elif isinstance(value, (dict, list)):
-                value = type(value)(value)
-            out[f.name] = value
-        return out
 
 
 class Recommender:
@@ -262,7 +216,6 @@ class Recommender:
 
         p, draws, law = surface.params, self._draws, self._cbs_law
         log_n, log_d = math.log(n_params), math.log(n_tokens)
-        log_eps = math.log1p(self.overhead)
         x, y = surf.optimum_log(p, log_n, log_d)
         lr, bs = math.exp(x), math.exp(y)
         cbs = math.exp(log_critical_batch_size(surface, y, self.overhead))
@@ -299,36 +252,20 @@ class Recommender:
             )
         extra: dict[str, Any] = {}
         if batch_size_tokens is not None:
-            v0 = math.log(batch_size_tokens) - y
-            lr_b = math.exp(x + float(surf.best_eta_offset(p, v0)))
-            if k_steps is not None:
-                # Zhang et al.'s model: T(B) ∝ B + k, S(B) ∝ 1 + k/B.
-                tau = 0.0
-                token_ratio = (batch_size_tokens + k_steps) / (cbs + k_steps)
-                step_ratio = (1.0 + k_steps / batch_size_tokens) / (1.0 + k_steps / cbs)
-            else:
-                tau = surf.log_tokens_to_target(p, v0)
-                # T(B)/D = e^tau; T(CBS) = (1+ε)·D; S = T/B.
-                token_ratio = math.exp(tau - log_eps) if math.isfinite(tau) else float("inf")
-                step_ratio = token_ratio * cbs / batch_size_tokens
-            extra = {
-                "imposed_batch_size_tokens": batch_size_tokens,
-                "learning_rate_for_batch": lr_b,
-                "learning_rate_for_batch_interval": ivs.learning_rate_for_batch,
-                "step_overhead": max(0.0, step_ratio - 1.0),
-                "token_overhead": max(0.0, token_ratio - 1.0),
-            }
-            sources["learning_rate_for_batch"] = _SOURCE_LR_FOR_BATCH
-            sources["step_overhead"] = sources["token_overhead"] = sources[
-                "critical_batch_size_tokens"
-            ]
+            imposed = imposed_batch(
+                p,
+                log_optimum=(x, y),
+                batch_size_tokens=batch_size_tokens,
+                cbs=cbs,
+                k_steps=k_steps,
+                overhead=self.overhead,
+                lr_interval=ivs.learning_rate_for_batch,
+                cbs_source=sources["critical_batch_size_tokens"],
+            )
+            extra = imposed.fields
+            sources.update(imposed.sources)
             warnings += batch_range_warnings(self.fitted_range, batch_size_tokens)
-            if math.isinf(tau):
-                warnings.append(
-                    f"batch_size_tokens={batch_size_tokens:.4g} does not reach the "
-                    f"optimum's loss within e^12 times n_tokens on the fitted "
-                    f"surface"
-                )
+            warnings += imposed.warnings
         return Recommendation(
             n_params=n_params,
             n_tokens=n_tokens,

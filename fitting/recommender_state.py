@@ -1,5 +1,6 @@
 """The recommender's fitted state, by name: what :func:`fitting.recommender.fit_recommender`
-keeps and :meth:`fitting.recommender.Recommender.to_dict` stores.
+keeps and :meth:`fitting.recommender.Recommender.to_dict` stores; and its answer,
+:class:`Recommendation`.
 
 * :class:`SurfacePoint`: one fit of the loss surface (:mod:`fitting.surface`) with v_c, the
   offset of ln CBS that the fit implies at ε; one for the fit and one per bootstrap draw.
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
 from fitting import surface as surf
 from fitting.data import Runs
+from fitting.results import Interval
 
 
 @dataclass(frozen=True)
@@ -145,3 +148,46 @@ def batch_range_warnings(
     by what factor."""
     batch_range = fitted_range.get("batch_size_tokens")
     return _outside("batch_size_tokens", batch_size_tokens, batch_range) if batch_range else []
+
+
+class RecommenderUnavailable(RuntimeError):
+    """``recommend`` was called on a recommender whose status is not ok."""
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One answer. Batch sizes in tokens unless the name says sequences.
+
+    ``learning_rate_for_batch``, ``step_overhead`` and ``token_overhead`` are set only when a
+    batch size was imposed (see the module docstring for their formulas).
+    """
+
+    n_params: float
+    n_tokens: float
+    seq_len: int
+    learning_rate: float
+    learning_rate_interval: Interval
+    batch_size_tokens: float
+    batch_size_tokens_interval: Interval
+    batch_size_sequences: float
+    batch_size_sequences_interval: Interval
+    critical_batch_size_tokens: float
+    critical_batch_size_tokens_interval: Interval
+    sources: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+    imposed_batch_size_tokens: float | None = None
+    learning_rate_for_batch: float | None = None
+    learning_rate_for_batch_interval: Interval | None = None
+    step_overhead: float | None = None
+    token_overhead: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Interval):
+                value = value.as_dict()
+            elif isinstance(value, (dict, list)):
+                value = type(value)(value)
+            out[f.name] = value
+        return out
