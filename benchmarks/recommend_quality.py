@@ -110,7 +110,7 @@ from fitting.data import Runs, bundled_steplaw_path, load_steplaw_csv  # noqa: E
 from fitting.recommender import fit_recommender  # noqa: E402
 from fitting.recommender_state import SurfaceDraws, SurfacePoint  # noqa: E402
 from fitting.results import Interval, percentile_interval  # noqa: E402
-from fitting.surface import fit_group_optima  # noqa: E402
+from fitting.group_optima import fit_group_optima  # noqa: E402
 
 logger = logging.getLogger("recommend_quality")
 

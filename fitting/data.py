@@ -85,11 +85,13 @@ class StepsCsvError(ValueError):
 @dataclass(frozen=True, eq=False)
 class RunGroup:
     """One (N, D) group of runs: its ``n_params``, ``n_tokens`` and ``index``, the positions
-    of its runs in the :class:`Runs` it came from (an integer array)."""
+    of its runs in the :class:`Runs` it came from (an integer array), and its ``family``
+    (None when the runs carry no family labels)."""
 
     n_params: float
     n_tokens: float
     index: np.ndarray
+    family: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,7 +99,9 @@ class Runs:
     """Equal-length arrays, one entry per run.
 
     ``loss`` is the final smoothed loss (NaN/inf = diverged). ``trial_id``,
-    ``steps_to_target`` and ``target_loss`` are optional (None when absent).
+    ``steps_to_target``, ``target_loss`` and ``family`` are optional (None when absent).
+    ``family`` labels each run with what makes its losses comparable (a string per run):
+    runs of different families are never one group.
     ``batch_size_sequences`` is derived: B / seq_len.
     """
 
@@ -110,6 +114,7 @@ class Runs:
     trial_id: np.ndarray | None = None
     steps_to_target: np.ndarray | None = None
     target_loss: np.ndarray | None = None
+    family: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = None
@@ -119,7 +124,9 @@ class Runs:
                 if f.name in _REQUIRED or f.name == "loss":
                     raise ValueError(f"{f.name} is required")
                 continue
-            dtype = np.int64 if f.name in ("seq_len", "trial_id") else float
+            dtype: Any = np.int64 if f.name in ("seq_len", "trial_id") else float
+            if f.name == "family":
+                dtype = object
             arr = np.asarray(value, dtype=dtype)
             if arr.ndim != 1:
                 raise ValueError(f"{f.name} must be one-dimensional, got shape {arr.shape}")
@@ -129,6 +136,8 @@ class Runs:
                 raise ValueError(f"{f.name} has {arr.size} entries, expected {n}")
             arr.setflags(write=False)
             object.__setattr__(self, f.name, arr)
+        if self.family is not None and not all(isinstance(v, str) and v for v in self.family):
+            raise ValueError("family must be a non-empty string for every run")
         for name in _REQUIRED:
             arr = getattr(self, name)
             if not np.all(np.isfinite(arr)) or not np.all(arr > 0):
@@ -155,17 +164,28 @@ class Runs:
         return Runs(**kwargs)
 
     def group_keys(self) -> np.ndarray:
-        """An (n, 2) array of (n_params, n_tokens) per run; rows equal = same group."""
+        """An (n, 2) array of (n_params, n_tokens) per run; rows equal (and, with families,
+        the same family) = same group."""
         return np.column_stack([self.n_params, self.n_tokens])
 
+    def families(self) -> list[str]:
+        """The distinct family labels, sorted ([] without labels)."""
+        return [] if self.family is None else sorted(set(self.family.tolist()))
+
     def groups(self) -> list[RunGroup]:
-        """One :class:`RunGroup` per (N, D) group, sorted by N then D."""
-        keys = self.group_keys()
-        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
-        inverse = np.asarray(inverse).reshape(-1)
+        """One :class:`RunGroup` per (N, D) group (per (family, N, D) with families),
+        sorted by family, then N, then D."""
+        labels = self.family if self.family is not None else np.full(len(self), None)
+        members: dict[tuple[Any, float, float], list[int]] = {}
+        for i, key in enumerate(
+            zip(labels.tolist(), self.n_params.tolist(), self.n_tokens.tolist(), strict=True)
+        ):
+            members.setdefault(key, []).append(i)
         return [
-            RunGroup(n_params=float(n), n_tokens=float(d), index=np.flatnonzero(inverse == i))
-            for i, (n, d) in enumerate(uniq)
+            RunGroup(n_params=n, n_tokens=d, index=np.asarray(idx, dtype=np.int64), family=fam)
+            for (fam, n, d), idx in sorted(
+                members.items(), key=lambda kv: (kv[0][0] or "", kv[0][1], kv[0][2])
+            )
         ]
 
     @classmethod
@@ -176,7 +196,12 @@ class Runs:
         """
         rows = list(records)
         cols: dict[str, list] = {name: [] for name in (*_REQUIRED, "loss")}
-        optional: dict[str, list] = {"trial_id": [], "steps_to_target": [], "target_loss": []}
+        optional: dict[str, list] = {
+            "trial_id": [],
+            "steps_to_target": [],
+            "target_loss": [],
+            "family": [],
+        }
         for i, rec in enumerate(rows):
             for name in _REQUIRED:
                 if rec.get(name) is None:
@@ -191,9 +216,9 @@ class Runs:
             present = [v is not None for v in values]
             if not rows or not any(present):
                 kwargs[name] = None
-            elif name == "trial_id":
+            elif name in ("trial_id", "family"):
                 if not all(present):
-                    raise ValueError("trial_id must be given for every record or for none")
+                    raise ValueError(f"{name} must be given for every record or for none")
                 kwargs[name] = values
             else:
                 kwargs[name] = [float("nan") if v is None else v for v in values]

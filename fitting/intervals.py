@@ -2,7 +2,7 @@
 
 The group bootstrap of :func:`fitting.recommender.fit_recommender` gives draws b of the
 laws, x*_b(N, D) = ln η* and y*_b(N, D) = ln B*. Their spread is the uncertainty of the
-mean law only: the groups' own optima (:func:`fitting.surface.fit_group_optima`) scatter
+mean law only: the groups' own optima (:func:`fitting.group_optima.fit_group_optima`) scatter
 about the laws by more (on the Step Law sweep 0.094 in ln η and 0.077 in ln B rms, against
 a bootstrap standard deviation of the laws of 0.02 to 0.03 in the middle of the fitted range
 and 0.05 to 0.1 at its corners). A new group's optimum is the law plus an offset of its
@@ -53,6 +53,7 @@ import numpy as np
 
 from fitting import surface as surf
 from fitting.data import Runs
+from fitting.group_optima import fit_group_optima
 from fitting.recommender_state import SurfaceDraws, SurfacePoint, log_critical_batch_size
 from fitting.results import FitStatus, Interval
 from fitting.steps_law import StepsCbsLaw
@@ -141,18 +142,29 @@ class GroupScatter:
 
 
 def group_scatter(
-    runs: Runs, params: surf.SurfaceParams[float], *, window: float, f_scale: float, cubic: bool
+    runs: Runs,
+    params: surf.SurfaceParams[float],
+    *,
+    window: float,
+    f_scale: float,
+    cubic: bool,
+    by_family: Mapping[str, surf.SurfaceParams[float]] | None = None,
 ) -> GroupScatter:
     """The residual pairs of the module docstring: each group's own optimum
-    (:func:`~fitting.surface.fit_group_optima`, with the surface's options) minus the laws
-    of ``params``. Empty, with a logged warning that says why, when the optima cannot be
-    fitted or G ≤ 3."""
-    optima = surf.fit_group_optima(runs, window=window, f_scale=f_scale, cubic=cubic)
+    (:func:`~fitting.group_optima.fit_group_optima`, with the surface's options) minus the
+    laws of ``params``, or with families, of its own family's laws (``by_family``). Empty,
+    with a logged warning that says why, when the optima cannot be fitted or G ≤ 3."""
+    optima = fit_group_optima(runs, window=window, f_scale=f_scale, cubic=cubic)
     if optima.status is not FitStatus.OK or optima.n_params.size <= LAW_COEFFICIENTS:
         why = optima.reason or f"{optima.n_params.size} groups, laws of {LAW_COEFFICIENTS} terms"
         logger.warning("intervals without the groups' scatter about the laws: %s", why)
         return GroupScatter.empty()
-    x, y = surf.optimum_log(params, np.log(optima.n_params), np.log(optima.n_tokens))
+    log_n, log_d = np.log(optima.n_params), np.log(optima.n_tokens)
+    x, y = surf.optimum_log(params, log_n, log_d)
+    if by_family and optima.family is not None:
+        for name, laws in by_family.items():
+            mine = optima.family == name
+            x[mine], y[mine] = surf.optimum_log(laws, log_n[mine], log_d[mine])
     return GroupScatter(np.log(optima.learning_rate) - x, np.log(optima.batch_size_tokens) - y)
 
 

@@ -73,7 +73,8 @@ logger = logging.getLogger(__name__)
 METHOD = "loss_surface"
 # 2: the steps-to-target CBS law is stored by name (version 1 stored positional lists).
 # 3: the groups' offsets from the laws (prediction intervals) and the CBS law's, stored.
-STATE_VERSION = 3
+# 4: families (one joint fit, the family's laws), the bell curve for an imposed batch size.
+STATE_VERSION = 4
 _SOURCE_OPTIMUM = "loss_surface argmin (power laws in N and D)"
 _SOURCE_CBS = "loss_surface tokens-to-target, Zhang et al. epsilon={eps:g}"
 _SOURCE_STEPS_CBS = (
@@ -293,18 +294,26 @@ def fit_recommender(
     cubic: bool = True,
     n_bootstrap: int = 50,
     seed: int = 0,
+    family: str | None = None,
 ) -> Recommender:
     """Fit the recommender of the module docstring to ``runs``.
 
+    Families: when ``runs`` carry ``family`` labels of several families, the surface is
+    one joint fit (:func:`fitting.surface.fit_surface`: each family its own level, the
+    exponents shrunk towards the shared ones) and the recommender is ``family``'s: its laws,
+    the fitted range, the steps-to-target CBS law and the counts are those of its own runs;
+    the bootstrap draws each family's groups from that family; the groups' scatter is every
+    group's offset from its own family's laws.
+
     ``overhead`` is the CBS's ε; ``window``, ``f_scale`` and ``cubic`` go to
-    :func:`fitting.surface.fit_surface` (and :func:`fitting.surface.fit_group_optima`);
+    :func:`fitting.surface.fit_surface` (and :func:`fitting.group_optima.fit_group_optima`);
     ``n_bootstrap`` group-bootstrap refits with the groups' offsets give the prediction
     intervals (0 = no intervals, NaN bounds).
     """
     overhead = check_positive("overhead", overhead)
     if int(n_bootstrap) != n_bootstrap or n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}")
-    options = {
+    options: dict[str, Any] = {
         "overhead": overhead,
         "window": window,
         "f_scale": f_scale,
@@ -312,8 +321,17 @@ def fit_recommender(
         "n_bootstrap": int(n_bootstrap),
         "seed": seed,
     }
+    if runs.family is None:
+        family = None  # unlabelled runs are one family
+    elif family is None and len(runs.families()) == 1:
+        family = runs.families()[0]
+    elif family is None:
+        raise ValueError(f"runs of families {runs.families()}: name the one to fit (family=)")
+    options["family"] = family
+    own = runs if runs.family is None else runs.subset(runs.family == family)
     groups = runs.groups() if len(runs) else []
-    fitted_range = fitted_range_of(runs)
+    own_groups = [g for g in groups if g.family == family]
+    fitted_range = fitted_range_of(own if len(own) else runs) if len(runs) else {}
 
     def result(
         status: FitStatus,
@@ -328,8 +346,8 @@ def fit_recommender(
         return Recommender(
             status=status,
             reason=reason,
-            n_runs=len(runs),
-            n_groups=len(groups),
+            n_runs=len(own),
+            n_groups=len(own_groups),
             fitted_range=fitted_range,
             options=options,
             quality=quality,
@@ -339,9 +357,10 @@ def fit_recommender(
             cbs_law=cbs_law,
         )
 
-    if len(runs) == 0 or runs.diverged.all():
-        return result(FitStatus.INSUFFICIENT_DATA, "no runs with a finite loss", quality={})
-    fit = surf.fit_surface(runs, window=window, f_scale=f_scale, cubic=cubic)
+    if len(own) == 0 or own.diverged.all():
+        of = "" if family is None else f" of family {family!r}"
+        return result(FitStatus.INSUFFICIENT_DATA, f"no runs{of} with a finite loss", quality={})
+    fit = surf.fit_surface(runs, window=window, f_scale=f_scale, cubic=cubic, family=family)
     if fit.status is not FitStatus.OK or fit.params is None:
         return result(fit.status, fit.reason, quality={})
     surface = SurfacePoint.from_params(fit.params, overhead)
@@ -350,28 +369,37 @@ def fit_recommender(
         reason = "critical batch size undefined: the loss at the optimum does not fall with D"
     rng = np.random.default_rng(seed)
     draws = []
+    names: list[str | None] = [*runs.families()] or [None]
+    strata = [[g for g in groups if g.family == name] for name in names]
     for _ in range(int(n_bootstrap)):  # a group drawn k times counts k times
-        pick = rng.integers(0, len(groups), len(groups))
-        resample = [groups[i].index for i in pick]
-        boot = surf.fit_surface(runs, window=window, f_scale=f_scale, cubic=cubic, groups=resample)
+        resample = [  # within each family: every family keeps its number of groups
+            stratum[i].index
+            for stratum in strata
+            for i in rng.integers(0, len(stratum), len(stratum))
+        ]
+        boot = surf.fit_surface(
+            runs, window=window, f_scale=f_scale, cubic=cubic, groups=resample, family=family
+        )
         if boot.status is FitStatus.OK and boot.params is not None:
             draws.append(SurfacePoint.from_params(boot.params, overhead))
     scatter = GroupScatter.empty()
     if n_bootstrap:  # no draws, no intervals: the groups' scatter is only needed with them
         logger.info("recommender bootstrap: %d of %d draws fitted", len(draws), n_bootstrap)
         scatter = intervals.group_scatter(
-            runs, fit.params, window=window, f_scale=f_scale, cubic=cubic
+            runs, fit.params, window=window, f_scale=f_scale, cubic=cubic, by_family=fit.by_family
         )
     quality = {
         "n_runs_used": fit.n_runs_used,
         "rms_residual_log_loss": fit.rms_residual,
         "n_bootstrap_ok": len(draws),
         "n_scatter_groups": scatter.size,
+        "n_families_pooled": max(len(runs.families()), 1),
+        "n_groups_pooled": len(groups),
     }
     cbs_law, why = fit_steps_cbs_law(
-        runs, overhead=overhead, n_bootstrap=int(n_bootstrap), seed=seed
+        own, overhead=overhead, n_bootstrap=int(n_bootstrap), seed=seed
     )
-    if cbs_law is None and runs.steps_to_target is not None:
+    if cbs_law is None and own.steps_to_target is not None:
         logger.info("critical batch size from the loss surface: %s", why)
     if cbs_law is not None and reason:
         reason = ""  # the steps-to-target law supplies the CBS

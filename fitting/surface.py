@@ -24,9 +24,9 @@ regret on the Step Law sweep (see ``benchmarks/recommend_quality.py``).
 With ``cubic=False`` the cubic terms are held at 0 (a quadratic valley); the default keeps
 them, also a leave-one-group-out choice (the benchmark's nested row re-makes it per fold).
 
-:func:`fit_group_optima` fits the same valley shape with a free optimum (x_g, y_g) per group
-instead of the two power laws: where each group's own runs put its smooth minimum, a
-diagnostic of how far the groups scatter about the laws.
+:func:`fitting.group_optima.fit_group_optima` fits the same valley shape with a free optimum
+(x_g, y_g) per group instead of the two power laws: where each group's own runs put its smooth
+minimum, a diagnostic of how far the groups scatter about the laws.
 
 The level of the loss at the optimum is then summarised by a local power law fitted to the
 group offsets, c(n, d) = loss_0 + loss_n·n + loss_d·d (L_opt ∝ N^loss_n · D^loss_d), which
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -96,6 +96,8 @@ class SurfaceFit:
     n_runs_used: int
     n_groups: int
     rms_residual: float  # of ln L over the runs used (robust fit, so outliers inflate it)
+    #: With families: every fitted family's parameters (``params`` is the target's).
+    by_family: dict[str, SurfaceParams[float]] = field(default_factory=dict)
 
 
 def _surface_not_ok(
@@ -254,10 +256,25 @@ def fit_surface(
     min_runs_per_group: int = 6,
     cubic: bool = True,
     groups: list[np.ndarray] | None = None,
+    family: str | None = None,
+    exponent_sd: float = 0.1,
+    prior_groups: float = 2.0,
 ) -> SurfaceFit:
     """Fit the surface of the module docstring to ``runs`` (see there for the method);
     ``cubic=False`` holds the cubic terms E, F, H at 0. ``groups``: index arrays into ``runs``
-    (default its (N, D) groups); one listed k times is k groups, each with its own c_g."""
+    (default its groups); one listed k times is k groups, each with its own c_g.
+
+    Families (runs with ``family`` labels from more than one family among the usable groups):
+    one joint fit in which every family f has its own intercepts eta_0 + a_f, batch_0 + b_f
+    (its level) and exponents eta_n + α_f, … that are shrunk towards the shared ones: each
+    exponent's deviation α_f enters as a prior residual α_f / ``exponent_sd`` weighing as much
+    as ``prior_groups`` groups of runs. A family with few groups, or groups that cannot tell
+    its exponents apart, keeps the shared exponents and gets its own level; one with many
+    groups gets its own exponents. The valley's shape is shared, the loss offsets c_g stay
+    per group, and the loss-level law is fitted with one intercept per family and shared
+    slopes. ``params`` is ``family``'s, ``by_family`` every family's. With one family this is
+    exactly the fit without labels.
+    """
     from scipy.optimize import least_squares
 
     _check_options(window, f_scale)
@@ -280,6 +297,15 @@ def fit_surface(
         return insufficient(
             "need at least 2 distinct n_params and 2 distinct n_tokens among the usable groups"
         )
+    labels = ["-"] * len(good) if runs.family is None else list(runs.family[first])
+    names = sorted(set(labels))
+    if family is None and len(names) > 1:
+        raise ValueError(f"runs of {len(names)} families: name the one to fit (family=...)")
+    target = names[0] if family is None else family
+    if target not in names:
+        return insufficient(f"family {target!r} has no usable group")
+    fam = np.array([names.index(label) for label in labels])
+    n_fam = len(names)
 
     sel = np.concatenate(good)
     gi = np.concatenate([np.full(g.size, k) for k, g in enumerate(good)])
@@ -292,22 +318,39 @@ def fit_surface(
     x = np.log(runs.learning_rate[sel])
     y = np.log(runs.batch_size_tokens[sel])
     t = np.log(runs.loss[sel])
+    fi = fam[gi]
     counts = np.bincount(gi)
     weights = 1.0 / np.sqrt(counts[gi] / counts.mean())  # each group weighs about the same
+    # Deviations (eta_0, eta_n, eta_d, batch_0, batch_n, batch_d) per family: the levels
+    # nearly free (a weak prior only fixes the split between shared and own), the exponents
+    # shrunk (docstring). None with a single family.
+    n_dev = 6 * n_fam if n_fam > 1 else 0
+    prior_scale = f_scale * math.sqrt(prior_groups * counts.mean())
+    prior_sd = np.tile([100.0, exponent_sd, exponent_sd] * 2, n_fam)
 
     free = np.arange(len(PARAM_NAMES)) if cubic else np.arange(9)  # cubic terms last
+    n_q = free.size
 
     def expand(theta):
         q = np.zeros(len(PARAM_NAMES))
-        q[free] = theta[ng:]
+        q[free] = theta[ng : ng + n_q]
         return np.concatenate([theta[:ng], q])
+
+    def deviations(theta):
+        if not n_dev:
+            return np.zeros((n_fam, 6))
+        return theta[ng + n_q :].reshape(n_fam, 6)
 
     def residuals(theta):
         full = expand(theta)
         c, q = full[:ng], full[ng:]
-        u = x - (q[0] + q[1] * n + q[2] * d)
-        v = y - (q[3] + q[4] * n + q[5] * d)
-        return (c[gi] + _valley(q[6:], u, v) - t) * weights
+        k = q[:6] + deviations(theta)[fi]  # each run's family's optimum laws
+        u = x - (k[:, 0] + k[:, 1] * n + k[:, 2] * d)
+        v = y - (k[:, 3] + k[:, 4] * n + k[:, 5] * d)
+        data = (c[gi] + _valley(q[6:], u, v) - t) * weights
+        if not n_dev:
+            return data
+        return np.concatenate([data, prior_scale * theta[ng + n_q :] / prior_sd])
 
     best = [g[np.argmin(runs.loss[g])] for g in good]
     q0 = np.zeros(len(PARAM_NAMES))
@@ -318,7 +361,7 @@ def fit_surface(
     try:
         sol = least_squares(
             residuals,
-            np.concatenate([c0, q0[free]]),
+            np.concatenate([c0, q0[free], np.zeros(n_dev)]),
             loss="soft_l1",
             f_scale=f_scale,
             x_scale="jac",
@@ -330,7 +373,7 @@ def fit_surface(
     theta = expand(sol.x)
     q = dict(zip(PARAM_NAMES, (float(v) for v in theta[ng:]), strict=True))
     a, b = math.exp(q["log_curv_eta"]), math.exp(q["log_curv_batch"])
-    if not sol.success or not np.all(np.isfinite(theta)) or 4 * a * b <= q["coupling"] ** 2:
+    if not sol.success or not np.all(np.isfinite(sol.x)) or 4 * a * b <= q["coupling"] ** 2:
         return _surface_not_ok(
             FitStatus.FAILED,
             f"fit did not converge to a minimum (success={sol.success}, "
@@ -338,113 +381,28 @@ def fit_surface(
             n_runs_used=sel.size,
             n_groups=ng,
         )
-    # Local power law of the loss at the optimum: c_g = loss_0 + loss_n·n + loss_d·d.
-    design = np.column_stack([np.ones(ng), log_n_g - n_ref, log_d_g - d_ref])
+    # Local power law of the loss at the optimum: c_g = loss_0,f + loss_n·n + loss_d·d.
+    design = np.column_stack([np.eye(n_fam)[fam], log_n_g - n_ref, log_d_g - d_ref])
     coef = np.linalg.lstsq(design, theta[:ng], rcond=None)[0]
-    loss_0, loss_n, loss_d = (float(v) for v in coef)
-    params = SurfaceParams(
-        n_ref=n_ref, d_ref=d_ref, **q, loss_0=loss_0, loss_n=loss_n, loss_d=loss_d
-    )
-    rms = float(np.sqrt(np.mean((residuals(sol.x) / weights) ** 2)))
+    dev = deviations(sol.x)
+    by_family = {}
+    for f, name in enumerate(names):
+        laws = {key: q[key] + float(dev[f, j]) for j, key in enumerate(_OPTIMUM_NAMES)}
+        by_family[name] = SurfaceParams(
+            n_ref=n_ref,
+            d_ref=d_ref,
+            **{**q, **laws},
+            loss_0=float(coef[f]),
+            loss_n=float(coef[n_fam]),
+            loss_d=float(coef[n_fam + 1]),
+        )
+    rms = float(np.sqrt(np.mean((residuals(sol.x)[: sel.size] / weights) ** 2)))
     return SurfaceFit(
         status=FitStatus.OK,
         reason="",
-        params=params,
+        params=by_family[target],
         n_runs_used=sel.size,
         n_groups=ng,
         rms_residual=rms,
-    )
-
-
-@dataclass(frozen=True)
-class GroupOptima:
-    """Result of :func:`fit_group_optima`: one row per usable (N, D) group (arrays)."""
-
-    status: FitStatus
-    reason: str
-    n_params: np.ndarray
-    n_tokens: np.ndarray
-    learning_rate: np.ndarray  # e^x_g, the group's own smooth argmin in η
-    batch_size_tokens: np.ndarray  # e^y_g, in tokens
-
-
-def _optima_not_ok(status: FitStatus, reason: str) -> GroupOptima:
-    """A :class:`GroupOptima` with no groups; ``status`` and ``reason`` say why."""
-    empty = np.zeros(0)
-    return GroupOptima(
-        status=status,
-        reason=reason,
-        n_params=empty,
-        n_tokens=empty,
-        learning_rate=empty,
-        batch_size_tokens=empty,
-    )
-
-
-def fit_group_optima(
-    runs: Runs,
-    *,
-    window: float = 0.01,
-    f_scale: float = 0.002,
-    min_runs_per_group: int = 6,
-    cubic: bool = True,
-) -> GroupOptima:
-    """Each group's own smooth optimum under one shared valley shape:
-
-        ln L = c_g + Q(ln η − x_g, ln B − y_g)
-
-    fitted jointly (same run selection, weights and robust loss as :func:`fit_surface`), with
-    a free (c_g, x_g, y_g) per group and Q's six shape parameters shared. No law in N or D
-    links the groups, so a group's optimum is where its own runs put it.
-    """
-    from scipy.optimize import least_squares
-
-    _check_options(window, f_scale)
-    good = _usable(runs, _select(runs, window, min_runs_per_group), min_runs_per_group)
-    if not good:
-        return _optima_not_ok(
-            FitStatus.INSUFFICIENT_DATA,
-            f"no group has >= {min_runs_per_group} finite runs over >= 3 "
-            f"learning rates and >= 3 batch sizes near its best",
-        )
-    ng = len(good)
-    sel = np.concatenate(good)
-    gi = np.concatenate([np.full(g.size, k) for k, g in enumerate(good)])
-    x = np.log(runs.learning_rate[sel])
-    y = np.log(runs.batch_size_tokens[sel])
-    t = np.log(runs.loss[sel])
-    counts = np.bincount(gi)
-    weights = 1.0 / np.sqrt(counts[gi] / counts.mean())
-    n_shape = 6 if cubic else 3
-
-    def residuals(theta):
-        c, xg, yg = theta[:ng], theta[ng : 2 * ng], theta[2 * ng : 3 * ng]
-        shape = np.zeros(6)
-        shape[:n_shape] = theta[3 * ng :]
-        return (c[gi] + _valley(shape, x - xg[gi], y - yg[gi]) - t) * weights
-
-    best = np.array([g[np.argmin(runs.loss[g])] for g in good])
-    shape0 = np.zeros(n_shape)
-    shape0[:2] = math.log(0.005)
-    theta0 = np.concatenate(
-        [
-            np.log(runs.loss[best]),
-            np.log(runs.learning_rate[best]),
-            np.log(runs.batch_size_tokens[best]),
-            shape0,
-        ]
-    )
-    try:
-        sol = least_squares(residuals, theta0, loss="soft_l1", f_scale=f_scale, x_scale="jac")
-    except (ValueError, np.linalg.LinAlgError) as exc:
-        return _optima_not_ok(FitStatus.FAILED, f"optimiser failed: {exc}")
-    if not sol.success or not np.all(np.isfinite(sol.x)):
-        return _optima_not_ok(FitStatus.FAILED, "fit did not converge")
-    return GroupOptima(
-        status=FitStatus.OK,
-        reason="",
-        n_params=runs.n_params[best],
-        n_tokens=runs.n_tokens[best],
-        learning_rate=np.exp(sol.x[ng : 2 * ng]),
-        batch_size_tokens=np.exp(sol.x[2 * ng : 3 * ng]),
+        by_family=by_family if runs.family is not None else {},
     )

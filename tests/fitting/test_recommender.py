@@ -13,6 +13,7 @@ import pytest
 from scipy import stats
 
 from fitting.data import Runs, bundled_steplaw_path, load_steplaw_csv
+from fitting.group_optima import fit_group_optima
 from fitting.intervals import NO_CBS_SCATTER_WARNING, NO_SCATTER_WARNING, GroupScatter
 from fitting.recommender import (
     STATE_VERSION,
@@ -22,7 +23,7 @@ from fitting.recommender import (
 )
 from fitting.recommender_state import SurfaceDraws, SurfacePoint
 from fitting.results import FitStatus
-from fitting.surface import fit_group_optima, fit_surface, optimum_log
+from fitting.surface import fit_surface, optimum_log
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from fitting.data import Runs
+from fitting.group_optima import fit_group_optima
 from fitting.results import FitStatus
-from fitting.surface import fit_group_optima, fit_surface, optimum_log
+from fitting.surface import fit_surface, optimum_log
 
 # ln η and ln B offsets of each group's optimum from the power laws, in group order.
 SHIFTS = [

@@ -1,0 +1,117 @@
+"""Each group's own smooth optimum under the loss surface's shared valley shape.
+
+    ln L = c_g + Q(ln η − x_g, ln B − y_g)
+
+is :mod:`fitting.surface`'s model with a free optimum (x_g, y_g) per group in place of the
+two power laws: no law in N or D links the groups, so a group's optimum is where its own runs
+put it. It measures how far the groups scatter about the laws (the prediction intervals of
+:mod:`fitting.intervals`) and scores a recommendation on a group's smooth valley.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fitting.data import Runs
+from fitting.results import FitStatus
+from fitting.surface import _check_options, _select, _usable, _valley
+
+
+@dataclass(frozen=True)
+class GroupOptima:
+    """Result of :func:`fit_group_optima`: one row per usable (N, D) group (arrays)."""
+
+    status: FitStatus
+    reason: str
+    n_params: np.ndarray
+    n_tokens: np.ndarray
+    learning_rate: np.ndarray  # e^x_g, the group's own smooth argmin in η
+    batch_size_tokens: np.ndarray  # e^y_g, in tokens
+    family: np.ndarray | None = None  # each group's family label, when the runs carry them
+
+
+def _optima_not_ok(status: FitStatus, reason: str) -> GroupOptima:
+    """A :class:`GroupOptima` with no groups; ``status`` and ``reason`` say why."""
+    empty = np.zeros(0)
+    return GroupOptima(
+        status=status,
+        reason=reason,
+        n_params=empty,
+        n_tokens=empty,
+        learning_rate=empty,
+        batch_size_tokens=empty,
+    )
+
+
+def fit_group_optima(
+    runs: Runs,
+    *,
+    window: float = 0.01,
+    f_scale: float = 0.002,
+    min_runs_per_group: int = 6,
+    cubic: bool = True,
+) -> GroupOptima:
+    """Each group's own smooth optimum under one shared valley shape:
+
+        ln L = c_g + Q(ln η − x_g, ln B − y_g)
+
+    fitted jointly (same run selection, weights and robust loss as
+    :func:`fitting.surface.fit_surface`), with
+    a free (c_g, x_g, y_g) per group and Q's six shape parameters shared. No law in N or D
+    links the groups, so a group's optimum is where its own runs put it.
+    """
+    from scipy.optimize import least_squares
+
+    _check_options(window, f_scale)
+    good = _usable(runs, _select(runs, window, min_runs_per_group), min_runs_per_group)
+    if not good:
+        return _optima_not_ok(
+            FitStatus.INSUFFICIENT_DATA,
+            f"no group has >= {min_runs_per_group} finite runs over >= 3 "
+            f"learning rates and >= 3 batch sizes near its best",
+        )
+    ng = len(good)
+    sel = np.concatenate(good)
+    gi = np.concatenate([np.full(g.size, k) for k, g in enumerate(good)])
+    x = np.log(runs.learning_rate[sel])
+    y = np.log(runs.batch_size_tokens[sel])
+    t = np.log(runs.loss[sel])
+    counts = np.bincount(gi)
+    weights = 1.0 / np.sqrt(counts[gi] / counts.mean())
+    n_shape = 6 if cubic else 3
+
+    def residuals(theta):
+        c, xg, yg = theta[:ng], theta[ng : 2 * ng], theta[2 * ng : 3 * ng]
+        shape = np.zeros(6)
+        shape[:n_shape] = theta[3 * ng :]
+        return (c[gi] + _valley(shape, x - xg[gi], y - yg[gi]) - t) * weights
+
+    best = np.array([g[np.argmin(runs.loss[g])] for g in good])
+    shape0 = np.zeros(n_shape)
+    shape0[:2] = math.log(0.005)
+    theta0 = np.concatenate(
+        [
+            np.log(runs.loss[best]),
+            np.log(runs.learning_rate[best]),
+            np.log(runs.batch_size_tokens[best]),
+            shape0,
+        ]
+    )
+    try:
+        sol = least_squares(residuals, theta0, loss="soft_l1", f_scale=f_scale, x_scale="jac")
+    except (ValueError, np.linalg.LinAlgError) as exc:
+        return _optima_not_ok(FitStatus.FAILED, f"optimiser failed: {exc}")
+    if not sol.success or not np.all(np.isfinite(sol.x)):
+        return _optima_not_ok(FitStatus.FAILED, "fit did not converge")
+    return GroupOptima(
+        status=FitStatus.OK,
+        reason="",
+        n_params=runs.n_params[best],
+        n_tokens=runs.n_tokens[best],
+        learning_rate=np.exp(sol.x[ng : 2 * ng]),
+        batch_size_tokens=np.exp(sol.x[2 * ng : 3 * ng]),
+        family=None if runs.family is None else runs.family[best],
+    )
