@@ -84,12 +84,20 @@ def _quantile(level: float, dof: int) -> float:
 
 
 def prediction_interval(
-    point: float, law_draws: np.ndarray, offsets: np.ndarray, dof: int, level: float = 0.9
+    point: float,
+    law_draws: np.ndarray,
+    offsets: np.ndarray,
+    dof: int,
+    level: float = 0.9,
+    *,
+    forms_variance: float = 0.0,
 ) -> Interval:
     """exp(q̂ + δ̄ ± t_{(1+level)/2, dof}·√(Var(law_draws) + Σ(δ − δ̄)²/dof)) with q̂ =
     ``point`` and δ = ``offsets`` (module docstring); the laws' own interval
     exp(q̂ ± z·sd(law_draws)) when ``offsets`` is empty or dof < 1. Non-finite draws are
-    ignored; NaN bounds with fewer than 2 finite draws or a non-finite point."""
+    ignored; NaN bounds with fewer than 2 finite draws or a non-finite point.
+    ``forms_variance``: the spread between law forms (:mod:`fitting.extrapolation`), added
+    under the root."""
     draws = np.asarray(law_draws, dtype=float)
     draws = draws[np.isfinite(draws)]
     if draws.size < 2 or not math.isfinite(point):
@@ -101,7 +109,8 @@ def prediction_interval(
         scatter = float(np.sum((offsets - mean) ** 2)) / dof
     else:
         dof = 0
-    half = _quantile(level, dof) * math.sqrt(float(draws.var(ddof=1)) + scatter)
+    variance = float(draws.var(ddof=1)) + scatter + forms_variance
+    half = _quantile(level, dof) * math.sqrt(variance)
     return Interval(math.exp(point + mean - half), math.exp(point + mean + half), level)
 
 
@@ -193,15 +202,19 @@ def prediction_intervals(
     cbs_law: StepsCbsLaw | None = None,
     log_imposed_batch: float | None = None,
     level: float = 0.9,
+    forms: tuple[float, float, float, float] | None = None,
 ) -> PredictionIntervals:
     """The prediction intervals (module docstring) of η*, B* and the CBS at (ln N, ln D)
     for the fit ``surface`` with its bootstrap ``draws`` and the groups' ``scatter``, the
     CBS from ``cbs_law`` when given and, with ``log_imposed_batch``, of the best η for that
-    batch. NaN bounds without at least 2 draws."""
+    batch. NaN bounds without at least 2 draws. ``forms``: (x̄, ȳ, Var x, Var y) of the law
+    forms' average (:meth:`fitting.extrapolation.LawForms.average`): the intervals of η*, B*
+    and the surface's CBS are centred there and widened by the forms' spread."""
     empty = np.zeros(0)
     p, dof = surface.params, scatter.dof
     r_x, r_y = (scatter.log_learning_rate, scatter.log_batch_size) if dof else (empty, empty)
     x, y = surf.optimum_log(p, log_n, log_d)
+    x_bar, y_bar, var_x, var_y = (x, y, 0.0, 0.0) if forms is None else forms
     if draws is None:
         xs = ys = log_cbs = empty
     else:
@@ -216,8 +229,8 @@ def prediction_intervals(
             level,
         )
     else:
-        point = log_critical_batch_size(surface, y, overhead)
-        cbs = prediction_interval(point, log_cbs, r_y, dof, level)
+        point = log_critical_batch_size(surface, y_bar, overhead)
+        cbs = prediction_interval(point, log_cbs, r_y, dof, level, forms_variance=var_y)
     imposed = None
     if log_imposed_batch is not None:
         v = log_imposed_batch - y
@@ -233,8 +246,8 @@ def prediction_intervals(
     if draws is not None and cbs_law is not None and not cbs_law.residual_dof:
         warnings.append(NO_CBS_SCATTER_WARNING)
     return PredictionIntervals(
-        learning_rate=prediction_interval(x, xs, r_x, dof, level),
-        batch_size_tokens=prediction_interval(y, ys, r_y, dof, level),
+        learning_rate=prediction_interval(x_bar, xs, r_x, dof, level, forms_variance=var_x),
+        batch_size_tokens=prediction_interval(y_bar, ys, r_y, dof, level, forms_variance=var_y),
         critical_batch_size_tokens=cbs,
         learning_rate_for_batch=imposed,
         warnings=warnings,

@@ -24,8 +24,9 @@ B*_g = (1+ε)·B_ref + ε·b/a, with D_g = S(B_ref)·B_ref the tokens to target 
 groups, and likewise k = b/a ∝ N^β_k·D^γ_k. The imposed-batch overheads then follow that
 model: T(B)/T(B*) = (B + k)/(B* + k) and S(B)/S(B*) = (1 + k/B)/(1 + k/B*).
 
-Imposed batch size B: η at that B and its step and token overheads versus the CBS, see
-:mod:`fitting.imposed_batch`.
+Imposed batch size B: η at that B from the family's bell curve of η*(B) (Li et al. 2024,
+:mod:`fitting.bell_state`) scaled through (η*, B*), the surface's η–B coupling as the named
+fallback, and its step and token overheads versus the CBS (:mod:`fitting.imposed_batch`).
 
 Intervals (90 %) are prediction intervals, where the optimum of a new (N, D) group lies
 (:mod:`fitting.intervals`): for q = ln η*, ln B*, ln CBS or ln η at an imposed B,
@@ -37,12 +38,14 @@ Fitted state, by name (:mod:`fitting.recommender_state`): the surface's paramete
 (:class:`SurfacePoint`, one per fit and one per bootstrap draw; the draws are evaluated
 together as :class:`SurfaceDraws`), the groups' offsets from the laws
 (:class:`fitting.intervals.GroupScatter`) and, with steps-to-target data, the CBS and k laws
-(:class:`fitting.steps_law.StepsCbsLaw`). :meth:`Recommender.to_dict` stores them as JSON
-under ``STATE_VERSION``.
+(:class:`fitting.steps_law.StepsCbsLaw`) and the family's bell curve of η*(B) for an
+imposed batch size (:class:`fitting.bell_state.BellState`). :meth:`Recommender.to_dict`
+stores them as JSON under ``STATE_VERSION``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -52,7 +55,9 @@ import numpy as np
 
 from fitting import intervals
 from fitting import surface as surf
+from fitting.bell_state import BellState, fit_bell_state
 from fitting.data import Runs
+from fitting.extrapolation import LawForms, fit_law_forms
 from fitting.imposed_batch import imposed_batch
 from fitting.intervals import GroupScatter
 from fitting.recommender_state import (
@@ -90,7 +95,7 @@ class Recommender:
     the object is read-only after construction and safe to share between threads.
     ``surface`` is the fit (None unless the status is ok), ``surface_draws`` its bootstrap
     refits, ``scatter`` the groups' offsets from its laws, ``cbs_law`` the steps-to-target
-    CBS law when the runs supported one.
+    CBS law when the runs supported one, ``bell`` the bell curve for an imposed batch size.
     """
 
     def __init__(
@@ -107,6 +112,8 @@ class Recommender:
         surface_draws: Sequence[SurfacePoint] = (),
         scatter: GroupScatter | None = None,
         cbs_law: StepsCbsLaw | None = None,
+        bell: BellState | None = None,
+        forms: LawForms | None = None,
     ):
         self.status = FitStatus(status)
         self.reason = reason
@@ -120,6 +127,8 @@ class Recommender:
         self._draws = SurfaceDraws.stack(self._surface_draws) if self._surface_draws else None
         self._scatter = scatter or GroupScatter.empty()
         self._cbs_law = cbs_law
+        self._bell = bell
+        self._forms = forms
 
     @property
     def overhead(self) -> float:
@@ -141,6 +150,8 @@ class Recommender:
             "scatter": self._scatter.as_dict(),
             "quality": self.quality,
             "cbs_law": None if self._cbs_law is None else self._cbs_law.as_dict(),
+            "bell": None if self._bell is None else self._bell.as_dict(),
+            "forms": None if self._forms is None else self._forms.as_dict(),
         }
 
     @classmethod
@@ -152,7 +163,7 @@ class Recommender:
                 f"not a {METHOD} recommender state of version {STATE_VERSION}: "
                 f"method={d.get('method')!r}, version={d.get('version')!r}"
             )
-        params, cbs_law = d["params"], d.get("cbs_law")
+        params, cbs_law, bell = d["params"], d.get("cbs_law"), d.get("bell")
         return cls(
             status=d["status"],
             reason=d["reason"],
@@ -165,6 +176,8 @@ class Recommender:
             surface_draws=[SurfacePoint.from_dict(row) for row in d["draws"]],
             scatter=GroupScatter.from_dict(d["scatter"]),
             cbs_law=None if cbs_law is None else StepsCbsLaw.from_dict(cbs_law),
+            bell=None if bell is None else BellState.from_dict(bell),
+            forms=None if d.get("forms") is None else LawForms.from_dict(d["forms"]),
         )
 
     def _fitted_surface(self) -> SurfacePoint:
@@ -175,7 +188,8 @@ class Recommender:
     def power_laws(self) -> dict[str, dict[str, float]]:
         """The fitted laws as ``value = coefficient · N^n_params_exponent · D^n_tokens_exponent``
         for learning_rate, batch_size_tokens and critical_batch_size_tokens (the CBS shares
-        B*'s exponents; its coefficient carries (1+ε)^batch_d · e^v_c)."""
+        B*'s exponents; its coefficient carries (1+ε)^batch_d · e^v_c). These are the main
+        law form's: with law forms (:mod:`fitting.extrapolation`) the answer averages them."""
         if self._surface is None:
             raise RecommenderUnavailable(f"recommender is {self.status.value}: {self.reason}")
         p = self._surface.params
@@ -218,6 +232,9 @@ class Recommender:
         p, draws, law = surface.params, self._draws, self._cbs_law
         log_n, log_d = math.log(n_params), math.log(n_tokens)
         x, y = surf.optimum_log(p, log_n, log_d)
+        forms = None if self._forms is None else self._forms.average(log_n, log_d)
+        if forms is not None:  # the law forms' average (fitting.extrapolation)
+            x, y = forms[0], forms[1]
         lr, bs = math.exp(x), math.exp(y)
         cbs = math.exp(log_critical_batch_size(surface, y, self.overhead))
         k_steps = None
@@ -233,6 +250,7 @@ class Recommender:
             overhead=self.overhead,
             cbs_law=law,
             log_imposed_batch=None if batch_size_tokens is None else math.log(batch_size_tokens),
+            forms=forms,
         )
         bs_iv = ivs.batch_size_tokens
         seq_iv = Interval(bs_iv.low / seq_len, bs_iv.high / seq_len, bs_iv.level)
@@ -247,6 +265,9 @@ class Recommender:
             "batch_size_tokens": _SOURCE_OPTIMUM,
             "critical_batch_size_tokens": _SOURCE_CBS.format(eps=self.overhead),
         }
+        if self._forms is not None:
+            averaged = f"{_SOURCE_OPTIMUM}, averaged over {self._forms.describe()}"
+            sources["learning_rate"] = sources["batch_size_tokens"] = averaged
         if law is not None:
             sources["critical_batch_size_tokens"] = _SOURCE_STEPS_CBS.format(
                 eps=self.overhead, regressors=", ".join(law.regressors), n_groups=law.n_groups
@@ -255,6 +276,7 @@ class Recommender:
         if batch_size_tokens is not None:
             imposed = imposed_batch(
                 p,
+                log_scale=(log_n, log_d),
                 log_optimum=(x, y),
                 batch_size_tokens=batch_size_tokens,
                 cbs=cbs,
@@ -262,6 +284,9 @@ class Recommender:
                 overhead=self.overhead,
                 lr_interval=ivs.learning_rate_for_batch,
                 cbs_source=sources["critical_batch_size_tokens"],
+                bell=self._bell,
+                draws=None if draws is None else draws.params,
+                anchor_variance=0.0 if forms is None else forms[2],
             )
             extra = imposed.fields
             sources.update(imposed.sources)
@@ -295,6 +320,7 @@ def fit_recommender(
     n_bootstrap: int = 50,
     seed: int = 0,
     family: str | None = None,
+    law_forms: bool = True,
 ) -> Recommender:
     """Fit the recommender of the module docstring to ``runs``.
 
@@ -304,6 +330,9 @@ def fit_recommender(
     the fitted range, the steps-to-target CBS law and the counts are those of its own runs;
     the bootstrap draws each family's groups from that family; the groups' scatter is every
     group's offset from its own family's laws.
+
+    ``law_forms``: average the law forms that the data cannot tell apart
+    (:mod:`fitting.extrapolation`; about ten more surface fits).
 
     ``overhead`` is the CBS's ε; ``window``, ``f_scale`` and ``cubic`` go to
     :func:`fitting.surface.fit_surface` (and :func:`fitting.group_optima.fit_group_optima`);
@@ -320,6 +349,7 @@ def fit_recommender(
         "cubic": bool(cubic),
         "n_bootstrap": int(n_bootstrap),
         "seed": seed,
+        "law_forms": bool(law_forms),
     }
     if runs.family is None:
         family = None  # unlabelled runs are one family
@@ -333,36 +363,20 @@ def fit_recommender(
     own_groups = [g for g in groups if g.family == family]
     fitted_range = fitted_range_of(own if len(own) else runs) if len(runs) else {}
 
-    def result(
-        status: FitStatus,
-        reason: str,
-        *,
-        quality: Mapping[str, float],
-        surface: SurfacePoint | None = None,
-        surface_draws: Sequence[SurfacePoint] = (),
-        scatter: GroupScatter | None = None,
-        cbs_law: StepsCbsLaw | None = None,
-    ) -> Recommender:
-        return Recommender(
-            status=status,
-            reason=reason,
-            n_runs=len(own),
-            n_groups=len(own_groups),
-            fitted_range=fitted_range,
-            options=options,
-            quality=quality,
-            surface=surface,
-            surface_draws=surface_draws,
-            scatter=scatter,
-            cbs_law=cbs_law,
-        )
-
+    result = functools.partial(  # every answer below, ok or not, with these
+        Recommender,
+        n_runs=len(own),
+        n_groups=len(own_groups),
+        fitted_range=fitted_range,
+        options=options,
+    )
     if len(own) == 0 or own.diverged.all():
         of = "" if family is None else f" of family {family!r}"
-        return result(FitStatus.INSUFFICIENT_DATA, f"no runs{of} with a finite loss", quality={})
+        why = f"no runs{of} with a finite loss"
+        return result(status=FitStatus.INSUFFICIENT_DATA, reason=why, quality={})
     fit = surf.fit_surface(runs, window=window, f_scale=f_scale, cubic=cubic, family=family)
     if fit.status is not FitStatus.OK or fit.params is None:
-        return result(fit.status, fit.reason, quality={})
+        return result(status=fit.status, reason=fit.reason, quality={})
     surface = SurfacePoint.from_params(fit.params, overhead)
     reason = ""
     if not math.isfinite(surface.cbs_offset):
@@ -403,12 +417,26 @@ def fit_recommender(
         logger.info("critical batch size from the loss surface: %s", why)
     if cbs_law is not None and reason:
         reason = ""  # the steps-to-target law supplies the CBS
+    forms, why_not = None, "not asked for"
+    if law_forms:
+        forms, why_not = fit_law_forms(
+            runs, fit.params, family=family, window=window, f_scale=f_scale, cubic=cubic
+        )
+    if forms is None:
+        logger.info("one law form, not averaged: %s", why_not)
+    else:
+        quality.update(
+            {f"held_out_rmse_{n}": v for n, v in zip(forms.names, forms.held_out_rmse, strict=True)}
+        )
+    bell = fit_bell_state(own, fit.params, n_bootstrap=int(n_bootstrap), seed=seed)
     return result(
-        FitStatus.OK,
-        reason,
+        status=FitStatus.OK,
+        reason=reason,
         quality=quality,
         surface=surface,
         surface_draws=draws,
         scatter=scatter,
         cbs_law=cbs_law,
+        bell=bell,
+        forms=forms,
     )

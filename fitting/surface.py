@@ -259,6 +259,7 @@ def fit_surface(
     family: str | None = None,
     exponent_sd: float = 0.1,
     prior_groups: float = 2.0,
+    zero: tuple[str, ...] = (),
 ) -> SurfaceFit:
     """Fit the surface of the module docstring to ``runs`` (see there for the method);
     ``cubic=False`` holds the cubic terms E, F, H at 0. ``groups``: index arrays into ``runs``
@@ -274,6 +275,9 @@ def fit_surface(
     per group, and the loss-level law is fitted with one intercept per family and shared
     slopes. ``params`` is ``family``'s, ``by_family`` every family's. With one family this is
     exactly the fit without labels.
+
+    ``zero`` names exponents held at 0 for every family (another law form, e.g.
+    ``("batch_n",)``: B* in D alone).
     """
     from scipy.optimize import least_squares
 
@@ -329,7 +333,9 @@ def fit_surface(
     prior_sd = np.tile([100.0, exponent_sd, exponent_sd] * 2, n_fam)
 
     free = np.arange(len(PARAM_NAMES)) if cubic else np.arange(9)  # cubic terms last
+    free = free[[PARAM_NAMES[i] not in zero for i in free]]
     n_q = free.size
+    varies = np.array([name not in zero for name in _OPTIMUM_NAMES], dtype=float)
 
     def expand(theta):
         q = np.zeros(len(PARAM_NAMES))
@@ -339,7 +345,7 @@ def fit_surface(
     def deviations(theta):
         if not n_dev:
             return np.zeros((n_fam, 6))
-        return theta[ng + n_q :].reshape(n_fam, 6)
+        return theta[ng + n_q :].reshape(n_fam, 6) * varies
 
     def residuals(theta):
         full = expand(theta)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,8 +23,6 @@ from fitting.recommender_state import SurfaceDraws, SurfacePoint
 from fitting.results import FitStatus
 from fitting.surface import fit_surface, optimum_log
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def steplaw() -> Runs:
@@ -35,7 +31,9 @@ def steplaw() -> Runs:
 
 @pytest.fixture(scope="module")
 def fitted(steplaw) -> Recommender:
-    return fit_recommender(steplaw, n_bootstrap=20, seed=1)
+    """One law form: the closed forms below are the surface's own (the average over law
+    forms is tested in test_extrapolation.py)."""
+    return fit_recommender(steplaw, n_bootstrap=20, seed=1, law_forms=False)
 
 
 def synthetic_runs(
@@ -176,8 +174,11 @@ def test_imposed_batch_size(fitted):
             assert out.step_overhead > 0 and out.token_overhead == 0
         if factor > 1:
             assert out.token_overhead > 0 and out.step_overhead == 0
-        # Larger batches want larger learning rates on this sweep.
-        assert out.learning_rate_for_batch > previous_lr
+        # The best η rises with B up to about the CBS and falls slowly beyond it (the bell
+        # curve of fitting.bell_state): within 20 % of the recommended η up to 8× the CBS.
+        if factor <= 1:
+            assert out.learning_rate_for_batch > previous_lr
+        assert 0.8 < out.learning_rate_for_batch / base.learning_rate < 1.2
         previous_lr = out.learning_rate_for_batch
         iv = out.learning_rate_for_batch_interval
         assert iv.low < out.learning_rate_for_batch < iv.high
@@ -344,87 +345,6 @@ def test_diverged_runs_are_tolerated(steplaw):
     rec = fit_recommender(runs, n_bootstrap=0)
     assert rec.status is FitStatus.OK
     assert 1e-3 < rec.recommend(4e8, 2e10).learning_rate < 4e-3
-
-
-def load_benchmark(name: str = "recommend_quality"):
-    spec = importlib.util.spec_from_file_location(
-        name, REPO / "benchmarks" / "recommend_quality.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
-def test_leave_one_group_out_quality_on_the_steplaw_grid(steplaw):
-    """Regression guard: measured 0.059 % mean and 0.234 % max regret (see the benchmark);
-    the published Step Law formula scores 0.096 % / 0.310 % by the same rule."""
-    bench = load_benchmark()
-    regret = 100 * bench.leave_one_group_out(steplaw, bench.recommender)
-    published = 100 * bench.leave_one_group_out(steplaw, bench.steplaw_published)
-    assert published.mean() == pytest.approx(0.0957, abs=1e-3)
-    assert regret.size == 17
-    assert regret.mean() < 0.08
-    assert regret.max() < 0.30
-    assert regret.mean() < published.mean()
-
-
-def test_in_sample_references_bound_the_hardest_group(steplaw):
-    """On N=4.29e8, D=2.27e10 even fits that saw the group's own runs land in the cell of
-    the run 0.234 % above its best (the benchmark's docstring explains why)."""
-    bench = load_benchmark()
-    refs = bench.in_sample_references(steplaw)
-    hard = [
-        k
-        for k, group in enumerate(steplaw.groups())
-        if abs(group.n_params / 4.29e8 - 1) < 0.01 and abs(group.n_tokens / 2.27e10 - 1) < 0.01
-    ]
-    assert len(hard) == 1
-    for name in ("law fitted in-sample", "group's own optimum"):
-        regret = 100 * refs[name]
-        assert regret.size == 17 and np.all(np.isfinite(regret))
-        assert regret[hard] == pytest.approx(0.2343, abs=1e-3)
-    # The own optima are closer to each group's best cell than the laws are, on average.
-    assert refs["group's own optimum"].mean() < refs["law fitted in-sample"].mean()
-
-
-def test_nested_choice_takes_the_option_with_the_best_inner_score(steplaw):
-    bench = load_benchmark()
-    groups = steplaw.groups()
-    runs = steplaw.subset(np.concatenate([group.index for group in groups[::2]]))
-    n, d = groups[9].n_params, groups[9].n_tokens
-    grid = ({"window": 0.01}, {"window": 0.01, "cubic": False})
-    inner = [
-        bench.leave_one_group_out(runs, lambda r, o=o: bench.recommender(r, **o)).mean()
-        for o in grid
-    ]
-    assert inner[0] != inner[1]
-    answers = [bench.recommender(runs, **o)(n, d) for o in grid]
-    assert answers[0] != pytest.approx(answers[1], rel=1e-3)
-    chosen = bench.recommender_nested(runs, grid=grid)(n, d)
-    assert chosen == pytest.approx(answers[int(np.argmin(inner))], rel=1e-9)
-
-
-def test_benchmark_prints_the_table_and_its_machine_readable_last_line(capsys):
-    bench = load_benchmark("recommend_quality_main")
-    assert bench.main(["--coverage-draws", "3"]) == 0  # 30 by default: about a minute
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert any(line.startswith("steplaw_published ") for line in lines)
-    assert any(line.startswith("deepseek_published ") for line in lines)
-    assert any(line.startswith("law fitted in-sample ") for line in lines)
-    assert any(line.startswith("group's own optimum ") for line in lines)
-    for row in bench.COVERAGE_ROWS:
-        assert any(line.startswith(row) for line in lines), row
-    coverage = lines[-3].split()
-    assert coverage[0] == "recommender"
-    shares = {key: float(value) for key, value in (item.split("=") for item in coverage[1:])}
-    assert set(shares) == {"coverage_learning_rate_pct", "coverage_batch_size_pct"}
-    assert all(0 <= share <= 100 for share in shares.values())
-    assert lines[-2].startswith("recommender's hardest group N=")
-    last = lines[-1].split()
-    assert last[0] == "recommender"
-    fields = dict(item.split("=") for item in last[1:])
-    assert set(fields) == {"mean_regret_pct", "max_regret_pct"}
-    assert 0 <= float(fields["mean_regret_pct"]) <= float(fields["max_regret_pct"])
 
 
 def test_steps_to_target_data_supplies_the_critical_batch_size():
