@@ -61,8 +61,38 @@ def fit_group_optima(
     fitted jointly (same run selection, weights and robust loss as
     :func:`fitting.surface.fit_surface`), with
     a free (c_g, x_g, y_g) per group and Q's six shape parameters shared. No law in N or D
-    links the groups, so a group's optimum is where its own runs put it.
+    links the groups, so a group's optimum is where its own runs put it. Runs of several
+    families are fitted family by family: each family has its own valley shape.
     """
+    if runs.family is not None and len(runs.families()) > 1:
+        parts = [
+            fit_group_optima(
+                runs.subset(runs.family == name),
+                window=window,
+                f_scale=f_scale,
+                min_runs_per_group=min_runs_per_group,
+                cubic=cubic,
+            )
+            for name in runs.families()
+        ]
+        ok = [part for part in parts if part.status is FitStatus.OK]
+        if not ok:
+            return parts[0]
+        return GroupOptima(
+            status=FitStatus.OK,
+            reason="",
+            **{
+                name: np.concatenate([getattr(part, name) for part in ok])
+                for name in ("n_params", "n_tokens", "learning_rate", "batch_size_tokens", "family")
+            },
+        )
+    return _fit_one_family(runs, window, f_scale, min_runs_per_group, cubic)
+
+
+def _fit_one_family(
+    runs: Runs, window: float, f_scale: float, min_runs_per_group: int, cubic: bool
+) -> GroupOptima:
+    """:func:`fit_group_optima` for runs of one family."""
     from scipy.optimize import least_squares
 
     _check_options(window, f_scale)

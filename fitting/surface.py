@@ -248,6 +248,25 @@ def _check_options(window: float, f_scale: float) -> None:
         raise ValueError(f"f_scale must be > 0, got {f_scale}")
 
 
+def _loss_laws(offsets, fam, n, d) -> list[dict[str, float]]:
+    """The loss level at the optimum, c_g = loss_0 + loss_n·n + loss_d·d, per family: fitted
+    to the family's own group offsets when at least 4 groups determine all three terms,
+    else the family's own intercept with slopes shared across families."""
+    n_fam = int(fam.max()) + 1
+    design = np.column_stack([np.eye(n_fam)[fam], n, d])
+    shared = np.linalg.lstsq(design, offsets, rcond=None)[0]
+    out = []
+    for f in range(n_fam):
+        mine = fam == f
+        own = np.column_stack([np.ones(mine.sum()), n[mine], d[mine]])
+        if mine.sum() >= 4 and np.linalg.matrix_rank(own) == 3:
+            coef = np.linalg.lstsq(own, offsets[mine], rcond=None)[0]
+        else:
+            coef = np.array([shared[f], shared[n_fam], shared[n_fam + 1]])
+        out.append(dict(zip(("loss_0", "loss_n", "loss_d"), (float(v) for v in coef), strict=True)))
+    return out
+
+
 def fit_surface(
     runs: Runs,
     *,
@@ -267,14 +286,15 @@ def fit_surface(
 
     Families (runs with ``family`` labels from more than one family among the usable groups):
     one joint fit in which every family f has its own intercepts eta_0 + a_f, batch_0 + b_f
-    (its level) and exponents eta_n + α_f, … that are shrunk towards the shared ones: each
-    exponent's deviation α_f enters as a prior residual α_f / ``exponent_sd`` weighing as much
-    as ``prior_groups`` groups of runs. A family with few groups, or groups that cannot tell
-    its exponents apart, keeps the shared exponents and gets its own level; one with many
-    groups gets its own exponents. The valley's shape is shared, the loss offsets c_g stay
-    per group, and the loss-level law is fitted with one intercept per family and shared
-    slopes. ``params`` is ``family``'s, ``by_family`` every family's. With one family this is
-    exactly the fit without labels.
+    (its level) and its own valley shape, and exponents eta_n + α_f, … that are shrunk
+    towards the shared ones: each exponent's deviation α_f enters as a prior residual
+    α_f / ``exponent_sd`` weighing as much as ``prior_groups`` groups of runs. A family with
+    few groups, or groups that cannot tell its exponents apart, keeps the shared exponents
+    and gets its own level; one with many groups gets its own exponents. The loss offsets
+    c_g stay per group; the loss-level law is the family's own where its groups determine
+    it, else its own intercept with shared slopes (:func:`_loss_laws`). ``params`` is
+    ``family``'s, ``by_family`` every family's. With one family this is exactly the fit
+    without labels.
 
     ``zero`` names exponents held at 0 for every family (another law form, e.g.
     ``("batch_n",)``: B* in D alone).
@@ -325,17 +345,19 @@ def fit_surface(
     fi = fam[gi]
     counts = np.bincount(gi)
     weights = 1.0 / np.sqrt(counts[gi] / counts.mean())  # each group weighs about the same
-    # Deviations (eta_0, eta_n, eta_d, batch_0, batch_n, batch_d) per family: the levels
-    # nearly free (a weak prior only fixes the split between shared and own), the exponents
-    # shrunk (docstring). None with a single family.
-    n_dev = 6 * n_fam if n_fam > 1 else 0
+    # Deviations per family of the six optimum laws' coefficients (eta_0, eta_n, eta_d,
+    # batch_0, batch_n, batch_d) and of the six valley shape parameters: the levels and the
+    # shape nearly free (a weak prior only fixes the split between shared and own), the
+    # exponents shrunk (docstring). None with a single family.
+    n_par = len(PARAM_NAMES)
+    n_dev = n_par * n_fam if n_fam > 1 else 0
     prior_scale = f_scale * math.sqrt(prior_groups * counts.mean())
-    prior_sd = np.tile([100.0, exponent_sd, exponent_sd] * 2, n_fam)
+    prior_sd = np.tile([100.0, exponent_sd, exponent_sd] * 2 + [100.0] * 6, n_fam)
 
     free = np.arange(len(PARAM_NAMES)) if cubic else np.arange(9)  # cubic terms last
     free = free[[PARAM_NAMES[i] not in zero for i in free]]
     n_q = free.size
-    varies = np.array([name not in zero for name in _OPTIMUM_NAMES], dtype=float)
+    varies = np.isin(np.arange(n_par), free).astype(float)
 
     def expand(theta):
         q = np.zeros(len(PARAM_NAMES))
@@ -344,16 +366,16 @@ def fit_surface(
 
     def deviations(theta):
         if not n_dev:
-            return np.zeros((n_fam, 6))
-        return theta[ng + n_q :].reshape(n_fam, 6) * varies
+            return np.zeros((n_fam, n_par))
+        return theta[ng + n_q :].reshape(n_fam, n_par) * varies
 
     def residuals(theta):
         full = expand(theta)
         c, q = full[:ng], full[ng:]
-        k = q[:6] + deviations(theta)[fi]  # each run's family's optimum laws
+        k = q + deviations(theta)[fi]  # each run's family's laws and valley
         u = x - (k[:, 0] + k[:, 1] * n + k[:, 2] * d)
         v = y - (k[:, 3] + k[:, 4] * n + k[:, 5] * d)
-        data = (c[gi] + _valley(q[6:], u, v) - t) * weights
+        data = (c[gi] + _valley(k[:, 6:].T, u, v) - t) * weights
         if not n_dev:
             return data
         return np.concatenate([data, prior_scale * theta[ng + n_q :] / prior_sd])
@@ -377,31 +399,30 @@ def fit_surface(
             FitStatus.FAILED, f"optimiser failed: {exc}", n_runs_used=sel.size, n_groups=ng
         )
     theta = expand(sol.x)
-    q = dict(zip(PARAM_NAMES, (float(v) for v in theta[ng:]), strict=True))
-    a, b = math.exp(q["log_curv_eta"]), math.exp(q["log_curv_batch"])
-    if not sol.success or not np.all(np.isfinite(sol.x)) or 4 * a * b <= q["coupling"] ** 2:
+    dev = deviations(sol.x)
+    own = theta[ng:] + dev  # each family's laws and valley, one row per family
+    # the target family's valley must have a minimum; another family's only lends exponents
+    a, b, coupling = np.exp(own[:, 6]), np.exp(own[:, 7]), own[:, 8]
+    mine = names.index(target)
+    minimum = 4 * a[mine] * b[mine] > coupling[mine] ** 2
+    if not sol.success or not np.all(np.isfinite(sol.x)) or not minimum:
         return _surface_not_ok(
             FitStatus.FAILED,
             f"fit did not converge to a minimum (success={sol.success}, "
-            f"4·A·B − C² = {4 * a * b - q['coupling'] ** 2:.3g})",
+            f"4·A·B − C² = {4 * a[mine] * b[mine] - coupling[mine] ** 2:.3g})",
             n_runs_used=sel.size,
             n_groups=ng,
         )
-    # Local power law of the loss at the optimum: c_g = loss_0,f + loss_n·n + loss_d·d.
-    design = np.column_stack([np.eye(n_fam)[fam], log_n_g - n_ref, log_d_g - d_ref])
-    coef = np.linalg.lstsq(design, theta[:ng], rcond=None)[0]
-    dev = deviations(sol.x)
-    by_family = {}
-    for f, name in enumerate(names):
-        laws = {key: q[key] + float(dev[f, j]) for j, key in enumerate(_OPTIMUM_NAMES)}
-        by_family[name] = SurfaceParams(
+    loss_laws = _loss_laws(theta[:ng], fam, log_n_g - n_ref, log_d_g - d_ref)
+    by_family = {
+        name: SurfaceParams(
             n_ref=n_ref,
             d_ref=d_ref,
-            **{**q, **laws},
-            loss_0=float(coef[f]),
-            loss_n=float(coef[n_fam]),
-            loss_d=float(coef[n_fam + 1]),
+            **dict(zip(PARAM_NAMES, (float(v) for v in own[f]), strict=True)),
+            **loss_laws[f],
         )
+        for f, name in enumerate(names)
+    }
     rms = float(np.sqrt(np.mean((residuals(sol.x)[: sel.size] / weights) ** 2)))
     return SurfaceFit(
         status=FitStatus.OK,
