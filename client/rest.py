@@ -146,11 +146,21 @@ class HyperlawClient:
 
     # -- experiments ------------------------------------------------------------------------
 
-    def ensure_experiment(self, name: str, description: str | None = None) -> dict[str, Any]:
-        """The experiment called ``name``, created if it does not exist."""
-        return self.request(
-            "POST", "/v1/experiments", json_body={"name": name, "description": description}
-        )
+    def ensure_experiment(
+        self, name: str, description: str | None = None, family: str | None = None
+    ) -> dict[str, Any]:
+        """The experiment called ``name``, created if it does not exist, in ``family`` (the
+        service's default family when None). An existing experiment of another family than
+        the one given is refused (``HyperlawAPIError`` 409): move it with
+        :meth:`update_experiment`."""
+        body: dict[str, Any] = {"name": name, "description": description}
+        if family is not None:
+            body["family"] = family
+        return self.request("POST", "/v1/experiments", json_body=body)
+
+    def update_experiment(self, experiment_id: int, **fields: Any) -> dict[str, Any]:
+        """``PATCH /v1/experiments/{id}``, e.g. ``family="team-a"`` to move it."""
+        return self.request("PATCH", f"/v1/experiments/{experiment_id}", json_body=fields)
 
     def get_experiment(self, experiment_id: int) -> dict[str, Any]:
         return self.request("GET", f"/v1/experiments/{experiment_id}")
@@ -236,9 +246,18 @@ class HyperlawClient:
 
     # -- fits and recommendations -----------------------------------------------------------
 
-    def recommend(self, **params: Any) -> dict[str, Any]:
-        """``GET /v1/recommendations`` with n_params, n_tokens[, seq_len, batch_size_tokens]."""
+    def recommend(
+        self, *, family: str | None = None, experiment: str | int | None = None, **params: Any
+    ) -> dict[str, Any]:
+        """``GET /v1/recommendations`` with n_params, n_tokens[, seq_len, batch_size_tokens],
+        from the fit of ``family`` (default: the service's default family) or of one
+        ``experiment`` (id or name), not both."""
+        params.update(family=family, experiment=experiment)
         return self.request("GET", "/v1/recommendations", params=params)
+
+    def families(self, **params: Any) -> dict[str, Any]:
+        """``GET /v1/families``: every family with its data and the state of its fit."""
+        return self.request("GET", "/v1/families", params=params)
 
     def latest_fit(self, kind: str | None = None, **filters: Any) -> dict[str, Any]:
         return self.request("GET", "/v1/fits/latest", params={"kind": kind, **filters})

@@ -7,17 +7,30 @@ JSON has no NaN or infinity (PostgreSQL's ``json`` type and Starlette's response
 refuse them), but diverged runs produce them. hyperlaw writes them as the strings
 ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` and reads those strings back as floats,
 except under keys that hold text (``name``, ``message``, ...).
+
+Family names: a family (what makes losses comparable: data, tokenizer, model family) is
+named by 1-100 letters, digits, ``.``, ``_`` or ``-``, starting with a letter or digit
+(:data:`FAMILY_NAME_PATTERN`); an experiment created without one is in
+:data:`DEFAULT_FAMILY`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 #: The most loss-curve points one ``POST /v1/trials/{id}/points`` may carry.
 MAX_POINTS_PER_REQUEST = 10_000
+#: What a family name may be (module docstring), and the family of an experiment that names
+#: none.
+FAMILY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+FAMILY_NAME_RULE = (
+    "must be 1-100 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+)
+DEFAULT_FAMILY = "default"
 
 _TO_STR = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _FROM_STR = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -33,12 +46,23 @@ TEXT_KEYS = frozenset(
         "idempotency_key",
         "data_watermark",
         "schedule",
+        "family",
+        "fit_key",
+        "main_fit_key",
+        "parametrization",
         "detail",
         "status",
         "source",
         "reason",
     }
 )
+
+
+def family_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a family name (:data:`FAMILY_NAME_RULE`), or None when it is."""
+    if re.fullmatch(FAMILY_NAME_PATTERN, name):
+        return None
+    return f"{FAMILY_NAME_RULE} (got {name!r})"
 
 
 def encode_nonfinite(value: Any) -> Any:

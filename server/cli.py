@@ -1,9 +1,9 @@
 """The service's commands: ``hyperlaw serve``, ``db upgrade|downgrade|current``, ``token
-create|list|revoke``, ``worker``, ``fit``, ``recommend``, ``import steplaw|runs`` and
-``quickstart``.
+create|list|revoke``, ``worker``, ``fit`` and ``quickstart``, and (from
+``server.cli_data``) ``recommend``, ``families`` and ``import steplaw|runs``.
 
 Parsing and printing only: each handler calls the functions the API and the worker use
-(``server.crud``, ``server.recommend``, ``server.importers``, ``server.worker.loop``).
+(``server.crud``, ``server.importers``, ``server.worker.loop``).
 Module-level imports stay light so that ``hyperlaw --help`` answers at once; each handler
 imports what it needs. Results go to stdout, diagnostics to the log (stderr). Exit codes: 0
 done, 1 refused or failed (e.g. a failed fit, a token name taken), 2 unusable input or
@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from server.core.config import Settings
-    from server.core.db import Database
+from server import cli_data
+from server.cli_data import out as _out
+from server.cli_data import settings as _settings
+from server.cli_data import store as _store
 
 log = logging.getLogger(__name__)
 
@@ -71,42 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit = subparsers.add_parser("fit", help="refit every scope whose data changed, then exit")
     fit.set_defaults(func=cmd_fit)
 
-    rec = subparsers.add_parser(
-        "recommend", help="learning rate, batch size and critical batch size for (N, D)"
-    )
-    rec.add_argument(
-        "--n-params", type=float, required=True, help="non-embedding parameters N, e.g. 1e9"
-    )
-    rec.add_argument("--n-tokens", type=float, required=True, help="training tokens D")
-    rec.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
-    rec.add_argument(
-        "--batch-size-tokens",
-        type=float,
-        help="impose this batch size (tokens): best η for it and its overheads",
-    )
-    rec.add_argument(
-        "--experiment", help="experiment id or name (default: the fit over all trials)"
-    )
-    rec.add_argument("--json", action="store_true", help="print the API's JSON body")
-    rec.add_argument("--url", help="ask this hyperlaw server instead of reading the database")
-    rec.set_defaults(func=cmd_recommend)
-
-    imp = subparsers.add_parser("import", help="put published or past sweeps into the store")
-    imp_sub = imp.add_subparsers(dest="import_command", required=True, metavar="FORMAT")
-    steplaw = imp_sub.add_parser(
-        "steplaw", help="a Step Law CSV (default: the copy bundled with hyperlaw)"
-    )
-    steplaw.add_argument(
-        "file", nargs="?", help="dense_lr_bs_loss.csv of step-law/steplaw (default: bundled)"
-    )
-    steplaw.add_argument("--experiment", help="experiment name (default: steplaw)")
-    steplaw.set_defaults(func=cmd_import_steplaw)
-    runs = imp_sub.add_parser("runs", help="a CSV of runs (columns: see fitting.data)")
-    runs.add_argument("file")
-    runs.add_argument(
-        "--experiment", help="experiment name (default: the file's name without .csv)"
-    )
-    runs.set_defaults(func=cmd_import_runs)
+    cli_data.register(subparsers)  # recommend, families, import
 
     quick = subparsers.add_parser(
         "quickstart", help="migrate, import the bundled Step Law sweep if empty, fit, and serve"
@@ -114,36 +75,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     quick.add_argument("--host", help="bind address (default: 127.0.0.1)")
     quick.add_argument("--port", type=int, help="port (default: 8000)")
     quick.set_defaults(func=cmd_quickstart)
-
-
-def _settings() -> Settings:
-    from server.core.config import get_settings
-
-    return get_settings()
-
-
-def _out(line: str = "") -> None:
-    """One line of the command's result on stdout (flushed: a server may follow)."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-@contextmanager
-def _store(**engine_kwargs: Any) -> Iterator[Database]:
-    """The database of the settings (``engine_kwargs``: see ``open_database``), disposed on
-    exit. One that is not at this version's schema ends the command, as argparse ends one on
-    bad arguments: one logged line naming ``hyperlaw db upgrade``, exit status 2, instead of
-    a traceback from a missing table later."""
-    from server.core.db import open_database, require_current_schema
-    from server.core.errors import SchemaOutdatedError
-
-    with open_database(_settings().database_url, **engine_kwargs) as database:
-        try:
-            require_current_schema(database.engine)
-        except SchemaOutdatedError as exc:
-            log.error("%s", exc)
-            raise SystemExit(2) from None
-        yield database
 
 
 # --- serve, db, token ----------------------------------------------------------------------
@@ -277,128 +208,20 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
-# --- recommend -----------------------------------------------------------------------------
-
-
-def format_recommendation(body: dict[str, Any]) -> str:
-    """Human-readable lines for a recommendation body."""
-
-    def iv(name: str) -> str:
-        interval = body.get(f"{name}_interval") or {}
-        low, high = interval.get("low"), interval.get("high")
-        if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
-            return ""
-        return f"   [{low:.4g}, {high:.4g}] ({100 * interval.get('level', 0.9):.0f} %)"
-
-    lines = [
-        f"N={body['n_params']:.4g} parameters, D={body['n_tokens']:.4g} tokens, "
-        f"seq_len={body['seq_len']}"
-    ]
-    for name in (
-        "learning_rate",
-        "batch_size_tokens",
-        "batch_size_sequences",
-        "critical_batch_size_tokens",
-    ):
-        lines.append(f"  {name:<28}{body[name]:<12.4g}{iv(name)}")
-    if body.get("imposed_batch_size_tokens") is not None:
-        lines.append(f"at batch_size_tokens={body['imposed_batch_size_tokens']:.4g}:")
-        lr = body["learning_rate_for_batch"]
-        lines.append(f"  {'learning_rate_for_batch':<28}{lr:<12.4g}{iv('learning_rate_for_batch')}")
-        lines.append(f"  {'step_overhead':<28}{body['step_overhead']:<12.4g}")
-        lines.append(f"  {'token_overhead':<28}{body['token_overhead']:<12.4g}")
-    lines.append(
-        f"fit {', '.join(map(str, body['fit_ids']))} ({body['scope']}) on "
-        f"{body['n_trials']} trials, fitted at {body['fitted_at']}"
-    )
-    lines.extend(f"warning: {w}" for w in body.get("warnings", []))
-    return "\n".join(lines)
-
-
-def cmd_recommend(args: argparse.Namespace) -> int:
-    from client.wire import dumps
-
-    params: dict[str, Any] = dict(
-        n_params=args.n_params, n_tokens=args.n_tokens, seq_len=args.seq_len
-    )
-    if args.batch_size_tokens is not None:
-        params["batch_size_tokens"] = args.batch_size_tokens
-    if args.url:
-        from client import HyperlawAPIError, HyperlawClient, HyperlawUnavailable
-
-        if args.experiment is not None:
-            params["experiment"] = args.experiment
-        try:
-            body = HyperlawClient(args.url, max_retries=1).recommend(**params)
-        except HyperlawAPIError as exc:
-            log.error("%s", exc)
-            return 2
-        except HyperlawUnavailable as exc:
-            log.error("%s", exc)
-            return 1
-    else:
-        from server.core.errors import HyperlawError
-        from server.recommend import recommend_from_database
-
-        try:
-            # a reader: plain deferred transactions on SQLite, never the write lock
-            with _store(sqlite_immediate=False) as database:
-                body = recommend_from_database(database, experiment=args.experiment, **params)
-        except (HyperlawError, ValueError) as exc:  # ValueError: fitting's ParameterError
-            log.error("%s", exc)
-            return 2
-    _out(dumps(body, indent=2) if args.json else format_recommendation(body))
-    return 0
-
-
-# --- import --------------------------------------------------------------------------------
-
-
-def cmd_import_steplaw(args: argparse.Namespace) -> int:
-    from fitting.data import RunsCsvError
-    from server.importers import STEPLAW_CITATION, STEPLAW_EXPERIMENT, import_steplaw
-
-    experiment = args.experiment or STEPLAW_EXPERIMENT
-    try:
-        with _store() as database:
-            exp_id, created, existing = import_steplaw(database, args.file, experiment)
-    except (OSError, RunsCsvError) as exc:
-        log.error("%s", exc)
-        return 2
-    _out(
-        f"experiment {experiment} ({exp_id}): {created} trials imported, "
-        f"{existing} already there. Data: {STEPLAW_CITATION}"
-    )
-    return 0
-
-
-def cmd_import_runs(args: argparse.Namespace) -> int:
-    from fitting.data import RunsCsvError
-    from server.importers import import_runs_csv
-
-    experiment = args.experiment or Path(args.file).stem
-    try:
-        with _store() as database:
-            exp_id, created, existing = import_runs_csv(database, args.file, experiment)
-    except (OSError, RunsCsvError) as exc:
-        log.error("%s", exc)
-        return 2
-    _out(f"experiment {experiment} ({exp_id}): {created} trials imported, {existing} already there")
-    return 0
-
-
 # --- quickstart ----------------------------------------------------------------------------
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    """Migrate, import the bundled Step Law sweep into an empty store, fit the recommender,
-    serve. The estimators' fits (slower) are left to the server's fitting worker, so the
-    first answer does not wait for them."""
+    """Migrate, import the bundled Step Law sweep (family step-law) into an empty store, fit
+    the default family's recommender, serve. The other scopes and the estimators' fits
+    (slower) are left to the server's fitting worker, so the first answer does not wait for
+    them."""
     from server import crud
     from server.core.db import upgrade
     from server.importers import STEPLAW_CITATION, import_steplaw
     from server.worker.fits import FIT_KINDS, RECOMMENDER_KIND
     from server.worker.loop import refit_once
+    from server.worker.scopes import family_scope
 
     settings = _settings()
     upgrade(settings.database_url)
@@ -411,12 +234,16 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             _out(f"empty database: importing the bundled Step Law sweep ({STEPLAW_CITATION})")
             _id, created, _existing = import_steplaw(database)
             _out(f"imported {created} runs")
-        outcomes = refit_once(database, kinds=[RECOMMENDER_KIND])
+        scope = family_scope(settings.default_family)
+        outcomes = refit_once(database, kinds=[RECOMMENDER_KIND], scopes=[scope])
     for o in outcomes:
         _out(f"fit {o.scope}: {o.action} {o.status or ''} {o.message or ''}".rstrip())
     if not outcomes:
         _out("fits are up to date")
-    _out(f"the server's fitting worker fits {', '.join(FIT_KINDS[1:])} in the background")
+    _out(
+        f"the server's fitting worker fits the other scopes and {', '.join(FIT_KINDS[1:])} "
+        "in the background"
+    )
     host = args.host or settings.host
     port = args.port or settings.port
     _out(f"serving on http://{host}:{port} (API docs at /docs); try:")

@@ -1,4 +1,5 @@
-"""Database operations behind the routes. Every function takes a keyword-only ``session``
+"""Database operations behind the routes (loss-curve points: ``server.points``; families:
+``server.families``). Every function takes a keyword-only ``session``
 and leaves commit/rollback to ``server.core.db.session_scope`` (one transaction per request).
 
 Missing objects raise ``NotFoundError``; requests that contradict stored state raise
@@ -12,28 +13,25 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Select, Table, func, select, text
-from sqlalchemy.dialects import sqlite
+from sqlalchemy import Select, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from server.core.errors import ConflictError, NotFoundError
 from server.models import (
     FINISHED_STATUSES,
-    POINT_VALUE_COLUMNS,
     ApiToken,
     Experiment,
     Fit,
-    Point,
     TokenScope,
     Trial,
     TrialSource,
     TrialStatus,
     utcnow,
 )
-from server.schemas import ExperimentCreate, PointIn, TrialCreate, TrialUpdate
+from server.schemas import ExperimentCreate, TrialCreate, TrialUpdate
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +61,27 @@ def notify_trial(*, session: Session, trial_id: int) -> None:
 def create_experiment(
     *, session: Session, experiment_in: ExperimentCreate
 ) -> tuple[Experiment, bool]:
-    """Get or create the experiment named ``experiment_in.name``; returns (it, created)."""
-    existing = session.scalar(select(Experiment).where(Experiment.name == experiment_in.name))
-    if existing is not None:
-        return existing, False
-    experiment = Experiment(name=experiment_in.name, description=experiment_in.description)
-    try:
-        with session.begin_nested():
-            session.add(experiment)
-    except IntegrityError:  # created concurrently by another request
-        existing = session.scalar(select(Experiment).where(Experiment.name == experiment_in.name))
-        if existing is None:
-            raise
-        return existing, False
-    return experiment, True
+    """Get or create the experiment named ``experiment_in.name``; returns (it, created). A
+    family given explicitly that differs from the stored experiment's is a ``ConflictError``:
+    moving an experiment is ``PATCH``'s job (``server.families.move_experiment``)."""
+    named = select(Experiment).where(Experiment.name == experiment_in.name)
+    existing = session.scalar(named)
+    if existing is None:
+        experiment = Experiment(**experiment_in.model_dump())
+        try:
+            with session.begin_nested():
+                session.add(experiment)
+            return experiment, True
+        except IntegrityError:  # created concurrently by another request
+            existing = session.scalar(named)
+            if existing is None:
+                raise
+    if "family" in experiment_in.model_fields_set and existing.family != experiment_in.family:
+        raise ConflictError(
+            f"experiment {existing.name!r} is in family {existing.family!r}, not "
+            f"{experiment_in.family!r}; to move it: PATCH /v1/experiments/{existing.id}"
+        )
+    return existing, False
 
 
 def get_experiment(*, session: Session, experiment_id: int) -> Experiment:
@@ -87,11 +92,18 @@ def get_experiment(*, session: Session, experiment_id: int) -> Experiment:
 
 
 def list_experiments(
-    *, session: Session, name: str | None = None, limit: int = 100, offset: int = 0
+    *,
+    session: Session,
+    name: str | None = None,
+    family: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
 ) -> tuple[list[Experiment], int]:
     stmt = select(Experiment).order_by(Experiment.id)
     if name is not None:
         stmt = stmt.where(Experiment.name == name)
+    if family is not None:
+        stmt = stmt.where(Experiment.family == family)
     return _page(session, stmt, limit=limit, offset=offset)
 
 
@@ -242,107 +254,10 @@ def heartbeat(*, session: Session, trial_id: int) -> Trial:
     return trial
 
 
-# --- points --------------------------------------------------------------------------------
-
-
-def upsert_points(*, session: Session, trial_id: int, points: Sequence[PointIn]) -> int:
-    """Insert or update loss-curve rows keyed by (trial_id, step); returns distinct steps.
-
-    One statement, no ORM objects: ``INSERT ... ON CONFLICT (trial_id, step) DO UPDATE``.
-    On PostgreSQL the rows travel column-wise as arrays (``SELECT ... FROM unnest(...)``);
-    on SQLite as a SQLAlchemy Core multi-row upsert. A value sent as null keeps what is
-    stored (``COALESCE(excluded.x, points.x)``), so a trainer may send a step's train and
-    eval losses separately; re-sending the same points changes nothing. Within one batch
-    the last row for a step wins.
-    """
-    get_trial(session=session, trial_id=trial_id)
-    # Sorted by step so that concurrent batches over the same steps lock rows in the same
-    # order (unsorted, overlapping upserts deadlock on PostgreSQL).
-    rows = sorted({p.step: p for p in points}.values(), key=lambda p: p.step)
-    if not rows:
-        return 0
-    if session.get_bind().dialect.name == "postgresql":
-        _upsert_points_pg(session, trial_id, rows)
-    else:
-        _upsert_points_core(session, trial_id, rows)
-    return len(rows)
-
-
-_PG_UPSERT = (
-    "INSERT INTO points (trial_id, step, {cols}) "
-    "SELECT %(trial_id)s, * FROM unnest({arrays}) "
-    "ON CONFLICT (trial_id, step) DO UPDATE SET {updates}"
-).format(
-    cols=", ".join(POINT_VALUE_COLUMNS),
-    arrays=", ".join(
-        f"%({c})s::{'bigint' if c in ('step', 'tokens') else 'double precision'}[]"
-        for c in ("step", *POINT_VALUE_COLUMNS)
-    ),
-    updates=", ".join(f"{c} = COALESCE(EXCLUDED.{c}, points.{c})" for c in POINT_VALUE_COLUMNS),
-)
-
-
-def _pg_array_literal(values: list[int | float | None]) -> str:
-    """A PostgreSQL array literal ``{1.5,NULL,nan,inf}``: ``repr`` of ints and floats is
-    exact, and ``float8in`` reads Python's ``nan``/``inf``/``-inf`` spellings."""
-    if None in values:
-        return "{" + ",".join(["NULL" if v is None else repr(v) for v in values]) + "}"
-    return "{" + ",".join(map(repr, values)) + "}"
-
-
-def _upsert_points_pg(session: Session, trial_id: int, rows: list[PointIn]) -> None:
-    # One text array per column: PostgreSQL parses '{...}' literals far faster than
-    # ARRAY[...] expressions or one VALUES tuple per row.
-    params: dict[str, Any] = {"trial_id": trial_id}
-    for column in ("step", *POINT_VALUE_COLUMNS):
-        params[column] = _pg_array_literal([getattr(row, column) for row in rows])
-    session.connection().exec_driver_sql(_PG_UPSERT, params)
-
-
-def _upsert_points_core(session: Session, trial_id: int, rows: list[PointIn]) -> None:
-    table = cast(Table, Point.__table__)  # a declarative model's table is a Table
-    stmt = sqlite.insert(table)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[table.c.trial_id, table.c.step],
-        set_={c: func.coalesce(stmt.excluded[c], table.c[c]) for c in POINT_VALUE_COLUMNS},
-    )
-    session.execute(stmt, [{**row.model_dump(), "trial_id": trial_id} for row in rows])
-
-
-def get_points(
-    *,
-    session: Session,
-    trial_id: int,
-    step_min: int | None = None,
-    step_max: int | None = None,
-    limit: int = 100_000,
-    offset: int = 0,
-) -> tuple[list[dict[str, Any]], int]:
-    """A trial's points with ``step_min <= step <= step_max``, ordered by step, as dicts
-    (Core rows, no ORM objects: curves are long) and the total number of matches."""
-    get_trial(session=session, trial_id=trial_id)
-    table = Point.__table__
-    where = [table.c.trial_id == trial_id]
-    if step_min is not None:
-        where.append(table.c.step >= step_min)
-    if step_max is not None:
-        where.append(table.c.step <= step_max)
-    count = session.scalar(select(func.count()).select_from(table).where(*where))
-    stmt = (
-        select(table.c.step, *(table.c[name] for name in POINT_VALUE_COLUMNS))
-        .where(*where)
-        .order_by(table.c.step)
-        .limit(limit)
-        .offset(offset)
-    )
-    rows = [dict(row._mapping) for row in session.execute(stmt)]
-    return rows, int(count or 0)
-
-
 # --- fits ----------------------------------------------------------------------------------
 
 
-def _fits_query(kind: str | None, scope: str | None, status: str | None) -> Select:
+def fits_query(kind: str | None, scope: str | None, status: str | None) -> Select:
     """Fits matching every given filter, newest first: the one definition of "latest"."""
     stmt = select(Fit).order_by(Fit.created_at.desc(), Fit.id.desc())
     if kind is not None:
@@ -364,7 +279,7 @@ def list_fits(
     offset: int = 0,
 ) -> tuple[list[Fit], int]:
     """Fit history, newest first."""
-    return _page(session, _fits_query(kind, scope, status), limit=limit, offset=offset)
+    return _page(session, fits_query(kind, scope, status), limit=limit, offset=offset)
 
 
 def latest_fit(
@@ -375,7 +290,7 @@ def latest_fit(
     status: str | None = None,
 ) -> Fit:
     """The newest fit matching the filters; ``NotFoundError`` naming them when none does."""
-    fit = session.scalars(_fits_query(kind, scope, status).limit(1)).first()
+    fit = session.scalars(fits_query(kind, scope, status).limit(1)).first()
     if fit is None:
         what = ", ".join(
             f"{k}={v}" for k, v in (("kind", kind), ("scope", scope), ("status", status)) if v
@@ -387,13 +302,13 @@ def latest_fit(
 def latest_ok_fit(*, session: Session, kind: str, scope: str) -> Fit | None:
     """The newest fit of (kind, scope) with status ok: the one that serves. A refit that
     failed or had too little data is stored too, but never replaces it."""
-    return session.scalars(_fits_query(kind, scope, "ok").limit(1)).first()
+    return session.scalars(fits_query(kind, scope, "ok").limit(1)).first()
 
 
 def latest_ok_fit_id(*, session: Session, kind: str, scope: str) -> int | None:
     """The id of :func:`latest_ok_fit` without loading the row (its params are large): what
     a reader asks to learn whether the fit it holds is still the newest."""
-    return session.scalar(_fits_query(kind, scope, "ok").with_only_columns(Fit.id).limit(1))
+    return session.scalar(fits_query(kind, scope, "ok").with_only_columns(Fit.id).limit(1))
 
 
 def get_fit(*, session: Session, fit_id: int) -> Fit:

@@ -1,7 +1,10 @@
 """Published or past sweeps into the trial store (``hyperlaw import steplaw|runs``).
 
 Imported runs become completed trials with ``source = imported``, one experiment per
-import, in one transaction: a file is stored whole or not at all. Published sweeps report
+import, in one transaction: a file is stored whole or not at all. The Step Law sweep's
+experiment is in family ``step-law``; a CSV of runs goes to the family it is given
+(``--family``, default ``default``): an import into an existing experiment of another family
+is refused (``ConflictError``), nothing stored. Published sweeps report
 each run's loss at its token budget, so a run is stored as having trained it
 (``stop_reason = budget``, ``tokens_done = n_tokens``); a run whose loss is not finite is
 stored as diverged (``stop_reason = diverged``, its tokens done not known). Each row's
@@ -17,7 +20,9 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from client.wire import DEFAULT_FAMILY
 from server import crud
+from server.core.config import STEP_LAW_FAMILY
 from server.core.db import Database
 from server.models import StopReason, TrialSource, TrialStatus
 from server.schemas import ExperimentCreate, TrialCreate
@@ -79,18 +84,20 @@ def import_runs(
     description: str,
     key_prefix: str,
     config: dict[str, Any],
+    family: str = DEFAULT_FAMILY,
 ) -> tuple[int, int, int]:
-    """Store ``runs`` as completed, imported trials of ``experiment`` (created if new), in
-    one transaction; ``config`` goes into every trial's config. Row i gets the idempotency
-    key ``<key_prefix>:<i>``, so importing the same runs again adds nothing.
+    """Store ``runs`` as completed, imported trials of ``experiment`` (created in ``family``
+    if new), in one transaction; ``config`` goes into every trial's config. Row i gets the
+    idempotency key ``<key_prefix>:<i>``, so importing the same runs again adds nothing.
 
-    Returns (experiment id, trials created, trials already there).
+    Returns (experiment id, trials created, trials already there). Raises
+    ``ConflictError`` when ``experiment`` exists in another family.
     """
     created = existing = 0
     with database.session() as session:
         exp, _ = crud.create_experiment(
             session=session,
-            experiment_in=ExperimentCreate(name=experiment, description=description),
+            experiment_in=ExperimentCreate(name=experiment, description=description, family=family),
         )
         for i in range(len(runs)):
             trial_in = _trial_in(
@@ -103,10 +110,13 @@ def import_runs(
 
 
 def import_runs_csv(
-    database: Database, path: str | Path, experiment: str | None = None
+    database: Database,
+    path: str | Path,
+    experiment: str | None = None,
+    family: str = DEFAULT_FAMILY,
 ) -> tuple[int, int, int]:
     """Import a CSV of runs (columns: ``fitting.data.load_runs_csv``) into ``experiment``
-    (default: the file's name without ``.csv``); see :func:`import_runs`.
+    (default: the file's name without ``.csv``) of ``family``; see :func:`import_runs`.
 
     Raises ``OSError`` for an unreadable file and ``fitting.data.RunsCsvError`` (naming the
     lines) for a bad one; nothing is stored then.
@@ -123,6 +133,7 @@ def import_runs_csv(
         description=f"imported from {path.name}",
         key_prefix=f"runs:{digest[:16]}",
         config={"dataset": path.name, "file_sha256": digest},
+        family=family,
     )
 
 
@@ -130,7 +141,8 @@ def import_steplaw(
     database: Database, path: str | Path | None = None, experiment: str = STEPLAW_EXPERIMENT
 ) -> tuple[int, int, int]:
     """Import a Step Law CSV (default: the copy bundled with hyperlaw, 1,911 runs) into
-    ``experiment``; see :func:`import_runs`. Raises as :func:`import_runs_csv` does."""
+    ``experiment``, of family ``step-law``; see :func:`import_runs`. Raises as
+    :func:`import_runs_csv` does."""
     from fitting.data import bundled_steplaw_path, load_steplaw_csv
 
     path = Path(path) if path is not None else bundled_steplaw_path()
@@ -143,4 +155,5 @@ def import_steplaw(
         description=f"Step Law dense LR x batch-size sweep; {STEPLAW_CITATION}",
         key_prefix=f"steplaw:{digest[:16]}",
         config={"dataset": "steplaw", "citation": STEPLAW_CITATION, "file_sha256": digest},
+        family=STEP_LAW_FAMILY,
     )

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 
 from client.wire import dumps
-from server.api.routes import experiments, fits, recommendations, trials
+from server.api.routes import experiments, families, fits, recommendations, trials
 from server.core.config import Settings, get_settings
 from server.core.db import Database, require_current_schema
 from server.core.errors import HyperlawError, InputError
@@ -75,6 +75,7 @@ _RULE_TEXT = {
     "enum": lambda ctx: f"must be one of {ctx.get('expected')}",
     "literal_error": lambda ctx: f"must be one of {ctx.get('expected')}",
     "json_invalid": lambda ctx: f"must be valid JSON ({ctx.get('error')})",
+    "family_name": lambda ctx: str(ctx.get("problem")),
 }
 
 
@@ -185,7 +186,7 @@ def create_app(
     app.state.settings = settings
     app.state.database = database
     _install_error_handlers(app)
-    for module in (experiments, trials, fits, recommendations):
+    for module in (experiments, families, trials, fits, recommendations):
         app.include_router(module.router, prefix="/v1")
 
     @app.get("/healthz", tags=["health"])

@@ -31,6 +31,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, validates
 from sqlalchemy.types import DateTime, TypeDecorator
 
+from client.wire import DEFAULT_FAMILY
+
 # Integer primary keys: BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -121,6 +123,15 @@ class StopReason(str, enum.Enum):
     FAILED = "failed"
 
 
+class Parametrization(str, enum.Enum):
+    """How a trial's model is parametrized: standard, or µP (Yang et al. 2022), whose
+    optimal learning rate transfers across widths. Part of a trial's fit key
+    (``server.worker.scopes``): runs of the two are never fitted as one population."""
+
+    STANDARD = "standard"
+    MUP = "mup"
+
+
 class TokenScope(str, enum.Enum):
     """Scopes are ordered: admin implies write implies read."""
 
@@ -141,12 +152,18 @@ class Base(DeclarativeBase):
 
 
 class Experiment(Base):
+    """A named group of trials. ``family`` says what its losses are comparable with (same
+    data, tokenizer and model family): fits pool trials within a family only."""
+
     __tablename__ = "experiments"
     __table_args__ = (UniqueConstraint("name", name="uq_experiments_name"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     description: Mapped[str | None] = mapped_column(Text)
+    family: Mapped[str] = mapped_column(
+        String(100), default=DEFAULT_FAMILY, server_default=DEFAULT_FAMILY, index=True
+    )
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     trials: Mapped[list[Trial]] = relationship(back_populates="experiment", lazy="raise")
@@ -163,6 +180,7 @@ class Trial(Base):
         CheckConstraint(
             "stop_reason IN ('budget','target','diverged','failed')", name="ck_trials_stop_reason"
         ),
+        CheckConstraint("parametrization IN ('standard','mup')", name="ck_trials_parametrization"),
         Index("ix_trials_status", "status"),
         Index("ix_trials_n_params_n_tokens", "n_params", "n_tokens"),
     )
@@ -185,6 +203,9 @@ class Trial(Base):
     weight_decay: Mapped[float | None] = mapped_column(Double)
     grad_clip: Mapped[float | None] = mapped_column(Double)
     schedule: Mapped[str | None] = mapped_column(String(50))
+    parametrization: Mapped[str] = mapped_column(
+        String(20), default=Parametrization.STANDARD.value, server_default="standard"
+    )
     warmup_fraction: Mapped[float | None] = mapped_column(Double)
     # parallelism and reproducibility
     zero_stage: Mapped[int | None] = mapped_column(Integer)
@@ -211,9 +232,10 @@ class Trial(Base):
 
     experiment: Mapped[Experiment] = relationship(back_populates="trials", lazy="raise")
 
-    @validates("status", "source", "stop_reason")
+    @validates("status", "source", "stop_reason", "parametrization")
     def _enum_value(self, _key: str, value: Any) -> Any:
-        """TrialStatus, TrialSource and StopReason members are stored as their values."""
+        """TrialStatus, TrialSource, StopReason and Parametrization members are stored as
+        their values."""
         return value.value if isinstance(value, enum.Enum) else value
 
     @property
@@ -269,7 +291,7 @@ class Fit(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     kind: Mapped[str] = mapped_column(String(100))
-    scope: Mapped[str] = mapped_column(String(200), default="global")
+    scope: Mapped[str] = mapped_column(String(200))  # family:<name> or experiment:<id>
     experiment_id: Mapped[int | None] = mapped_column(
         BigInteger, ForeignKey("experiments.id", ondelete="SET NULL")
     )

@@ -3,12 +3,20 @@
 ``GET /v1/recommendations`` and ``hyperlaw recommend`` (which reads the database directly)
 give the same body, built here: the fitted ``Recommender``'s answer
 (:class:`fitting.recommender.Recommendation`, see ``server.schemas.RecommendationPublic``)
-plus the fit it came from (``fit_ids``, ``fitted_at``, ``n_trials``, ``scope``).
+plus the fit it came from (``family``, ``fit_key``, ``fit_ids``, ``fitted_at``,
+``n_trials``, ``scope``).
+
+Which scope (:func:`resolve_scope`): the family named by the query (``family:<name>``), else
+the experiment named by id or name (``experiment:<id>``, its own trials' fit), else the
+default family (``HYPERLAW_DEFAULT_FAMILY``, ``step-law`` out of the box). A family and an
+experiment together are a 422 (``InputError``, rule ``exclusive``).
 
 Which fit serves: the newest fit of kind ``recommender`` with status ok in the scope
 (``server.crud.latest_ok_fit``); a refit that failed or had too little data never replaces
 it. Without one, ``NoFitError`` (503) says why (the last fit's status and reason) and how to
-get one (:data:`HOW_TO_FIT`); an experiment that does not exist is ``NotFoundError`` (404).
+get one (:data:`HOW_TO_FIT`). An experiment that does not exist is ``NotFoundError`` (404),
+and so is a family that holds no experiment when the query named it (the message lists the
+known families); when it is the default family, 503 says so and how to get a fit.
 
 The API keeps the loaded recommender of each scope in memory (:class:`RecommenderCache`):
 at most once per check interval a request asks the database for the id of the newest ok fit
@@ -29,46 +37,82 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server import crud
+from server.core.config import STEP_LAW_FAMILY
 from server.core.db import Database
-from server.core.errors import NoFitError, NotFoundError
+from server.core.errors import FieldError, HyperlawError, InputError, NoFitError, NotFoundError
+from server.families import family_names
 from server.models import Experiment
 from server.worker.fits import RECOMMENDER_KIND
-from server.worker.scopes import GLOBAL_SCOPE, experiment_scope, scope_experiment_id
+from server.worker.scopes import (
+    experiment_scope,
+    family_scope,
+    scope_experiment_id,
+    scope_family,
+)
 
 if TYPE_CHECKING:
     from fitting.recommender import Recommendation, Recommender
 
 HOW_TO_FIT = (
-    "run `hyperlaw import steplaw` then `hyperlaw fit` to fit the bundled Step Law sweep, "
+    "run `hyperlaw import steplaw` then `hyperlaw fit` to fit the bundled Step Law sweep "
+    "(family step-law), "
     "or run a sweep (`hyperlaw sweep CONFIG.yaml`); a running worker (`hyperlaw serve` or "
     "`hyperlaw worker`) fits new completed trials by itself"
 )
 
 
 def recommendation_body(
-    answer: Recommendation, *, fit_id: int, fitted_at: dt.datetime | str, n_trials: int, scope: str
+    answer: Recommendation,
+    *,
+    fit_id: int,
+    fitted_at: dt.datetime | str,
+    n_trials: int,
+    scope: str,
+    fit_key: str | None = None,
 ) -> dict[str, Any]:
     """The JSON body of a recommendation (API and CLI alike): the ``Recommendation``'s fields
-    plus the fit it came from (``fit_ids``, ``fitted_at``, ``n_trials``, ``scope``)."""
+    plus the fit it came from (``family``, ``fit_key``, ``fit_ids``, ``fitted_at``,
+    ``n_trials``, ``scope``)."""
     body = answer.as_dict()
     if isinstance(fitted_at, dt.datetime):
         fitted_at = fitted_at.isoformat()
-    body.update(fit_ids=[fit_id], fitted_at=fitted_at, n_trials=n_trials, scope=scope)
+    body.update(
+        family=scope_family(scope),
+        fit_key=fit_key,
+        fit_ids=[fit_id],
+        fitted_at=fitted_at,
+        n_trials=n_trials,
+        scope=scope,
+    )
     return body
 
 
 # --- scopes --------------------------------------------------------------------------------
 
 
-def resolve_scope(database: Database, experiment: str | None) -> str:
-    """The scope of ``experiment``, an experiment id or name (None: the global scope).
+def resolve_scope(
+    database: Database,
+    experiment: str | None = None,
+    family: str | None = None,
+    *,
+    default_family: str = STEP_LAW_FAMILY,
+) -> str:
+    """The scope a query asks for (module docstring): ``family:<family>``, else the scope of
+    ``experiment`` (an id or a name), else ``family:<default_family>``.
 
-    An id is taken as given, without a query (whether it exists matters only when no fit
-    serves it: see :func:`load_served_fit`); a name is looked up and raises
-    ``NotFoundError`` when no experiment has it.
+    Only an experiment's name costs a query: an id is taken as given and a family by its
+    name (whether they exist matters only when no fit serves them: see
+    :class:`RecommenderCache`); a name that no experiment has raises ``NotFoundError``.
+    Both an experiment and a family raise ``InputError``.
     """
+    if experiment is not None and family is not None:
+        message = (
+            "family and experiment are exclusive: family=NAME asks for the family's fit, "
+            "experiment=ID|NAME for one experiment's own fit"
+        )
+        raise InputError([FieldError(field="family", rule="exclusive", message=message)])
     if experiment is None:
-        return GLOBAL_SCOPE
+        return family_scope(family or default_family)
     if experiment.isdigit():
         return experiment_scope(int(experiment))
     with database.session() as session:
@@ -78,12 +122,34 @@ def resolve_scope(database: Database, experiment: str | None) -> str:
     return experiment_scope(found)
 
 
-def _no_fit(session: Session, scope: str) -> NoFitError | NotFoundError:
-    """Why nothing serves ``scope``: its experiment does not exist (404), or no ok fit
-    exists yet (503, with the last fit's status and reason and :data:`HOW_TO_FIT`)."""
-    experiment_id = scope_experiment_id(scope)
+def _unknown_family(session: Session, family: str, *, by_default: bool) -> HyperlawError | None:
+    """None when ``family`` holds an experiment; else 404 naming the known families, or, for
+    the default family, 503 saying how to get a fit."""
+    if session.scalar(select(Experiment.id).where(Experiment.family == family).limit(1)):
+        return None
+    known = family_names(session=session)
+    listed = ", ".join(known[:50]) + (f" and {len(known) - 50} more" if len(known) > 50 else "")
+    listed = listed or "none yet"
+    if by_default:
+        return NoFitError(
+            f"no recommender fit for the default family {family!r} (HYPERLAW_DEFAULT_FAMILY): "
+            f"no experiment is in it; known families: {listed} (ask with family=NAME). "
+            f"To get one: {HOW_TO_FIT}"
+        )
+    return NotFoundError(f"family {family!r} not found; known families: {listed}")
+
+
+def _no_fit(session: Session, scope: str, *, by_default: bool = False) -> HyperlawError:
+    """Why nothing serves ``scope``: its experiment or family does not exist (404, see
+    :func:`_unknown_family`), or no ok fit exists yet (503, with the last fit's status and
+    reason and :data:`HOW_TO_FIT`)."""
+    experiment_id, family = scope_experiment_id(scope), scope_family(scope)
     if experiment_id is not None and session.get(Experiment, experiment_id) is None:
         return NotFoundError(f"experiment {experiment_id} not found")
+    if family is not None:
+        unknown = _unknown_family(session, family, by_default=by_default)
+        if unknown is not None:
+            return unknown
     last, _count = crud.list_fits(session=session, kind=RECOMMENDER_KIND, scope=scope, limit=1)
     why = f"; the last fit ({last[0].id}) is {last[0].status}: {last[0].message}" if last else ""
     return NoFitError(f"no recommender fit for scope {scope} yet{why}. To get one: {HOW_TO_FIT}")
@@ -101,6 +167,7 @@ class ServedFit:
     recommender: Recommender
     fitted_at: str  # ISO 8601, UTC
     n_trials: int
+    fit_key: str | None = None
 
     def recommend(
         self,
@@ -121,18 +188,23 @@ class ServedFit:
             fitted_at=self.fitted_at,
             n_trials=self.n_trials,
             scope=self.scope,
+            fit_key=self.fit_key,
         )
 
 
-def load_served_fit(session: Session, scope: str) -> ServedFit:
+def load_served_fit(session: Session, scope: str, *, by_default: bool = False) -> ServedFit:
     """The newest ok recommender fit of ``scope``, loaded. Raises ``NoFitError`` when there
-    is none or it cannot be loaded, ``NotFoundError`` when the scope's experiment does not
-    exist (module docstring)."""
+    is none or it cannot be loaded, ``NotFoundError`` when the scope's experiment or family
+    does not exist (module docstring; ``by_default``: the family is the default one)."""
     from fitting.recommender import Recommender
 
+    family = scope_family(scope)
+    unknown = None if family is None else _unknown_family(session, family, by_default=by_default)
+    if unknown is not None:
+        raise unknown
     fit = crud.latest_ok_fit(session=session, kind=RECOMMENDER_KIND, scope=scope)
     if fit is None:
-        raise _no_fit(session, scope)
+        raise _no_fit(session, scope, by_default=by_default)
     try:
         recommender = Recommender.from_dict(fit.params or {})
     except (ValueError, KeyError, TypeError) as exc:
@@ -147,6 +219,7 @@ def load_served_fit(session: Session, scope: str) -> ServedFit:
         recommender=recommender,
         fitted_at=fit.created_at.isoformat(),
         n_trials=fit.n_trials,
+        fit_key=(fit.quality or {}).get("fit_key"),
     )
 
 
@@ -158,17 +231,21 @@ def recommend_from_database(
     seq_len: int = 2048,
     batch_size_tokens: float | None = None,
     experiment: str | None = None,
+    family: str | None = None,
+    default_family: str = STEP_LAW_FAMILY,
 ) -> dict[str, Any]:
     """The API's recommendation body, computed from the newest ok fit in ``database``
-    without a server (``hyperlaw recommend``). ``experiment``: an id or name (default: the
-    fit over all trials).
+    without a server (``hyperlaw recommend``). ``family`` or ``experiment`` (an id or name)
+    choose the fit, as :func:`resolve_scope` says (default: ``default_family``'s).
 
-    Raises ``NotFoundError`` for an unknown experiment, ``NoFitError`` when no fit serves,
+    Raises ``NotFoundError`` for an unknown experiment or family, ``NoFitError`` when no fit
+    serves, ``InputError`` for both a family and an experiment,
     ``fitting.results.ParameterError`` (a ``ValueError``) for bad parameters.
     """
-    scope = resolve_scope(database, experiment)
+    scope = resolve_scope(database, experiment, family, default_family=default_family)
+    by_default = experiment is None and family is None
     with database.session() as session:
-        served = load_served_fit(session, scope)
+        served = load_served_fit(session, scope, by_default=by_default)
     return served.recommend(
         n_params, n_tokens, seq_len=seq_len, batch_size_tokens=batch_size_tokens
     )
@@ -178,8 +255,9 @@ class RecommenderCache:
     """Per-scope cache of the newest ok recommender fit. Thread-safe.
 
     ``get(scope)`` answers from memory while the entry was checked within
-    ``check_interval_s``; otherwise the caller must ``refresh(scope)`` (a database query,
-    and a reload only when a newer ok fit exists).
+    ``check_interval_s``; otherwise the caller must ``refresh(scope)`` (a database query or
+    two, and a reload only when a newer ok fit exists). A family that no longer holds an
+    experiment stops serving at the next check.
     """
 
     def __init__(self, database: Database, check_interval_s: float):
@@ -202,19 +280,28 @@ class RecommenderCache:
         self._checked[scope] = now  # claimed: this caller checks, the others serve
         return None
 
-    def refresh(self, scope: str) -> ServedFit:
+    def refresh(self, scope: str, *, by_default: bool = False) -> ServedFit:
         """Reload when a newer ok fit exists. Raises as :func:`load_served_fit` does; when
-        no ok fit exists any more, the scope's entry is forgotten too."""
+        no ok fit exists any more (or the family no experiment), the scope's entry is
+        forgotten too. ``by_default``: the scope is the default family's."""
         with self._lock:
             with self._database.session() as session:
+                family = scope_family(scope)
+                if family is not None:
+                    unknown = _unknown_family(session, family, by_default=by_default)
+                    if unknown is not None:
+                        self._entries.pop(scope, None)
+                        raise unknown
                 fit_id = crud.latest_ok_fit_id(session=session, kind=RECOMMENDER_KIND, scope=scope)
                 if fit_id is None:
                     self._entries.pop(scope, None)
-                    raise _no_fit(session, scope)
+                    raise _no_fit(session, scope, by_default=by_default)
                 entry = self._entries.get(scope)
                 if entry is None or entry.fit_id != fit_id:
                     # a fit that cannot be loaded raises here and the entry held keeps
                     # serving, like a failed refit
-                    entry = self._entries[scope] = load_served_fit(session, scope)
+                    entry = self._entries[scope] = load_served_fit(
+                        session, scope, by_default=by_default
+                    )
             self._checked[scope] = time.monotonic()
             return entry

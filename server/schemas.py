@@ -16,10 +16,16 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic_core import PydanticCustomError
 
-from client.wire import MAX_POINTS_PER_REQUEST, encode_nonfinite
-from server.models import StopReason, TokenScope, TrialSource, TrialStatus
+from client.wire import (
+    DEFAULT_FAMILY,
+    MAX_POINTS_PER_REQUEST,
+    encode_nonfinite,
+    family_name_problem,
+)
+from server.models import Parametrization, StopReason, TokenScope, TrialSource, TrialStatus
 
 NONFINITE_NOTE = (
     'Non-finite values are written as the strings "NaN", "Infinity" and "-Infinity", '
@@ -36,6 +42,28 @@ TOKENS_DONE_NOTE = (
     "these, short of n_tokens when it stopped early"
 )
 
+FAMILY_NOTE = (
+    "what makes the experiment's losses comparable (same data, tokenizer and model family): "
+    "fits pool trials within a family only. 1-100 letters, digits, '.', '_' or '-', starting "
+    "with a letter or digit"
+)
+PARAMETRIZATION_NOTE = (
+    "standard or mup (µP): part of what a fit groups by, never mixed with the other"
+)
+
+
+def _family_name(name: str) -> str:
+    """The family rule (``client.wire.FAMILY_NAME_PATTERN``) as a 422 entry whose rule is
+    ``family_name``."""
+    problem = family_name_problem(name)
+    if problem is not None:
+        raise PydanticCustomError("family_name", "{problem}", {"problem": problem})
+    return name
+
+
+FamilyName = Annotated[
+    str, Field(min_length=1, max_length=100, description=FAMILY_NOTE), AfterValidator(_family_name)
+]
 PositiveInt = Annotated[int, Field(gt=0, le=INT64_MAX)]
 NonNegativeInt = Annotated[int, Field(ge=0, le=INT64_MAX)]
 PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -63,14 +91,25 @@ class OutModel(BaseModel):
 
 
 class ExperimentCreate(InModel):
+    """POST body: get or create the experiment ``name``; a ``family`` given explicitly must
+    match the stored experiment's (move one with ``PATCH``)."""
+
     name: Annotated[str, Field(min_length=1, max_length=200)]
     description: Annotated[str | None, Field(max_length=10_000)] = None
+    family: FamilyName = DEFAULT_FAMILY
+
+
+class ExperimentUpdate(InModel):
+    """PATCH body: move the experiment, with all its trials, to another family."""
+
+    family: FamilyName
 
 
 class ExperimentPublic(OutModel):
     id: int
     name: str
     description: str | None
+    family: str = Field(description=FAMILY_NOTE)
     created_at: dt.datetime
 
 
@@ -100,6 +139,9 @@ class TrialCreate(InModel):
     weight_decay: NonNegativeFinite | None = None
     grad_clip: NonNegativeFinite | None = None
     schedule: Annotated[str | None, Field(max_length=50)] = None
+    parametrization: Annotated[Parametrization, Field(description=PARAMETRIZATION_NOTE)] = (
+        Parametrization.STANDARD
+    )
     warmup_fraction: Annotated[float | None, Field(ge=0, le=1, allow_inf_nan=False)] = None
     zero_stage: Annotated[int | None, Field(ge=0, le=3)] = None
     world_size: Annotated[int | None, Field(gt=0, le=2**31 - 1)] = None
@@ -159,6 +201,7 @@ class TrialPublic(OutModel):
     weight_decay: float | None
     grad_clip: float | None
     schedule: str | None
+    parametrization: Parametrization = Field(description=PARAMETRIZATION_NOTE)
     warmup_fraction: float | None
     zero_stage: int | None
     world_size: int | None
@@ -255,6 +298,54 @@ class FitsPublic(OutModel):
     count: int
 
 
+# --- families ------------------------------------------------------------------------------
+
+
+class FitKeyPublic(OutModel):
+    """The completed trials of a family under one fit key: parametrization and schedule."""
+
+    fit_key: str = Field(description="<family>[/mup][/<schedule>] (server.worker.scopes)")
+    parametrization: Parametrization
+    schedule: str | None
+    n_trials: int = Field(description="completed trials")
+    n_groups: int = Field(description="(N, D) groups of those trials")
+
+
+class FamilyFitPublic(OutModel):
+    """The newest recommender fit of the family's scope, whatever its status."""
+
+    id: int
+    status: Literal["ok", "insufficient_data", "failed"]
+    message: str | None = Field(description="why, when the status is not ok")
+    created_at: dt.datetime
+
+
+class FamilyPublic(OutModel):
+    """One family: its experiments and completed trials, and the state of its fit."""
+
+    name: str
+    scope: str = Field(description="the fits' scope: family:<name>")
+    n_experiments: int
+    n_trials: int = Field(description="completed trials")
+    n_groups: int = Field(description="(N, D) groups of the completed trials")
+    n_params: list[int] | None = Field(
+        description="[min, max] non-embedding parameters of the completed trials; null without any"
+    )
+    n_tokens: list[int] | None = Field(description="[min, max] token budgets D, likewise")
+    main_fit_key: str | None = Field(
+        description="the fit key the family's fits serve: the one with the most (N, D) groups"
+    )
+    fit_keys: list[FitKeyPublic]
+    fit: FamilyFitPublic | None = Field(
+        description="the newest recommender fit of the family; null before the first"
+    )
+
+
+class FamiliesPublic(OutModel):
+    data: list[FamilyPublic]
+    count: int
+
+
 # --- tokens --------------------------------------------------------------------------------
 
 
@@ -337,7 +428,18 @@ class RecommendationPublic(OutModel):
         description="extra training tokens at the imposed batch size versus the critical "
         "batch size, as a fraction (paid above the CBS); null without one",
     )
+    family: str | None = Field(
+        description="the family whose fit answered (scope family:<name>); null when an "
+        "experiment's own fit answered"
+    )
+    fit_key: str | None = Field(
+        description="the runs the answer is for: <family>[/mup][/<schedule>], the family's "
+        "(or experiment's) main fit key"
+    )
     fit_ids: list[int] = Field(description="ids of the fits the answer came from (/v1/fits)")
     fitted_at: dt.datetime = Field(description="when that fit was stored (UTC)")
-    n_trials: int = Field(description="completed trials the fit used")
-    scope: str = Field(description="the fit's scope: global, or experiment:<id>")
+    n_trials: int = Field(
+        description="completed trials the fit used: for a family, every family's it borrowed "
+        "exponents from (its quality in /v1/fits/{id} counts its own)"
+    )
+    scope: str = Field(description="the fit's scope: family:<name>, or experiment:<id>")

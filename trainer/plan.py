@@ -4,9 +4,10 @@
 sweep file, or for adaptive search, at each (N, D), ``points_per_axis`` learning rates and
 batch sizes placed log-uniformly within ±``lr_spread_decades`` decades of the service's
 recommended η* and ±``batch_spread_octaves`` octaves of its B*, so that trials concentrate
-around the predicted optimum.
+around the predicted optimum; the recommendation is that of the sweep's ``family``.
 
-``register_trials`` creates the experiment and one queued trial per run; a run's
+``register_trials`` creates the experiment in the sweep's family and one queued trial per
+run (parametrization ``mup`` when the model is µP); a run's
 ``idempotency_key`` (N, D, η, B, seed and a hash of its training config) makes this
 repeatable. The service is the record of what is finished: with ``resume`` (``hyperlaw sweep
 --resume``) completed trials are skipped, a trial left ``running`` by an interrupted sweep
@@ -43,7 +44,9 @@ def _adaptive_points(
 ) -> tuple[list[float], list[int]]:
     """Learning rates and batch sizes around the service's recommendation at (N, D); batch
     sizes are whole multiples of seq_len × workers_per_trial (one sequence per worker)."""
-    rec = client.recommend(n_params=n_params, n_tokens=n_tokens, seq_len=config.seq_len)
+    rec = client.recommend(
+        n_params=n_params, n_tokens=n_tokens, seq_len=config.seq_len, family=config.family
+    )
     eta, batch = float(rec["learning_rate"]), float(rec["batch_size_tokens"])
     search = config.search
     k = search.points_per_axis
@@ -128,6 +131,7 @@ def _trial_fields(
         "weight_decay": opt.weight_decay,
         "grad_clip": opt.grad_clip,
         "schedule": schedule.name,
+        "parametrization": "mup" if spec["model"].get("mup") else "standard",
         "warmup_fraction": schedule.warmup_fraction,
         "zero_stage": spec["zero_stage"],
         "world_size": config.workers_per_trial,
@@ -175,7 +179,7 @@ def register_trials(
 ) -> tuple[int, list[dict[str, Any]], list[int]]:
     """Create the experiment and its queued trials. Returns (experiment id, the specs still
     to run with their ``trial_id``, the ids of trials skipped as already completed)."""
-    experiment = client.ensure_experiment(config.experiment, config.description)
+    experiment = client.ensure_experiment(config.experiment, config.description, config.family)
     exp_id = int(experiment["id"])
     existing = _existing_trials(client, exp_id)
     version = code_version()

@@ -31,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from client.wire import DEFAULT_FAMILY, FAMILY_NAME_PATTERN, family_name_problem
 from trainer.config import (
     FrozenConfig,
     PositiveInt,
@@ -81,6 +82,12 @@ class SweepConfig(RunSettings):
 
     experiment: str
     """the experiment's name in the service (trials are registered under it)"""
+    family: Annotated[str, Field(json_schema_extra={"pattern": FAMILY_NAME_PATTERN})] = (
+        DEFAULT_FAMILY
+    )
+    """what the runs' losses are comparable with (same data, tokenizer and model family):
+    the service fits them only with the runs of the same family; 1-100 letters, digits,
+    '.', '_' or '-', starting with a letter or digit"""
     description: str | None = None
     task: Task = "synthetic"
     models: list[dict[str, Any]] | None = None
@@ -111,6 +118,14 @@ class SweepConfig(RunSettings):
         if not experiment.strip():
             raise ValueError("must be a non-empty name")
         return experiment.strip()
+
+    @field_validator("family")
+    @classmethod
+    def _family_name(cls, family: str) -> str:
+        problem = family_name_problem(family)
+        if problem is not None:
+            raise ValueError(problem)
+        return family
 
     @field_validator("search", mode="before")
     @classmethod

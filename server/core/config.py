@@ -13,6 +13,11 @@ import platformdirs
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from client.wire import FAMILY_NAME_PATTERN
+
+#: The family of the bundled Step Law sweep (``hyperlaw import steplaw``), served by default.
+STEP_LAW_FAMILY = "step-law"
+
 
 def default_database_url() -> str:
     """An SQLite file in the per-user data directory (created on demand)."""
@@ -40,6 +45,12 @@ class Settings(BaseSettings):
     )
     reaper_interval_s: float = Field(
         default=30.0, gt=0, description="how often the stale-trial reaper looks"
+    )
+    default_family: str = Field(
+        default=STEP_LAW_FAMILY,
+        pattern=FAMILY_NAME_PATTERN,
+        description="the family /v1/recommendations and `hyperlaw recommend` answer for "
+        "when the query names none",
     )
     worker_poll_s: float = Field(
         default=2.0, gt=0, description="fitting worker poll period where NOTIFY is unavailable"

@@ -1,13 +1,13 @@
 """One fit of each kind, as the record the worker stores: the recommender and one per
 estimator of ``fitting/``.
 
-Each fit function turns the completed trials of one scope (and, for ``cbs``, the loss curves
-of its trained trials) into a :class:`FitRecord`: status and reason as the estimator gave
-them, its parameters, their intervals, the quality of the fit and the ids of the trials it
-used. Nothing here touches the database; :mod:`server.worker.loop` loads, locks and stores.
-A record whose status is not ok is stored with its reason and never replaces the last ok fit
-of its (kind, scope): readers ask for the newest fit *with status ok*
-(``server.crud.latest_ok_fit``).
+Each fit function turns the completed trials of one scope under its main fit key
+(``server.worker.scopes``; for ``cbs`` also the loss curves of its trained trials) into a
+:class:`FitRecord`: status and reason as the estimator gave them, its parameters, their
+intervals, the quality of the fit and the ids of the trials it used. Nothing here touches
+the database; :mod:`server.worker.loop` loads, locks and stores. A record whose status is
+not ok is stored with its reason and never replaces the last ok fit of its (kind, scope):
+readers ask for the newest fit *with status ok* (``server.crud.latest_ok_fit``).
 
 The final-loss kinds (recommender, near_optimal, bell) fit only the runs that trained their
 budget (:func:`server.worker.scopes.trials_to_runs`): the others are left out of their
@@ -18,8 +18,10 @@ Kinds (the ``fits.kind`` column):
 ``recommender``
     :func:`fitting.recommender.fit_recommender`: the fitted state that serves
     ``/v1/recommendations``; params is ``Recommender.to_dict()``, intervals those of its
-    answer at the geometric centre of the fitted (N, D) range. Stored with every trial of
-    the scope that trained its budget.
+    answer at the geometric centre of the fitted (N, D) range. A family scope's is fitted
+    to every family's runs, labelled with their fit keys, for its main key
+    (``fit_recommender(runs, family=<key>)``: shared exponents, its own level); an
+    experiment's to its own runs alone. Stored with every trial it used.
 ``near_optimal``
     :func:`fitting.near_optimal.fit_near_optimal` (Step Law) over the runs with a loss:
     η = c·N^α_N·D^α_D and B = c·D^β_D from the runs within 0.25 % of their (N, D) group's
@@ -158,7 +160,8 @@ Fitter = Callable[..., "Recommender"]
 
 
 def default_fitter(runs: Runs, **options: Any) -> Recommender:
-    """:func:`fitting.recommender.fit_recommender`."""
+    """:func:`fitting.recommender.fit_recommender` (with ``family=<fit key>`` for a family
+    scope)."""
     from fitting.recommender import fit_recommender
 
     return fit_recommender(runs, **options)
@@ -174,14 +177,26 @@ def _reference_point(fitted_range: dict[str, Any]) -> tuple[float, float] | None
 
 
 def fit_recommender_kind(
-    trials: Sequence[Trial], fitter: Fitter = default_fitter, options: dict[str, Any] | None = None
+    trials: Sequence[Trial],
+    fitter: Fitter = default_fitter,
+    options: dict[str, Any] | None = None,
+    *,
+    family: str | None = None,
+    pooled: Sequence[Trial] = (),
+    fit_keys: Mapping[int, str] | None = None,
 ) -> FitRecord:
-    """Fit the recommender (module docstring); it is stored with every trial of the scope
-    that trained its budget."""
+    """Fit the recommender (module docstring) to the scope's ``trials``; for a family scope
+    (``family``: its main fit key), to every family's ``pooled`` trials labelled with their
+    ``fit_keys``, ``fitter(runs, family=family)`` returning that family's recommender. It
+    is stored with every trial it was given that trained its budget."""
     from fitting.results import FitStatus
 
     left_out = set(not_at_budget(trials))
-    rec = fitter(trials_to_runs(trials), **(options or {}))
+    if family is None:
+        used, rec = trials, fitter(trials_to_runs(trials), **(options or {}))
+    else:
+        runs = trials_to_runs(pooled, fit_keys)
+        used, rec = pooled, fitter(runs, **(options or {}), family=family)
     state = rec.to_dict()
     intervals = None
     if rec.status is FitStatus.OK:
@@ -194,6 +209,8 @@ def fit_recommender_kind(
     quality.update(
         n_runs=rec.n_runs, n_groups=state.get("n_groups"), n_runs_not_at_budget=len(left_out)
     )
+    if family is not None:  # beside the recommender's n_families_pooled, n_groups_pooled
+        quality["n_runs_pooled"] = len(runs)
     message = rec.reason or None
     if message and left_out and rec.status is not FitStatus.OK:
         message += f" ({len(left_out)} run(s) that stopped before their budget left out)"
@@ -203,7 +220,7 @@ def fit_recommender_kind(
         params=state,
         intervals=intervals,
         quality=quality,
-        trial_ids=[t.id for t in trials if t.id not in left_out],
+        trial_ids=[t.id for t in used if t.id not in set(not_at_budget(used))],
     )
 
 

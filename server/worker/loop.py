@@ -1,8 +1,8 @@
 """Refit passes and the long-running fitting worker.
 
 A pass (:func:`refit_once`) fits every (kind, scope) whose data watermark has no fit yet
-(:mod:`server.worker.scopes`): the recommender of every stale scope first (global first),
-then the estimators' fits (:mod:`server.worker.fits`), so slow estimators never delay a
+(:mod:`server.worker.scopes`): the recommender of every stale scope first (family scopes
+first), then the estimators' fits (:mod:`server.worker.fits`), so slow estimators never delay a
 servable recommender. Every fit is stored as a row with its status (ok, or
 insufficient_data / failed with the reason), params, intervals, quality (with the seconds it
 took), the ids of the trials it used and the watermark it was fitted at; a fit that raises is
@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session
 from server.core.config import Settings
 from server.core.db import Database, is_sqlite
 from server.crud import TRIALS_CHANNEL
-from server.models import Fit, Trial
+from server.models import Fit
 from server.worker.fits import (
     ESTIMATORS,
     FIT_KINDS,
@@ -55,8 +55,9 @@ from server.worker.fits import (
     fit_recommender_kind,
 )
 from server.worker.scopes import (
-    GLOBAL_SCOPE,
+    FAMILY_SCOPE_PREFIX,
     Curves,
+    ScopeData,
     load_curves,
     load_scope,
     scope_experiment_id,
@@ -88,38 +89,40 @@ class FitOutcome:
     kind: str = RECOMMENDER_KIND
 
 
-Compute = Callable[[list[Trial], Curves | None], FitRecord]
+Compute = Callable[[ScopeData, Curves | None], FitRecord]
 
 
-def _build_fit(
-    kind: str, scope: str, mark: str, trials: list[Trial], curves: Curves | None, compute: Compute
-) -> Fit:
+def _build_fit(kind: str, data: ScopeData, curves: Curves | None, compute: Compute) -> Fit:
     """Run one fit and describe it as a Fit row (not yet added to a session). Any error,
-    in the fit or in making its result storable, gives a ``failed`` row with the error."""
+    in the fit or in making its result storable, gives a ``failed`` row with the error.
+    Every row's quality says the fit key it served and how many of the scope's trials were
+    left out under other keys (``server.worker.scopes``)."""
+    scope = data.scope
     base: dict[str, Any] = dict(
-        kind=kind, scope=scope, experiment_id=scope_experiment_id(scope), data_watermark=mark
+        kind=kind, scope=scope, experiment_id=scope_experiment_id(scope), data_watermark=data.mark
     )
+    keys = {"fit_key": data.main_key, "n_runs_other_settings": data.n_other_settings}
     started = time.perf_counter()
     try:
-        record = compute(trials, curves)
+        record = compute(data, curves)
         params = checked_json("params", record.params)
         intervals = checked_json("intervals", record.intervals)
         quality = checked_json("quality", record.quality)
         trial_ids = [int(i) for i in record.trial_ids]
     except Exception as exc:  # a failed refit is data: stored with its reason
         log.exception("%s fit of %s failed", kind, scope)
-        trial_ids = [t.id for t in trials]
+        trial_ids = [t.id for t in data.trials]
         return Fit(
             status="failed",
             message=f"fit raised {type(exc).__name__}: {exc}",
             params=None,
             intervals=None,
-            quality={"seconds": round(time.perf_counter() - started, 3)},
+            quality={**keys, "seconds": round(time.perf_counter() - started, 3)},
             trial_ids=trial_ids,
             n_trials=len(trial_ids),
             **base,
         )
-    quality = {**(quality or {}), "seconds": round(time.perf_counter() - started, 3)}
+    quality = {**(quality or {}), **keys, "seconds": round(time.perf_counter() - started, 3)}
     return Fit(
         status=record.status,
         message=record.message or None,
@@ -135,14 +138,29 @@ def _build_fit(
 def _compute_for(
     kind: str, fitter: Fitter, options: dict[str, Any], estimators: Mapping[str, Estimator]
 ) -> tuple[Compute, bool]:
-    """The function that fits ``kind`` and whether it needs the scope's loss curves."""
+    """The function that fits ``kind`` and whether it needs the scope's loss curves. A family
+    scope's recommender borrows from every family (``server.worker.fits``); the rest fit
+    the scope's main-key trials."""
     if kind == RECOMMENDER_KIND:
-        return (lambda trials, _curves: fit_recommender_kind(trials, fitter, options)), False
+
+        def recommender(data: ScopeData, _curves: Curves | None) -> FitRecord:
+            if not data.pooled or data.main_key is None:  # an experiment: its own runs
+                return fit_recommender_kind(data.trials, fitter, options)
+            return fit_recommender_kind(
+                data.trials,
+                fitter,
+                options,
+                family=data.main_key,
+                pooled=data.pooled,
+                fit_keys=data.fit_keys,
+            )
+
+        return recommender, False
     if kind not in estimators:
         kinds = ", ".join((RECOMMENDER_KIND, *estimators))
         raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
     estimator = estimators[kind]
-    return estimator.fit, estimator.needs_curves
+    return (lambda data, curves: estimator.fit(data.trials, curves)), estimator.needs_curves
 
 
 def _fit_exists(session: Session, kind: str, scope: str, mark: str) -> bool:
@@ -182,11 +200,11 @@ def refit_scope(
     compute, needs_curves = _compute_for(kind, fitter, dict(options or {}), estimators)
     if database.is_sqlite:
         with database.session() as session:
-            trials, mark = load_scope(session, scope)
-            if _fit_exists(session, kind, scope, mark):
+            data = load_scope(session, scope)
+            if _fit_exists(session, kind, scope, data.mark):
                 return FitOutcome(scope, "up_to_date", kind=kind)
-            curves = load_curves(session, scope, trials) if needs_curves else None
-        fit = _build_fit(kind, scope, mark, trials, curves, compute)
+            curves = load_curves(session, scope, data.trials) if needs_curves else None
+        fit = _build_fit(kind, data, curves, compute)
         try:
             with database.session() as session:
                 session.add(fit)
@@ -201,11 +219,11 @@ def refit_scope(
             )
             if not got:
                 return FitOutcome(scope, "locked", kind=kind)
-            trials, mark = load_scope(session, scope)
-            if _fit_exists(session, kind, scope, mark):
+            data = load_scope(session, scope)
+            if _fit_exists(session, kind, scope, data.mark):
                 return FitOutcome(scope, "up_to_date", kind=kind)
-            curves = load_curves(session, scope, trials) if needs_curves else None
-            fit = _build_fit(kind, scope, mark, trials, curves, compute)
+            curves = load_curves(session, scope, data.trials) if needs_curves else None
+            fit = _build_fit(kind, data, curves, compute)
             session.add(fit)
             session.flush()
     except IntegrityError:  # only without the lock's protection, e.g. an older worker
@@ -215,7 +233,7 @@ def refit_scope(
 
 def stale_fits(database: Database, kinds: Iterable[str] = FIT_KINDS) -> list[tuple[str, str]]:
     """(kind, scope) pairs whose current watermark has no fit yet, in the order of a pass:
-    by kind as given (the recommender first), global first within a kind."""
+    by kind as given (the recommender first), family scopes first within a kind."""
     kinds = list(kinds)
     with database.session() as session:
         marks = scope_watermarks(session)
@@ -225,12 +243,12 @@ def stale_fits(database: Database, kinds: Iterable[str] = FIT_KINDS) -> list[tup
             Fit.kind.in_(kinds), Fit.data_watermark.in_(set(marks.values()))
         )
         have = {(kind, scope, mark) for kind, scope, mark in session.execute(stored)}
-    scopes = sorted(marks, key=lambda s: (s != GLOBAL_SCOPE, s))
+    scopes = sorted(marks, key=lambda s: (not s.startswith(FAMILY_SCOPE_PREFIX), s))
     return [(k, s) for k in kinds for s in scopes if (k, s, marks[s]) not in have]
 
 
 def stale_scopes(database: Database, kind: str = RECOMMENDER_KIND) -> list[str]:
-    """Scopes whose current watermark has no fit of ``kind`` yet (global first)."""
+    """Scopes whose current watermark has no fit of ``kind`` yet (family scopes first)."""
     return [scope for _kind, scope in stale_fits(database, [kind])]
 
 
@@ -240,17 +258,21 @@ def refit_once(
     fitter: Fitter = default_fitter,
     options: dict[str, Any] | None = None,
     kinds: Iterable[str] | None = None,
+    scopes: Iterable[str] | None = None,
     estimators: Mapping[str, Estimator] = ESTIMATORS,
     should_stop: Callable[[], bool] | None = None,
 ) -> list[FitOutcome]:
     """One pass: fit every (kind, scope) whose data changed since its last fit, the
     recommender of every scope before any estimator. ``kinds`` (default: the recommender
-    and every kind of ``estimators``) limits the pass to those kinds; ``should_stop`` is
-    asked before each fit and ends the pass early when it returns True."""
+    and every kind of ``estimators``) and ``scopes`` (default: all) limit the pass;
+    ``should_stop`` is asked before each fit and ends the pass early when it returns True."""
     kinds = [RECOMMENDER_KIND, *estimators] if kinds is None else list(kinds)
     order = sorted(kinds, key=lambda k: k != RECOMMENDER_KIND)  # stable: the rest as given
+    only = None if scopes is None else set(scopes)
     outcomes = []
     for kind, scope in stale_fits(database, order):
+        if only is not None and scope not in only:
+            continue
         if should_stop is not None and should_stop():
             break
         outcomes.append(

@@ -1,18 +1,38 @@
-"""Scopes, data watermarks, and the trial store as the estimators' inputs.
+"""Scopes, fit keys, data watermarks, and the trial store as the estimators' inputs.
 
-Scopes. Every completed trial belongs to two scopes: ``global`` (all completed trials) and
-``experiment:<id>`` (its experiment). One fit of each kind is kept per scope and data state.
+Scopes. Losses are comparable only within a family (an experiment's ``family``: same data,
+tokenizer and model family), so fits are per family: ``family:<name>`` for every family with
+completed trials, and ``experiment:<id>`` for every experiment with completed trials (its own
+trials only). One fit of each kind is kept per scope and data state.
 
-Data watermark. For a scope, ``w = "v<state version>:r<rule version>:n=<count>:id=<max
-id>:t=<max updated_at>"`` over its completed trials. The state version is the recommender's
-(``fitting.recommender.STATE_VERSION``), the rule version :data:`RUN_RULE_VERSION`, that of
-the rule choosing the runs of the final-loss fits (below): a new recommender or a new rule
-refits every scope, and so does a store fitted before the rule had a version (its marks lack
-the ``r`` part). A (kind, scope) needs a refit exactly when no fit row of (kind, scope, w)
-exists; the table's UNIQUE (kind, scope, data_watermark) means a fit of a kind for a given
-state of the data is stored at most once, whatever its status (so a refit that failed is not
-retried until the data changes). Loss curves do not enter the watermark: the trainer sends a
-trial's points before it marks the trial completed.
+Fit keys. Parametrization and schedule change where the optimum lies, so runs are fitted as
+one population only when they share a *fit key*: ``<family>``, then ``/mup`` for µP
+(parametrization ``mup``), then ``/<schedule>`` when the trial records a schedule, e.g.
+``step-law`` (imported, standard, no schedule), ``team-a/cosine``, ``team-a/mup/wsd``
+(:func:`fit_key`). A scope serves its *main* fit key (:func:`main_fit_key`): the key with
+the most (N, D) groups among the scope's completed trials (ties: the most trials, then the
+name). Every kind fits the main key's trials (``ScopeData.trials``); the scope's trials
+under its other keys are left out, and counted in each fit's quality as
+``n_runs_other_settings``. The recommender of a family scope also borrows from every other
+family (``fitting.recommender.fit_recommender(runs, family=<main key>)``: exponents shrunk
+towards the pooled ones, the family's own level): its runs are every family's completed
+trials (``ScopeData.pooled``), each labelled with its fit key, the family's other keys
+included, so they are borrowed from like any other family and never mixed into its own.
+
+Data watermark. For an experiment scope, ``w = "v<state version>:r<rule version>:n=<count>:
+id=<max id>:t=<max updated_at>"`` over its completed trials. A family scope's recommender
+pools every family, so its mark is that of all completed trials plus ``:m=<hash>``, a hash
+of which experiment is in which family (moving an experiment changes it): any change to any
+completed trial, or to the families, refits every family scope. The state version is the
+recommender's (``fitting.recommender.STATE_VERSION``), the rule version
+:data:`RUN_RULE_VERSION`, that of the rules choosing the runs of a fit (below and the main
+fit key): a new recommender or a new rule refits every scope, and so does a store fitted
+before the rule had a version (its marks lack the ``r`` part). A (kind, scope) needs a refit
+exactly when no fit row of (kind, scope, w) exists; the table's UNIQUE (kind, scope,
+data_watermark) means a fit of a kind for a given state of the data is stored at most once,
+whatever its status (so a refit that failed is not retried until the data changes). Loss
+curves do not enter the watermark: the trainer sends a trial's points before it marks the
+trial completed.
 
 Trials as runs (:func:`trials_to_runs`), the input of the final-loss fits (recommender,
 near_optimal, bell), whose D is a run's budget ``n_tokens``. A final loss is a loss at D only
@@ -36,43 +56,96 @@ otherwise, as the trainer itself judges a run.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from server.models import Point, StopReason, Trial, TrialSource, TrialStatus
+from server.models import (
+    Experiment,
+    Parametrization,
+    Point,
+    StopReason,
+    Trial,
+    TrialSource,
+    TrialStatus,
+)
 
 if TYPE_CHECKING:
     from fitting.data import Runs
 
-GLOBAL_SCOPE = "global"
+FAMILY_SCOPE_PREFIX = "family:"
+EXPERIMENT_SCOPE_PREFIX = "experiment:"
 EWA_SCHEDULE = "constant_ewa"
-#: The version of the rule of :func:`trained_its_budget`, part of every data watermark:
-#: bump it when the rule changes, so that every scope is refitted under the new one.
-RUN_RULE_VERSION = 1
+#: The version of the rules choosing a fit's runs (:func:`trained_its_budget`, the main fit
+#: key), part of every data watermark: bump it when a rule changes, so that every scope is
+#: refitted under the new one. 2: only the runs of the scope's main fit key.
+RUN_RULE_VERSION = 2
 
 
 # --- scopes --------------------------------------------------------------------------------
 
 
+def family_scope(family: str) -> str:
+    """The scope of one family: ``family:<name>``."""
+    return f"{FAMILY_SCOPE_PREFIX}{family}"
+
+
 def experiment_scope(experiment_id: int) -> str:
     """The scope of one experiment's completed trials: ``experiment:<id>``."""
-    return f"experiment:{experiment_id}"
+    return f"{EXPERIMENT_SCOPE_PREFIX}{experiment_id}"
+
+
+def _parse_scope(scope: str) -> tuple[str | None, int | None]:
+    """(family, experiment id) of a scope, one of them None; ``ValueError`` otherwise."""
+    if scope.startswith(FAMILY_SCOPE_PREFIX) and len(scope) > len(FAMILY_SCOPE_PREFIX):
+        return scope[len(FAMILY_SCOPE_PREFIX) :], None
+    ident = scope[len(EXPERIMENT_SCOPE_PREFIX) :]
+    if scope.startswith(EXPERIMENT_SCOPE_PREFIX) and ident.isdigit():
+        return None, int(ident)
+    raise ValueError(f"scope must be 'family:<name>' or 'experiment:<id>', got {scope!r}")
+
+
+def scope_family(scope: str) -> str | None:
+    """``family:<name>`` -> name; ``experiment:<id>`` -> None; else ``ValueError``."""
+    return _parse_scope(scope)[0]
 
 
 def scope_experiment_id(scope: str) -> int | None:
-    """``experiment:<id>`` -> id; ``global`` -> None; anything else raises ``ValueError``."""
-    if scope == GLOBAL_SCOPE:
+    """``experiment:<id>`` -> id; ``family:<name>`` -> None; else ``ValueError``."""
+    return _parse_scope(scope)[1]
+
+
+# --- fit keys ------------------------------------------------------------------------------
+
+
+def fit_key(family: str, parametrization: str, schedule: str | None) -> str:
+    """``<family>[/mup][/<schedule>]`` (module docstring)."""
+    key = family
+    if parametrization == Parametrization.MUP.value:
+        key += "/mup"
+    if schedule:
+        key += f"/{schedule}"
+    return key
+
+
+def main_fit_key(runs: Iterable[tuple[str, float, float]]) -> str | None:
+    """The key with the most (N, D) groups among ``(fit key, n_params, n_tokens)`` rows, one
+    per trial (ties: the most trials, then the name); None without rows."""
+    groups: dict[str, set[tuple[float, float]]] = {}
+    trials: Counter[str] = Counter()
+    for key, n_params, n_tokens in runs:
+        groups.setdefault(key, set()).add((float(n_params), float(n_tokens)))
+        trials[key] += 1
+    if not groups:
         return None
-    prefix, _, ident = scope.partition(":")
-    if prefix != "experiment" or not ident.isdigit():
-        raise ValueError(f"scope must be 'global' or 'experiment:<id>', got {scope!r}")
-    return int(ident)
+    return min(groups, key=lambda k: (-len(groups[k]), -trials[k], k))
 
 
 # --- watermarks ----------------------------------------------------------------------------
@@ -91,38 +164,85 @@ def watermark(count: int, max_id: int | None, max_updated: dt.datetime | None) -
     return f"v{_state_version()}:r{RUN_RULE_VERSION}:n={count}:id={max_id or 0}:t={stamp}"
 
 
+def membership(pairs: Iterable[tuple[int, str]]) -> str:
+    """A short hash of (experiment id, family) pairs: which experiment is in which family."""
+    text = ";".join(f"{i}={family}" for i, family in sorted(set(pairs)))
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
 def scope_watermarks(session: Session) -> dict[str, str]:
     """The current watermark of every scope that has completed trials (one query)."""
     rows = session.execute(
-        select(Trial.experiment_id, func.count(), func.max(Trial.id), func.max(Trial.updated_at))
+        select(
+            Trial.experiment_id,
+            Experiment.family,
+            func.count(),
+            func.max(Trial.id),
+            func.max(Trial.updated_at),
+        )
+        .join(Experiment, Experiment.id == Trial.experiment_id)
         .where(Trial.status == TrialStatus.COMPLETED.value)
-        .group_by(Trial.experiment_id)
+        .group_by(Trial.experiment_id, Experiment.family)
     ).all()
+    if not rows:
+        return {}
     out: dict[str, str] = {}
     total, top_id, top_t = 0, None, None
-    for experiment_id, count, max_id, max_t in rows:
+    for experiment_id, _family, count, max_id, max_t in rows:
         out[experiment_scope(experiment_id)] = watermark(count, max_id, max_t)
         total += count
         top_id = max_id if top_id is None else max(top_id, max_id)
         top_t = max_t if top_t is None else max(top_t, max_t)
-    if rows:
-        out[GLOBAL_SCOPE] = watermark(total, top_id, top_t)
+    pooled = watermark(total, top_id, top_t) + ":m=" + membership((r[0], r[1]) for r in rows)
+    for family in {r[1] for r in rows}:
+        out[family_scope(family)] = pooled
     return out
 
 
-def load_scope(session: Session, scope: str) -> tuple[list[Trial], str]:
-    """The completed trials of ``scope`` and the watermark computed from exactly those rows."""
-    stmt = select(Trial).where(Trial.status == TrialStatus.COMPLETED.value)
-    experiment_id = scope_experiment_id(scope)
+@dataclass(frozen=True)
+class ScopeData:
+    """What a scope's fits read. ``trials``: the completed trials of the scope under its
+    ``main_key`` (what every kind fits); ``n_other_settings``: the scope's completed trials
+    under its other keys (left out); ``pooled``: for a family scope, every family's completed
+    trials, which its recommender borrows from, with each one's fit key in ``fit_keys``
+    (empty for an experiment scope); ``mark``: the watermark of exactly these rows."""
+
+    scope: str
+    mark: str
+    trials: list[Trial]
+    main_key: str | None
+    n_other_settings: int = 0
+    pooled: list[Trial] = field(default_factory=list)
+    fit_keys: dict[int, str] = field(default_factory=dict)
+
+
+def load_scope(session: Session, scope: str) -> ScopeData:
+    """The completed trials of ``scope`` (and, for a family, of every family) with their fit
+    keys, and the watermark computed from exactly those rows."""
+    family, experiment_id = _parse_scope(scope)
+    stmt = (
+        select(Trial, Experiment.family)
+        .join(Experiment, Experiment.id == Trial.experiment_id)
+        .where(Trial.status == TrialStatus.COMPLETED.value)
+        .order_by(Trial.id)
+    )
     if experiment_id is not None:
         stmt = stmt.where(Trial.experiment_id == experiment_id)
-    trials = list(session.scalars(stmt.order_by(Trial.id)))
+    rows = [(t, fam) for t, fam in session.execute(stmt)]
+    keys = {t.id: fit_key(fam, t.parametrization, t.schedule) for t, fam in rows}
+    everything = [t for t, _fam in rows]
     mark = watermark(
-        len(trials),
-        max((t.id for t in trials), default=None),
-        max((t.updated_at for t in trials), default=None),
+        len(everything),
+        max((t.id for t in everything), default=None),
+        max((t.updated_at for t in everything), default=None),
     )
-    return trials, mark
+    own = everything if family is None else [t for t, fam in rows if fam == family]
+    main = main_fit_key((keys[t.id], t.n_params, t.n_tokens) for t in own)
+    served = [t for t in own if keys[t.id] == main]
+    if family is None:
+        return ScopeData(scope, mark, served, main, len(own) - len(served))
+    mark += ":m=" + membership((t.experiment_id, fam) for t, fam in rows)
+    return ScopeData(scope, mark, served, main, len(own) - len(served), everything, keys)
 
 
 # --- trials as runs ------------------------------------------------------------------------
@@ -166,13 +286,14 @@ def not_at_budget(trials: Iterable[Trial]) -> list[int]:
     return [t.id for t in trials if not trained_its_budget(t)]
 
 
-def trials_to_runs(trials: Iterable[Trial]) -> Runs:
+def trials_to_runs(trials: Iterable[Trial], fit_keys: Mapping[int, str] | None = None) -> Runs:
     """The completed trials that trained their budget -> ``fitting.data.Runs``, the input
     of the final-loss fits, with D = ``n_tokens``. Left out: trials stopped at their target
     loss, failed, or short of their budget (``stop_reason`` target or failed, or no stop
     reason and ``tokens_done < n_tokens − batch_size_tokens``: :func:`trained_its_budget`,
     counted by :func:`not_at_budget`), and trials without any loss. Diverged runs stay,
-    with loss ``inf`` (module docstring)."""
+    with loss ``inf`` (module docstring). With ``fit_keys`` (trial id -> fit key) every run
+    carries its key as its ``family`` label."""
     from fitting.data import Runs
 
     records = []
@@ -191,6 +312,8 @@ def trials_to_runs(trials: Iterable[Trial]) -> Runs:
             "loss": loss,
             "trial_id": t.id,
         }
+        if fit_keys is not None:
+            rec["family"] = fit_keys[t.id]
         recorded = recorded_steps_to_target(t)
         if recorded is not None:
             rec["steps_to_target"], rec["target_loss"] = recorded
@@ -247,8 +370,9 @@ def build_curves(
 
 
 def load_curves(session: Session, scope: str, trials: Iterable[Trial]) -> dict[int, Curve]:
-    """The evaluated loss curves of the scope's completed trained trials (one query, only
-    the columns a curve needs; none when the scope has no trained trial)."""
+    """The evaluated loss curves of ``trials`` that are trained (the scope's: one query over
+    its experiment or family, only the columns a curve needs; none without a trained
+    trial)."""
     schedules = {t.id: t.schedule for t in trials if t.source == TrialSource.TRAINED.value}
     if not schedules:
         return {}
@@ -262,9 +386,13 @@ def load_curves(session: Session, scope: str, trials: Iterable[Trial]) -> dict[i
         )
         .order_by(Point.trial_id, Point.step)
     )
-    experiment_id = scope_experiment_id(scope)
+    family, experiment_id = _parse_scope(scope)
     if experiment_id is not None:
         stmt = stmt.where(Trial.experiment_id == experiment_id)
+    else:
+        stmt = stmt.join(Experiment, Experiment.id == Trial.experiment_id).where(
+            Experiment.family == family
+        )
     rows = (
         (r.trial_id, r.step, r.eval_loss, r.ewa_eval_loss)
         for r in session.execute(stmt)

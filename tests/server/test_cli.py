@@ -12,6 +12,7 @@ COMMANDS = {
     "recommend": ["recommend", "--n-params", "1e9", "--n-tokens", "1e11"],
     "fit": ["fit"],
     "import": ["import", "steplaw"],
+    "families": ["families"],
 }
 
 

@@ -15,13 +15,16 @@ def test_defaults(monkeypatch, tmp_path):
     assert settings.database_url == f"sqlite:///{tmp_path / 'hyperlaw' / 'hyperlaw.db'}"
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.read_requires_token is False and settings.heartbeat_grace_s == 300
+    assert settings.default_family == "step-law"
 
 
 def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("HYPERLAW_DATABASE_URL", "postgresql://u@db:5432/h")
     monkeypatch.setenv("HYPERLAW_PORT", "9000")
     monkeypatch.setenv("HYPERLAW_READ_REQUIRES_TOKEN", "true")
+    monkeypatch.setenv("HYPERLAW_DEFAULT_FAMILY", "team-a")
     settings = Settings()
+    assert settings.default_family == "team-a"
     assert settings.database_url == "postgresql://u@db:5432/h"
     assert settings.port == 9000 and settings.read_requires_token is True
 
@@ -29,4 +32,10 @@ def test_environment_overrides(monkeypatch):
 def test_bad_setting_names_the_field(monkeypatch):
     monkeypatch.setenv("HYPERLAW_HEARTBEAT_GRACE_S", "-1")
     with pytest.raises(ValidationError, match="heartbeat_grace_s"):
+        Settings()
+
+
+def test_a_default_family_breaking_the_rule_is_refused(monkeypatch):
+    monkeypatch.setenv("HYPERLAW_DEFAULT_FAMILY", "team a")
+    with pytest.raises(ValidationError, match="default_family"):
         Settings()

@@ -1,6 +1,7 @@
 """Migrations from empty to head and back, revision by revision, on both databases; the
 models match the migrated schema; data already stored is backfilled (0003: the trials'
-stop reasons) and kept on the way down; the service refuses an out-of-date schema."""
+stop reasons; 0004: the experiments' families) and kept on the way down; the service
+refuses an out-of-date schema."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def test_upgrade_from_empty_and_downgrade_back(make_database, backend):
         engine = database.engine
         assert current_revision(engine) is None and not schema_is_current(engine)
         revisions = _revisions()
-        assert revisions == ["0001", "0002", "0003"]
+        assert revisions == ["0001", "0002", "0003", "0004"]
         for rev in revisions:  # up one revision at a time
             upgrade(url, rev)
             assert current_revision(engine) == rev
@@ -162,6 +163,103 @@ def test_stop_reason_is_backfilled_and_dropped_with_the_data_kept(make_database,
         assert [r for (r,) in backfilled] == [case[-1] for case in BACKFILL]
 
 
+# experiments as revision 0003 left them: (name, idempotency keys of their trials, source) and
+# the family 0004 gives each; the Step Law import is known by its keys, not by its name
+FAMILIES = [
+    ("published", ["steplaw:0123456789abcdef:0", "steplaw:0123456789abcdef:1"], "imported"),
+    ("team-sweep", ["N1-D2-lr0.001", None], "trained"),
+    ("steplaw", ["runs:fedcba9876543210:0"], "imported"),  # a CSV import named steplaw
+    ("empty", [], "trained"),
+]
+
+
+def _experiments_at_0003(url: str) -> dict[str, int]:
+    """The FAMILIES experiments and their trials, written as 0003's schema has them;
+    returns the experiments' ids by name."""
+    now = dt.datetime.now(dt.timezone.utc)
+    experiments = sa.table(
+        "experiments", sa.column("id"), sa.column("name"), sa.column("created_at")
+    )
+    trials = sa.table("trials", *(sa.column(c) for c in (*TRIAL_COLUMNS_0002, "idempotency_key")))
+    ids, trial_id = {}, 0
+    with open_database(url) as database, database.engine.begin() as conn:
+        for experiment_id, (name, keys, source) in enumerate(FAMILIES, 7):
+            conn.execute(experiments.insert().values(id=experiment_id, name=name, created_at=now))
+            ids[name] = experiment_id
+            for key in keys:
+                trial_id += 1
+                conn.execute(
+                    trials.insert().values(
+                        id=trial_id,
+                        experiment_id=experiment_id,
+                        n_params=10**6,
+                        n_tokens=10**4,
+                        seq_len=1,
+                        learning_rate=1e-3,
+                        batch_size_tokens=100,
+                        status="completed",
+                        source=source,
+                        diverged=False,
+                        tokens_done=10**4,
+                        idempotency_key=key,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+    return ids
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_families_are_backfilled_and_dropped_with_the_data_kept(make_database, backend):
+    url = make_database(backend)
+    upgrade(url, "0003")
+    ids = _experiments_at_0003(url)
+    expected = {
+        "published": "step-law",
+        "team-sweep": f"experiment-{ids['team-sweep']}",
+        "steplaw": f"experiment-{ids['steplaw']}",
+        "empty": f"experiment-{ids['empty']}",
+    }
+    upgrade(url, "0004")
+    families = "SELECT name, family FROM experiments ORDER BY id"
+    with open_database(url) as database:
+        with database.engine.connect() as conn:
+            assert dict(conn.execute(sa.text(families)).all()) == expected
+            parametrizations = conn.execute(sa.text("SELECT DISTINCT parametrization FROM trials"))
+            assert parametrizations.scalars().all() == ["standard"]
+        with database.engine.begin() as conn:  # what the API creates without saying
+            conn.execute(
+                sa.text("INSERT INTO experiments (name, created_at) VALUES ('new', '2026-01-01')")
+            )
+            assert (
+                conn.scalar(sa.text("SELECT family FROM experiments WHERE name = 'new'"))
+                == "default"
+            )
+        with pytest.raises(IntegrityError), database.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE trials SET parametrization = 'ntk' WHERE id = 1"))
+        with pytest.raises(IntegrityError), database.engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE experiments SET family = NULL WHERE id = :i"), {"i": ids["empty"]}
+            )
+    downgrade(url, "0003")
+    with open_database(url) as database, database.engine.connect() as conn:
+        assert "family" not in {
+            c["name"] for c in inspect(database.engine).get_columns("experiments")
+        }
+        assert "parametrization" not in {
+            c["name"] for c in inspect(database.engine).get_columns("trials")
+        }
+        assert conn.scalar(sa.text("SELECT count(*) FROM experiments")) == len(FAMILIES) + 1
+        assert conn.scalar(sa.text("SELECT count(*) FROM trials")) == 5
+    upgrade(url)  # and up again over the same rows
+    with open_database(url) as database, database.engine.connect() as conn:
+        new = conn.scalar(sa.text("SELECT id FROM experiments WHERE name = 'new'"))
+        assert dict(conn.execute(sa.text(families)).all()) == {
+            **expected,
+            "new": f"experiment-{new}",
+        }
+
+
 def test_app_refuses_an_outdated_schema(make_database):
     url = make_database("sqlite")
     upgrade(url, "0001")
@@ -188,7 +286,7 @@ def test_db_and_token_commands(make_database):
     assert _cli(url, "db", "current").returncode == 1
     assert _cli(url, "db", "upgrade").returncode == 0  # from an unrelated cwd
     current = _cli(url, "db", "current")
-    assert current.returncode == 0 and "current=0003 head=0003" in current.stdout
+    assert current.returncode == 0 and "current=0004 head=0004" in current.stdout
     created = _cli(url, "token", "create", "--name", "ci", "--scope", "write")
     secret = created.stdout.strip()
     assert created.returncode == 0 and secret.startswith("hl_") and len(secret) > 40

@@ -16,9 +16,10 @@ from server.models import Fit, Trial
 from server.recommend import recommend_from_database
 from server.worker.fits import RECOMMENDER_KIND
 from server.worker.loop import refit_once, stale_scopes
-from server.worker.scopes import GLOBAL_SCOPE, experiment_scope, scope_watermarks
+from server.worker.scopes import experiment_scope, family_scope, scope_watermarks
 from tests.databases import run_hyperlaw
 
+STEP_LAW = family_scope("step-law")
 KEYS = ("learning_rate", "batch_size_tokens", "batch_size_sequences", "critical_batch_size_tokens")
 
 
@@ -28,20 +29,20 @@ def test_import_fit_recommend(fresh_db, database_for):
     assert (created, existing) == (1911, 0)
     assert import_steplaw(database)[1:] == (0, 1911)  # idempotent
 
-    assert stale_scopes(database) == [GLOBAL_SCOPE, experiment_scope(experiment_id)]
+    assert stale_scopes(database) == [STEP_LAW, experiment_scope(experiment_id)]
     only = [RECOMMENDER_KIND]  # the estimators' fits: tests/server/worker/test_fits.py
     outcomes = refit_once(database, kinds=only)
     assert [(o.scope, o.action, o.status) for o in outcomes] == [
-        (GLOBAL_SCOPE, "fitted", "ok"),
+        (STEP_LAW, "fitted", "ok"),
         (experiment_scope(experiment_id), "fitted", "ok"),
     ]
     assert refit_once(database, kinds=only) == []  # nothing changed, nothing refitted
 
     with database.session() as session:
-        fit = crud.latest_ok_fit(session=session, kind=RECOMMENDER_KIND, scope=GLOBAL_SCOPE)
+        fit = crud.latest_ok_fit(session=session, kind=RECOMMENDER_KIND, scope=STEP_LAW)
         marks = scope_watermarks(session)
         trial_ids = set(session.scalars(select(Trial.id)))
-        assert fit.data_watermark == marks[GLOBAL_SCOPE]
+        assert fit.data_watermark == marks[STEP_LAW]
         assert fit.n_trials == 1911 and set(fit.trial_ids) == trial_ids
         assert fit.params["n_runs"] == 1911
         assert fit.quality["n_bootstrap_ok"] > 0
@@ -54,6 +55,7 @@ def test_import_fit_recommend(fresh_db, database_for):
         low, high = body[f"{key}_interval"]["low"], body[f"{key}_interval"]["high"]
         assert low <= body[key] <= high, key
     assert body["fit_ids"] == [fit.id] and body["n_trials"] == 1911
+    assert (body["family"], body["fit_key"], body["scope"]) == ("step-law", "step-law", STEP_LAW)
     # Step Law's own fit puts eta* near 1e-3 and B* near 1e6 tokens around (1e9, 1e11).
     assert 3e-4 < body["learning_rate"] < 5e-3
     assert 2.5e5 < body["batch_size_tokens"] < 4e6
@@ -100,9 +102,11 @@ def test_cli_commands(fresh_db):
     fitted = run_hyperlaw(fresh_db, "fit")
     assert fitted.returncode == 0, fitted.stderr
     for kind in ("recommender", "near_optimal", "bell"):
-        assert re.search(rf"^global {kind}: fitted fit \d+ ok$", fitted.stdout, re.M), kind
+        assert re.search(rf"^family:step-law {kind}: fitted fit \d+ ok$", fitted.stdout, re.M)
     assert re.search(
-        r"^global cbs: fitted fit \d+ insufficient_data \(no trial has steps", fitted.stdout, re.M
+        r"^family:step-law cbs: fitted fit \d+ insufficient_data \(no trial has steps",
+        fitted.stdout,
+        re.M,
     )
     again = run_hyperlaw(fresh_db, "fit")
     assert "up to date" in again.stdout
@@ -120,6 +124,16 @@ def test_cli_commands(fresh_db):
         "--json",
     )
     assert by_name.returncode == 0 and json.loads(by_name.stdout)["scope"].startswith("experiment:")
+    assert json.loads(by_name.stdout)["family"] is None  # an experiment's own fit
+    listed = run_hyperlaw(fresh_db, "families")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.startswith("step-law: 1 experiment(s), 1911 completed trial(s) in 17")
+    assert "fit key step-law: 1911 trial(s), 17 group(s) (main" in listed.stdout
+    assert re.search(r"recommender fit \d+ ok", listed.stdout)
+    unknown = run_hyperlaw(
+        fresh_db, "recommend", "--n-params", "1e9", "--n-tokens", "1e11", "--family", "nope"
+    )
+    assert unknown.returncode == 2 and "known families: step-law" in unknown.stderr
 
 
 def test_import_runs_csv(fresh_db, tmp_path, database_for):
@@ -141,12 +155,22 @@ def test_import_runs_csv(fresh_db, tmp_path, database_for):
     bad.write_text(lines[0] + "\n" + lines[1] + "\n1e9,1e11,2048,-1,1e6,3.0\n")
     refused = run_hyperlaw(fresh_db, "import", "runs", str(bad))
     assert refused.returncode == 2 and "line 3" in refused.stderr
-    done = run_hyperlaw(fresh_db, "import", "runs", str(path), "--experiment", "past")
+    bad_family = run_hyperlaw(fresh_db, "import", "runs", str(path), "--family", "team a")
+    assert bad_family.returncode == 2 and "--family must be 1-100 characters" in bad_family.stderr
+    args = ("import", "runs", str(path), "--experiment", "past")
+    done = run_hyperlaw(fresh_db, *args, "--family", "team-a")
     assert done.returncode == 0, done.stderr
-    assert "1911 trials imported" in done.stdout
+    assert "family team-a): 1911 trials imported" in done.stdout
+    elsewhere = run_hyperlaw(fresh_db, *args)  # the default family: not where "past" is
+    assert elsewhere.returncode == 2 and "is in family 'team-a', not 'default'" in elsewhere.stderr
     database = database_for(fresh_db)
     outcomes = refit_once(database, kinds=[RECOMMENDER_KIND])
-    assert {o.status for o in outcomes} == {"ok"}
+    assert {(o.scope, o.status) for o in outcomes} == {
+        ("family:team-a", "ok"),
+        ("experiment:1", "ok"),
+    }
     with database.session() as session:
         fits = session.scalars(select(Fit)).all()
         assert {f.n_trials for f in fits} == {1911}
+    answer = recommend_from_database(database, n_params=1e9, n_tokens=1e11, family="team-a")
+    assert answer["family"] == "team-a" and answer["n_trials"] == 1911

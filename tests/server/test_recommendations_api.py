@@ -1,5 +1,6 @@
 """``GET /v1/recommendations``: the answer's shape (the documented ``RecommendationPublic``),
-and a 4xx for every bad query."""
+the family it answers for, and a 4xx for every bad query. (Another family's trials leave a
+family's answer alone: test_families.py.)"""
 
 from __future__ import annotations
 
@@ -38,6 +39,11 @@ def test_answer_has_every_field(server):
         assert set(body[f"{key}_interval"]) == {"low", "high", "level"}
     assert body["batch_size_sequences"] == pytest.approx(body["batch_size_tokens"] / 2048)
     assert len(body["fit_ids"]) == 1 and body["n_trials"] == 1911 and body["fitted_at"]
+    assert (body["family"], body["fit_key"], body["scope"]) == (
+        "step-law",
+        "step-law",
+        "family:step-law",
+    )
     assert body["warnings"] == [] and body["learning_rate_for_batch"] is None
     assert body["sources"]["critical_batch_size_tokens"]
 
@@ -91,11 +97,26 @@ def test_extrapolation_is_warned_with_the_fitted_range(server):
     assert any("n_params=1e+12 is outside the fitted range" in w for w in body["warnings"])
 
 
+def test_family_default_and_named(server):
+    """The default family (step-law out of the box) is the one asked for by name."""
+    default, named = get(server, **QUERY).json(), get(server, **QUERY, family="step-law").json()
+    assert named == default and default["scope"] == "family:step-law"
+    unknown = get(server, **QUERY, family="team-a")
+    assert unknown.status_code == 404
+    assert unknown.json()["detail"] == "family 'team-a' not found; known families: step-law"
+    both = get(server, **QUERY, family="step-law", experiment="steplaw")
+    assert both.status_code == 422
+    [entry] = both.json()["detail"]
+    assert (entry["field"], entry["rule"]) == ("family", "exclusive")
+    assert "family and experiment are exclusive" in entry["message"]
+
+
 def test_experiment_by_name_and_id(server):
     by_name = get(server, **QUERY, experiment="steplaw").json()
     scope_id = by_name["scope"].split(":")[1]
     by_id = get(server, **QUERY, experiment=scope_id).json()
     assert by_name["fit_ids"] == by_id["fit_ids"] != get(server, **QUERY).json()["fit_ids"]
+    assert by_name["family"] is None and by_name["fit_key"] == "step-law"
     missing = get(server, **QUERY, experiment="no-such-experiment")
     assert missing.status_code == 404 and "no-such-experiment" in missing.json()["detail"]
     missing_id = get(server, **QUERY, experiment="987654")
@@ -117,6 +138,8 @@ def test_experiment_by_name_and_id(server):
         ({**QUERY, "batch_size_tokens": "-4"}, "batch_size_tokens", "must be > 0"),
         ({**QUERY, "batch_size_tokens": "-inf"}, "batch_size_tokens", "must be finite"),
         ({**QUERY, "experiment": ""}, "experiment", "at least 1"),
+        ({**QUERY, "family": ""}, "family", "at least 1"),
+        ({**QUERY, "family": "x" * 101}, "family", "at most 100"),
     ],
 )
 def test_invalid_query_gets_422_naming_the_field(server, params, field, words):
@@ -138,6 +161,7 @@ def test_no_fit_is_503_saying_how_to_get_one(make_database, live_server_factory)
         assert answer.status_code == 503 and answer.headers["retry-after"]
         assert "hyperlaw import steplaw" in answer.json()["detail"]
         assert "hyperlaw fit" in answer.json()["detail"]
+        assert "the default family 'step-law'" in answer.json()["detail"]
 
 
 def test_read_token_required_when_configured(seeded_pg, live_server_factory):
@@ -153,15 +177,16 @@ def test_read_token_required_when_configured(seeded_pg, live_server_factory):
 
 def test_fit_from_another_recommender_version_is_503_not_500(make_database, live_server_factory):
     from server.core.db import open_database, upgrade
-    from server.models import Fit
+    from server.models import Experiment, Fit
 
     url = make_database("sqlite")
     upgrade(url)
     with open_database(url) as database, database.session() as session:
+        session.add(Experiment(name="steplaw", family="step-law"))
         session.add(
             Fit(
                 kind="recommender",
-                scope="global",
+                scope="family:step-law",
                 status="ok",
                 params={"method": "loss_surface", "version": 999},
                 n_trials=0,

@@ -18,6 +18,7 @@ def test_docs_and_openapi_are_served(api):
     for path in [
         "/v1/experiments",
         "/v1/experiments/{experiment_id}",
+        "/v1/families",
         "/v1/trials",
         "/v1/trials/{trial_id}",
         "/v1/trials/{trial_id}/heartbeat",
@@ -27,6 +28,7 @@ def test_docs_and_openapi_are_served(api):
         "/v1/fits/{fit_id}",
     ]:
         assert path in spec["paths"], path
+    assert "patch" in spec["paths"]["/v1/experiments/{experiment_id}"]
     body = spec["paths"]["/v1/trials/{trial_id}/points"]["post"]["requestBody"]
     assert "points" in body["content"]["application/json"]["schema"]["properties"]
     assert '"NaN"' in spec["info"]["description"]
@@ -247,7 +249,7 @@ def _add_fits(api, kind: str) -> list[int]:
                 insert(Fit)
                 .values(
                     kind=kind,
-                    scope="global",
+                    scope="family:step-law",
                     status=status,
                     message=None if status == "ok" else "x",
                     params={"alpha": 0.5 + i, "nan": math.inf},

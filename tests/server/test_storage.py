@@ -12,7 +12,7 @@ import uuid
 import psycopg2
 from sqlalchemy import text
 
-from server import crud
+from server import crud, points
 from server.core.db import Database, session_scope
 from server.models import Fit, Trial
 from server.schemas import ExperimentCreate, PointIn, TrialCreate, TrialUpdate
@@ -46,7 +46,7 @@ def test_nonfinite_floats_are_stored_faithfully(db_url):
                 session=s,
                 trial_in=_trial_in(exp.id, final_loss=math.nan, final_eval_loss=-math.inf),
             )
-            crud.upsert_points(
+            points.upsert_points(
                 session=s,
                 trial_id=trial.id,
                 points=[
@@ -73,7 +73,7 @@ def test_nonfinite_floats_are_stored_faithfully(db_url):
         with session_scope(factory) as s:
             got = s.get(Trial, trial.id)
             assert math.isnan(got.final_loss) and got.final_eval_loss == -math.inf
-            rows, count = crud.get_points(session=s, trial_id=trial.id)
+            rows, count = points.get_points(session=s, trial_id=trial.id)
             p = rows[0]
             assert count == 1 and math.isnan(p["train_loss"]) and p["eval_loss"] == math.inf
             assert p["lr"] == -math.inf and p["grad_norm"] is None and p["b_simple"] == 2.5

@@ -12,6 +12,7 @@ def sweep_yaml(tmp_path):
     def write(**over):
         doc = {
             "experiment": "trainer-test-sweep",
+            "family": "synthetic-regression",
             "task": "synthetic",
             "synthetic": {"dim": 64},
             "n_tokens": [2048],

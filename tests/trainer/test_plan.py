@@ -38,6 +38,7 @@ def test_adaptive_search_concentrates_around_the_predicted_optimum():
     config = parse_sweep_config(
         {
             "experiment": "adaptive",
+            "family": "synthetic-regression",
             "task": "synthetic",
             "synthetic": {"dim": 64},
             "n_tokens": [4096, 8192],
@@ -52,10 +53,8 @@ def test_adaptive_search_concentrates_around_the_predicted_optimum():
     )
     service = _FixedRecommendation()
     specs = expand_trials(config, service)
-    assert service.asked == [
-        {"n_params": 64, "n_tokens": 4096, "seq_len": 1},
-        {"n_params": 64, "n_tokens": 8192, "seq_len": 1},
-    ]
+    asked = {"n_params": 64, "seq_len": 1, "family": "synthetic-regression"}  # its own family
+    assert service.asked == [{**asked, "n_tokens": 4096}, {**asked, "n_tokens": 8192}]
     assert len(specs) == 2 * 3 * 3
     lrs = sorted({s["learning_rate"] for s in specs})
     assert lrs == pytest.approx([0.01 / 10**0.5, 0.01, 0.01 * 10**0.5])

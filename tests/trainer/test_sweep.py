@@ -36,6 +36,8 @@ def test_sweep_runs_zero2_trials_through_ray_and_fills_the_store(
         good, bad = by_lr[0.03], by_lr[1000.0]
         points = client.get_points(good["id"])["data"]
 
+        assert client.get_experiment(summary.experiment_id)["family"] == "synthetic-regression"
+        assert good["parametrization"] == "standard" and good["schedule"] == "constant_ewa"
         assert good["status"] == "completed" and good["diverged"] is False
         assert (good["world_size"], good["zero_stage"], good["n_params"]) == (2, 2, 64)
         assert good["steps_done"] == 32 and good["tokens_done"] == 2048

@@ -36,6 +36,8 @@ MODELINE = "# yaml-language-server: $schema=sweep.schema.json"
         ),
         ({"n_tokens": [32]}, r"n_tokens must be >= batch_size_tokens \(got n_tokens=32"),
         ({"use_gpu": "maybe"}, r"use_gpu must be 'auto', true or false \(got 'maybe'\)"),
+        ({"family": "team a"}, r"family must be 1-100 characters .* \(got 'team a'\)"),
+        ({"family": "-x"}, "starting with a letter or digit"),
     ],
 )
 def test_bad_sweep_files_name_the_field(sweep_yaml, over, message):
@@ -57,6 +59,7 @@ def test_sections_are_the_training_configs_own():
         }
     )
     assert config.experiment == "one" and config.n_tokens == [4096] and config.seeds == [0]
+    assert config.family == "default"
     assert config.search.learning_rate == [0.01] and config.eval == EvalConfig()
     (spec,) = expand_trials(config)
     assert spec["optimizer"] == {} and spec["learning_rate"] == 0.01
@@ -69,6 +72,16 @@ def test_shipped_cpu_examples_are_valid(example):
     assert len({s["batch_size_tokens"] for s in specs}) >= 3
     assert len({s["learning_rate"] for s in specs}) >= 3
     assert len({idempotency_key(config, s) for s in specs}) == len(specs)
+
+
+def test_examples_name_their_family():
+    """The synthetic task's losses compare with no LLM's; the GPT examples share theirs."""
+    families = {p.name: load_sweep_config(p).family for p in sorted(EXAMPLES.glob("*.yaml"))}
+    assert families == {
+        "cpu_small.yaml": "synthetic-regression",
+        "cpu_small_gpt.yaml": "byte-gpt-local-text",
+        "gpu_small_gpt.yaml": "byte-gpt-local-text",
+    }
 
 
 def test_shipped_gpu_example_is_valid():

@@ -1,4 +1,4 @@
-"""``/v1/experiments``: named groups of trials."""
+"""``/v1/experiments``: named groups of trials, each in a family (``server.families``)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from server import crud
+from server import crud, families
 from server.api.deps import ReadAuth, SessionDep, WriteAuth
-from server.schemas import ExperimentCreate, ExperimentPublic, ExperimentsPublic
+from server.schemas import (
+    ExperimentCreate,
+    ExperimentPublic,
+    ExperimentsPublic,
+    ExperimentUpdate,
+)
 
 router = APIRouter(prefix="/experiments", tags=["experiments"])
 
@@ -18,12 +23,16 @@ router = APIRouter(prefix="/experiments", tags=["experiments"])
     response_model=ExperimentPublic,
     status_code=201,
     dependencies=[WriteAuth],
-    responses={200: {"description": "an experiment with this name exists; it is returned"}},
+    responses={
+        200: {"description": "an experiment with this name exists; it is returned"},
+        409: {"description": "it exists in another family than the one given"},
+    },
 )
 def create_experiment(
     experiment_in: ExperimentCreate, session: SessionDep, response: Response
 ) -> ExperimentPublic:
-    """Create an experiment, or return the existing one with the same name (200)."""
+    """Create an experiment, or return the existing one with the same name (200); a
+    ``family`` given explicitly must be the existing one's (409 otherwise)."""
     experiment, created = crud.create_experiment(session=session, experiment_in=experiment_in)
     if not created:
         response.status_code = 200
@@ -34,10 +43,13 @@ def create_experiment(
 def list_experiments(
     session: SessionDep,
     name: str | None = None,
+    family: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> ExperimentsPublic:
-    rows, count = crud.list_experiments(session=session, name=name, limit=limit, offset=offset)
+    rows, count = crud.list_experiments(
+        session=session, name=name, family=family, limit=limit, offset=offset
+    )
     return ExperimentsPublic(data=[ExperimentPublic.model_validate(r) for r in rows], count=count)
 
 
@@ -45,4 +57,17 @@ def list_experiments(
 def get_experiment(experiment_id: int, session: SessionDep) -> ExperimentPublic:
     return ExperimentPublic.model_validate(
         crud.get_experiment(session=session, experiment_id=experiment_id)
+    )
+
+
+@router.patch("/{experiment_id}", response_model=ExperimentPublic, dependencies=[WriteAuth])
+def update_experiment(
+    experiment_id: int, experiment_in: ExperimentUpdate, session: SessionDep
+) -> ExperimentPublic:
+    """Move the experiment, with all its trials, to another family; the fitting worker then
+    refits every family."""
+    return ExperimentPublic.model_validate(
+        families.move_experiment(
+            session=session, experiment_id=experiment_id, family=experiment_in.family
+        )
     )

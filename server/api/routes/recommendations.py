@@ -1,5 +1,6 @@
 """``GET /v1/recommendations``: η, B and the critical batch size for (N, D) from the newest
-ok recommender fit (``server.recommend``: which fit serves, the body, the in-memory cache).
+ok recommender fit of a family (default: ``HYPERLAW_DEFAULT_FAMILY``) or of one experiment
+(``server.recommend``: which scope and fit serve, the body, the in-memory cache).
 
 The route is the service's hot path (the query benchmark asks for ≥ 1,000 requests/s): it
 answers from the cached recommender without a database session, and returns the body it
@@ -24,7 +25,6 @@ from server.core.errors import FieldError, InputError
 from server.models import TokenScope
 from server.recommend import RecommenderCache, resolve_scope
 from server.schemas import RecommendationPublic
-from server.worker.scopes import GLOBAL_SCOPE
 
 #: How long a request may answer from the cached fit before one request checks for a newer.
 CHECK_INTERVAL_S = 1.0
@@ -58,8 +58,11 @@ router = APIRouter(tags=["recommendations"])
     "/recommendations",
     response_model=RecommendationPublic,
     responses={
-        404: {"description": "the named experiment does not exist"},
-        422: {"description": "a parameter is missing or breaks its rule"},
+        404: {"description": "the named experiment or family does not exist"},
+        422: {
+            "description": "a parameter is missing or breaks its rule (family and "
+            "experiment together: rule exclusive)"
+        },
         503: {"description": "no ok fit yet; the message says why and how to get one"},
     },
 )
@@ -80,29 +83,42 @@ async def get_recommendation(
             "its step/token overhead versus the critical batch size",
         ),
     ] = None,
+    family: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=100,
+            description="the family whose fit answers (default: the service's "
+            "HYPERLAW_DEFAULT_FAMILY); not with experiment",
+        ),
+    ] = None,
     experiment: Annotated[
         str | None,
         Query(
             min_length=1,
             max_length=200,
-            description="experiment id or name: use that experiment's fit instead of the "
-            "global one",
+            description="experiment id or name: use that experiment's own fit instead of a "
+            "family's; not with family",
         ),
     ] = None,
 ) -> Response:
     """Recommend the peak learning rate η*, batch size B* and critical batch size for a
-    model of ``n_params`` trained on ``n_tokens`` (formulas: ``fitting.recommender``)."""
+    model of ``n_params`` trained on ``n_tokens`` (formulas: ``fitting.recommender``), from
+    the fit of ``family`` (default: the service's default family) or of ``experiment``."""
     database: Database = request.app.state.database
-    # the common query (no experiment) needs no thread hop: the global scope is a constant
-    scope = (
-        GLOBAL_SCOPE
-        if experiment is None
-        else await run_in_threadpool(resolve_scope, database, experiment)
-    )
+    default_family = request.app.state.settings.default_family
+    # the common query (no experiment) needs no thread hop: a family's scope is its name
+    if experiment is None:
+        scope = resolve_scope(database, None, family, default_family=default_family)
+    else:
+        scope = await run_in_threadpool(
+            resolve_scope, database, experiment, family, default_family=default_family
+        )
     cache = _cache(request)
     served = cache.get(scope)
     if served is None:
-        served = await run_in_threadpool(cache.refresh, scope)
+        by_default = experiment is None and family is None
+        served = await run_in_threadpool(cache.refresh, scope, by_default=by_default)
     try:
         body = served.recommend(
             n_params, n_tokens, seq_len=seq_len, batch_size_tokens=batch_size_tokens

@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from server import crud
+from server import crud, points
 from server.api.deps import ReadAuth, SessionDep, WriteAuth
 from server.models import TrialSource, TrialStatus
 from server.schemas import (
@@ -138,7 +138,7 @@ async def post_points(trial_id: int, request: Request, session: SessionDep) -> P
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
     count = await run_in_threadpool(
-        crud.upsert_points, session=session, trial_id=trial_id, points=points_in.points
+        points.upsert_points, session=session, trial_id=trial_id, points=points_in.points
     )
     return PointsStored(trial_id=trial_id, count=count)
 
@@ -157,7 +157,7 @@ def get_points(
     limit: Annotated[int, Query(ge=1, le=100_000)] = 100_000,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Response:
-    rows, count = crud.get_points(
+    rows, count = points.get_points(
         session=session,
         trial_id=trial_id,
         step_min=step_min,

@@ -15,6 +15,7 @@ from server import crud
 from server.core.db import open_database
 from server.importers import import_runs, import_steplaw
 from server.models import Fit, Trial, TrialSource, TrialStatus
+from server.points import upsert_points
 from server.schemas import ExperimentCreate, PointIn, TrialCreate, TrialUpdate
 from server.worker.fits import (
     CBS_KIND,
@@ -26,8 +27,11 @@ from server.worker.fits import (
     fit_near_optimal_kind,
 )
 from server.worker.loop import refit_once
-from server.worker.scopes import GLOBAL_SCOPE, experiment_scope, scope_watermarks
+from server.worker.scopes import experiment_scope, family_scope, scope_watermarks
 from tests.databases import add_completed_trial
+
+DEFAULT = family_scope("default")
+STEP_LAW = family_scope("step-law")
 
 # --- a synthetic sweep whose steps to target follow S(B) = a + b/B exactly ------------------
 
@@ -112,7 +116,7 @@ def add_trained_run(
         )
         for s, j, o in zip(steps, judged, other, strict=True)
     ]
-    crud.upsert_points(session=session, trial_id=trial.id, points=points)
+    upsert_points(session=session, trial_id=trial.id, points=points)
     final = float(judged[-1])
     crud.update_trial(
         session=session,
@@ -203,8 +207,11 @@ def stored(url: str, **where) -> list[Fit]:
 
 def test_cbs_from_trained_curves(fresh_db, database_for, live_server_factory):
     """Three sweeps (reference-run target, judged on the EWA loss) and one trained towards a
-    configured target (judged on the plain eval loss): each group's CBS is Zhang et al.'s
-    1.2·B_opt + 0.2·b/a of the S(B) = a + b/B the curves were built from."""
+    configured target (judged on the plain eval loss, schedule cosine), all in the default
+    family: each group's CBS is Zhang et al.'s 1.2·B_opt + 0.2·b/a of the S(B) = a + b/B the
+    curves were built from. The family's fit serves its main fit key, default/constant_ewa
+    (three groups); the cosine sweep is left out of it, counted, and fitted in its
+    experiment's scope."""
     sweeps = [
         add_sweep(
             fresh_db,
@@ -228,11 +235,18 @@ def test_cbs_from_trained_curves(fresh_db, database_for, live_server_factory):
     )
 
     outcomes = refit_once(database_for(fresh_db), kinds=[CBS_KIND])
-    assert {o.kind for o in outcomes} == {CBS_KIND} and len(outcomes) == 5  # global + 4
+    assert {o.kind for o in outcomes} == {CBS_KIND} and len(outcomes) == 5  # family + 4
     assert {o.status for o in outcomes} == {"ok"}, [o.message for o in outcomes]
 
-    fit = stored(fresh_db, kind=CBS_KIND, scope=GLOBAL_SCOPE)[-1]
+    fit = stored(fresh_db, kind=CBS_KIND, scope=DEFAULT)[-1]
+    assert fit.quality["fit_key"] == "default/constant_ewa"
+    assert fit.quality["n_runs_other_settings"] == len(sweeps[-1]["trial_ids"])
+    configured = stored(
+        fresh_db, kind=CBS_KIND, scope=experiment_scope(sweeps[-1]["experiment_id"])
+    )[-1]
+    assert configured.quality["fit_key"] == "default/cosine"
     groups = {g["n_params"]: g for g in fit.params["groups"]}
+    groups.update({g["n_params"]: g for g in configured.params["groups"]})
     assert len(groups) == 4
     for k, sweep in enumerate(sweeps):
         n_params = 10_000_000 * 2**k if k < 3 else 5_000_000
@@ -262,7 +276,8 @@ def test_cbs_from_trained_curves(fresh_db, database_for, live_server_factory):
         assert g["fit"]["a"] == pytest.approx(A_STEPS, rel=1e-6)
         assert g["fit"]["b"] == pytest.approx(sweep["b"], rel=1e-6)
         assert g["fit"]["critical_batch_size"] == pytest.approx(expected_cbs(ratio), rel=1e-6)
-        iv = [i for i in fit.intervals["groups"] if i["n_params"] == n_params][0]
+        ivs = fit.intervals["groups"] + configured.intervals["groups"]
+        iv = [i for i in ivs if i["n_params"] == n_params][0]
         low, high = iv["critical_batch_size"]["low"], iv["critical_batch_size"]["high"]
         assert low <= g["fit"]["critical_batch_size"] * (1 + 1e-6) and high >= g["fit"][
             "critical_batch_size"
@@ -270,18 +285,21 @@ def test_cbs_from_trained_curves(fresh_db, database_for, live_server_factory):
         # D of the group: tokens to target at B_opt = S(B_opt)·B_opt
         assert g["tokens_to_target_at_b_opt"] == pytest.approx(want[0] * BATCHES[0], rel=1e-6)
 
-    # the power law B* = c·D^γ across the four groups, against a direct log-log regression
-    d = [groups[n]["tokens_to_target_at_b_opt"] for n in sorted(groups)]
-    cbs = [groups[n]["fit"]["critical_batch_size"] for n in sorted(groups)]
+    # the power law B* = c·D^γ across the family's three groups, against a direct log-log
+    # regression
+    family_groups = sorted(g["n_params"] for g in fit.params["groups"])
+    d = [groups[n]["tokens_to_target_at_b_opt"] for n in family_groups]
+    cbs = [groups[n]["fit"]["critical_batch_size"] for n in family_groups]
     gamma, _ = np.polyfit(np.log(d), np.log(cbs), 1)
     law = fit.params["laws"]["n_tokens"]
     assert law["status"] == "ok" and law["exponents"][0] == pytest.approx(gamma, rel=1e-6)
-    assert fit.params["laws"]["joint"]["status"] == "ok"  # 4 groups, N and D independent
 
     all_ids = {i for s in sweeps for i in s["trial_ids"]}
-    assert set(fit.trial_ids) == all_ids and fit.n_trials == len(all_ids)
+    ewa_ids = all_ids - set(sweeps[-1]["trial_ids"])
+    assert set(fit.trial_ids) == ewa_ids and fit.n_trials == len(ewa_ids)
+    assert set(configured.trial_ids) == set(sweeps[-1]["trial_ids"])
     with database_for(fresh_db).session() as session:
-        assert fit.data_watermark == scope_watermarks(session)[GLOBAL_SCOPE]
+        assert fit.data_watermark == scope_watermarks(session)[DEFAULT]
         # the runs that stopped at their target are what the steps to target come from
         at_target = set(session.scalars(select(Trial.id).where(Trial.stop_reason == "target")))
     assert at_target and at_target <= set(sweeps[-1]["trial_ids"]) and at_target <= all_ids
@@ -291,7 +309,7 @@ def test_cbs_from_trained_curves(fresh_db, database_for, live_server_factory):
 
     server = live_server_factory(database_url=fresh_db)
     latest = httpx.get(
-        server.url + "/v1/fits/latest", params={"kind": CBS_KIND, "scope": GLOBAL_SCOPE}
+        server.url + "/v1/fits/latest", params={"kind": CBS_KIND, "scope": DEFAULT}
     ).json()
     assert latest["id"] == fit.id and latest["status"] == "ok"
     listed = httpx.get(server.url + "/v1/fits", params={"kind": CBS_KIND}).json()
@@ -345,10 +363,10 @@ def test_cbs_from_imported_steps_to_target(fresh_db, database_for):
         assert len(at_budget) == 2 * len(BATCHES)
         assert all(t.stop_reason == "budget" and t.tokens_done == t.n_tokens for t in at_budget)
     [outcome] = [
-        o for o in refit_once(database_for(fresh_db), kinds=[CBS_KIND]) if o.scope == GLOBAL_SCOPE
+        o for o in refit_once(database_for(fresh_db), kinds=[CBS_KIND]) if o.scope == DEFAULT
     ]
     assert outcome.status == "ok"
-    fit = stored(fresh_db, kind=CBS_KIND, scope=GLOBAL_SCOPE)[-1]
+    fit = stored(fresh_db, kind=CBS_KIND, scope=DEFAULT)[-1]
     groups = {g["n_params"]: g for g in fit.params["groups"]}
     for n_params, ratio in ((1e8, 2.0**15), (2e8, 2.0**16)):
         g = groups[n_params]
@@ -364,7 +382,7 @@ def test_estimator_fits_per_scope_and_thin_data(fresh_db, database_for, live_ser
     first; cbs has no steps to target and says so. A later near_optimal refit on too little
     data is stored with its reason and the earlier ok fit stays the one served."""
     experiment_id, _, _ = import_steplaw(database_for(fresh_db))
-    scopes = [GLOBAL_SCOPE, experiment_scope(experiment_id)]
+    scopes = [STEP_LAW, experiment_scope(experiment_id)]
     outcomes = refit_once(database_for(fresh_db))
     assert [(o.kind, o.scope) for o in outcomes] == [(k, s) for k in FIT_KINDS for s in scopes]
     assert [o.kind for o in outcomes[:2]] == [RECOMMENDER_KIND] * 2
@@ -387,7 +405,7 @@ def test_estimator_fits_per_scope_and_thin_data(fresh_db, database_for, live_ser
                 assert fit.quality["seconds"] >= 0
                 if kind != "cbs":
                     assert fit.n_trials == 1911 and len(set(fit.trial_ids)) == 1911
-        near = crud.latest_ok_fit(session=session, kind=NEAR_OPTIMAL_KIND, scope=GLOBAL_SCOPE)
+        near = crud.latest_ok_fit(session=session, kind=NEAR_OPTIMAL_KIND, scope=STEP_LAW)
         # Step Law's published laws: η ∝ N^-0.713·D^0.307, B ∝ D^0.571
         lr_law = near.params["learning_rate_law"]
         assert lr_law["names"] == ["n_params", "n_tokens"]
@@ -395,7 +413,7 @@ def test_estimator_fits_per_scope_and_thin_data(fresh_db, database_for, live_ser
         assert 0.45 < near.params["batch_size_law"]["exponents"][0] < 0.7
         iv = near.intervals["learning_rate_law"]["exponents"]["n_params"]
         assert iv["low"] < lr_law["exponents"][0] < iv["high"]
-        bell = crud.latest_ok_fit(session=session, kind="bell", scope=GLOBAL_SCOPE)
+        bell = crud.latest_ok_fit(session=session, kind="bell", scope=STEP_LAW)
         assert bell.params["b_crit_law"]["status"] == "ok" and len(bell.params["groups"]) == 17
         cbs = session.scalars(select(Fit).where(Fit.kind == "cbs")).first()
         assert "no trial has steps to a target loss" in cbs.message
@@ -414,17 +432,17 @@ def test_estimator_fits_per_scope_and_thin_data(fresh_db, database_for, live_ser
     assert all("law" in o.message for o in outcomes)
     with database_for(fresh_db).session() as session:
         assert (
-            crud.latest_ok_fit(session=session, kind=NEAR_OPTIMAL_KIND, scope=GLOBAL_SCOPE).id
+            crud.latest_ok_fit(session=session, kind=NEAR_OPTIMAL_KIND, scope=STEP_LAW).id
             == good_id
         )
     server = live_server_factory(database_url=fresh_db)
     served = httpx.get(
         server.url + "/v1/fits/latest",
-        params={"kind": NEAR_OPTIMAL_KIND, "scope": GLOBAL_SCOPE, "status": "ok"},
+        params={"kind": NEAR_OPTIMAL_KIND, "scope": STEP_LAW, "status": "ok"},
     ).json()
     assert served["id"] == good_id
     newest = httpx.get(
-        server.url + "/v1/fits/latest", params={"kind": NEAR_OPTIMAL_KIND, "scope": GLOBAL_SCOPE}
+        server.url + "/v1/fits/latest", params={"kind": NEAR_OPTIMAL_KIND, "scope": STEP_LAW}
     ).json()
     assert newest["status"] == "insufficient_data" and "law" in newest["message"]
     assert newest["trial_ids"] == [new_id] and newest["id"] > good_id

@@ -28,9 +28,11 @@ from server.worker.fits import (
     default_fitter,
 )
 from server.worker.loop import FittingWorker, advisory_key, refit_once, refit_scope
-from server.worker.scopes import GLOBAL_SCOPE
+from server.worker.scopes import family_scope
 from tests.conftest import REPO_ROOT
 from tests.databases import add_completed_trial, seed_steplaw
+
+STEP_LAW = family_scope("step-law")
 
 
 def fits(url: str, kind: str | None = None) -> list[Fit]:
@@ -41,7 +43,7 @@ def fits(url: str, kind: str | None = None) -> list[Fit]:
         return list(session.scalars(stmt))
 
 
-def latest_ok(url: str, scope: str = GLOBAL_SCOPE) -> Fit | None:
+def latest_ok(url: str, scope: str = STEP_LAW) -> Fit | None:
     with open_database(url) as database, database.session() as session:
         return crud.latest_ok_fit(session=session, kind=RECOMMENDER_KIND, scope=scope)
 
@@ -94,9 +96,9 @@ def test_failing_refit_keeps_serving_the_previous_fit(fresh_db, live_server_fact
     for lr in (1e-3, 2e-3, 4e-3):
         add_completed_trial(fresh_db, "tiny", learning_rate=lr)
     by_scope = {o.scope: o for o in refit_once(database_for(fresh_db), kinds=only)}
-    assert by_scope[GLOBAL_SCOPE].status == "ok"
-    tiny = [o for s, o in by_scope.items() if s != GLOBAL_SCOPE]
-    assert [o.status for o in tiny] == ["insufficient_data"] and "groups" in tiny[0].message
+    assert by_scope[STEP_LAW].status == "ok"
+    [tiny] = [o for s, o in by_scope.items() if s.startswith("experiment:")]
+    assert tiny.status == "insufficient_data" and "groups" in tiny.message
     answer = httpx.get(server.url + "/v1/recommendations", params={**query, "experiment": "tiny"})
     assert answer.status_code == 503
     assert "insufficient_data" in answer.json()["detail"]
@@ -141,7 +143,7 @@ def test_two_workers_run_each_fit_once(fresh_pg, database_for):
             t.join(timeout=300)
         return results
 
-    n = 2 * len(FIT_KINDS)  # every kind for global and experiment: each by exactly one worker
+    n = 2 * len(FIT_KINDS)  # every kind for family and experiment: each by exactly one worker
     results = run_both()
     assert sorted(calls) == sorted(FIT_KINDS * 2)
     actions = sorted(o.action for r in results for o in r)
@@ -168,13 +170,13 @@ def test_killed_worker_leaves_nothing_locked(fresh_pg, database_for, tmp_path):
         def stuck(runs, **options):
             time.sleep(600)
 
-        refit_scope(Database.from_url({fresh_pg!r}), "global", fitter=stuck)
+        refit_scope(Database.from_url({fresh_pg!r}), "family:step-law", fitter=stuck)
     """)
     )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO_ROOT, env=env)
     database = database_for(fresh_pg)
-    key = advisory_key("recommender", GLOBAL_SCOPE)
+    key = advisory_key("recommender", STEP_LAW)
 
     def lock_held() -> bool:
         with database.engine.connect() as conn:
@@ -190,12 +192,12 @@ def test_killed_worker_leaves_nothing_locked(fresh_pg, database_for, tmp_path):
 
     try:
         wait_for(lock_held, 60, "the stuck worker to take the advisory lock")
-        assert refit_scope(database, GLOBAL_SCOPE).action == "locked"
+        assert refit_scope(database, STEP_LAW).action == "locked"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     wait_for(lambda: not lock_held(), 30, "the killed worker's lock to vanish")
-    outcome = refit_scope(database, GLOBAL_SCOPE)
+    outcome = refit_scope(database, STEP_LAW)
     assert (outcome.action, outcome.status) == ("fitted", "ok")
 
 

@@ -1,6 +1,7 @@
 """Which runs enter the final-loss fits: only those that trained their budget (runs stopped
 at their target loss or short of their budget are left out and counted), on PostgreSQL and
-SQLite; and a store fitted before that rule had a version is refitted under it."""
+SQLite; a store fitted before that rule had a version is refitted under it; scopes, fit
+keys and the main fit key of a family."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from sqlalchemy import select
 
 from fitting.data import Runs
 from fitting.recommender import STATE_VERSION
-from server import crud
+from server import crud, families
 from server.core.db import Database
 from server.importers import import_runs, import_steplaw
 from server.models import Fit, StopReason, Trial, TrialSource, TrialStatus
@@ -28,14 +29,21 @@ from server.worker.fits import (
 )
 from server.worker.loop import refit_once, stale_fits
 from server.worker.scopes import (
-    GLOBAL_SCOPE,
     RUN_RULE_VERSION,
     experiment_scope,
+    family_scope,
+    fit_key,
+    main_fit_key,
     not_at_budget,
+    scope_experiment_id,
+    scope_family,
     scope_watermarks,
     trained_its_budget,
     trials_to_runs,
 )
+
+STEP_LAW = family_scope("step-law")
+DEFAULT = family_scope("default")
 
 D = 10_000  # tokens of every run's budget below
 B = 100  # tokens per batch
@@ -108,13 +116,13 @@ def test_the_rule_and_the_fits_that_follow_it():
 
 
 def _add_early_runs(database: Database) -> tuple[int, list[int]]:
-    """Three runs in experiment "early" at the first Step Law run's (N, D, η, B), with half
-    its loss (so that any of them would move a fit), which did not train their budget;
-    returns the experiment's id and theirs."""
+    """Three runs in experiment "early" of family step-law at the first Step Law run's (N,
+    D, η, B), with half its loss (so that any of them would move a fit), which did not train
+    their budget; returns the experiment's id and theirs."""
     with database.session() as session:
         ref = session.scalars(select(Trial).order_by(Trial.id).limit(1)).one()
         exp, _ = crud.create_experiment(
-            session=session, experiment_in=ExperimentCreate(name="early")
+            session=session, experiment_in=ExperimentCreate(name="early", family="step-law")
         )
         ids = []
         for reason, tokens_done in (
@@ -143,8 +151,8 @@ def _add_early_runs(database: Database) -> tuple[int, list[int]]:
 
 def test_recommender_fits_only_the_runs_that_trained_their_budget(fresh_db, database_for):
     """Step Law's 1,911 runs (imported: at their budget) plus three early-stopped runs in
-    another experiment: the global fit leaves those out, counts them, and is the very fit of
-    the budget runs alone (the Step Law experiment's scope)."""
+    another experiment of the family: the family's fit leaves those out, counts them, and
+    answers as the fit of the budget runs alone (the Step Law experiment's scope)."""
     database = database_for(fresh_db)
     steplaw_id, _, _ = import_steplaw(database)
     with database.session() as session:
@@ -157,7 +165,7 @@ def test_recommender_fits_only_the_runs_that_trained_their_budget(fresh_db, data
 
     outcomes = refit_once(database, kinds=[RECOMMENDER_KIND])
     assert {o.scope: o.status for o in outcomes} == {
-        GLOBAL_SCOPE: "ok",
+        STEP_LAW: "ok",
         experiment_scope(steplaw_id): "ok",
         early_scope: "insufficient_data",
     }
@@ -166,12 +174,12 @@ def test_recommender_fits_only_the_runs_that_trained_their_budget(fresh_db, data
         def fit(scope: str) -> Fit:
             return session.scalars(select(Fit).where(Fit.scope == scope)).one()
 
-        both, alone, early = fit(GLOBAL_SCOPE), fit(experiment_scope(steplaw_id)), fit(early_scope)
+        both, alone, early = fit(STEP_LAW), fit(experiment_scope(steplaw_id)), fit(early_scope)
         assert both.trial_ids == steplaw_ids and both.n_trials == 1911
         assert not set(both.trial_ids) & set(early_ids)
         assert both.quality["n_runs_not_at_budget"] == 3 and both.quality["n_runs"] == 1911
         assert alone.quality["n_runs_not_at_budget"] == 0
-        assert both.params == alone.params  # the same fitted state, to the last digit
+        assert both.quality["fit_key"] == "step-law" and both.quality["n_runs_other_settings"] == 0
         assert early.trial_ids == [] and early.quality["n_runs_not_at_budget"] == 3
         assert "3 run(s) that stopped before their budget left out" in early.message
     answers = [
@@ -241,7 +249,7 @@ def test_a_store_fitted_under_the_earlier_rule_is_refitted(fresh_db, database_fo
                     data_watermark=old,
                 )
             )
-    scopes = [GLOBAL_SCOPE, experiment_scope(experiment_id)]
+    scopes = [DEFAULT, experiment_scope(experiment_id)]
     assert stale_fits(database, [NEAR_OPTIMAL_KIND]) == [(NEAR_OPTIMAL_KIND, s) for s in scopes]
 
     outcomes = refit_once(database, kinds=[NEAR_OPTIMAL_KIND, BELL_KIND])
@@ -286,12 +294,121 @@ def test_what_a_later_patch_says_changes_what_is_fitted(fresh_db, database_for, 
             )[0].id
             for lr in (5e-4, 1e-3)
         ]
-    [first] = [o for o in refit_once(database, kinds=[NEAR_OPTIMAL_KIND]) if o.scope == "global"]
+    [first] = [o for o in refit_once(database, kinds=[NEAR_OPTIMAL_KIND]) if o.scope == DEFAULT]
     with database.session() as session:
         crud.update_trial(session=session, trial_id=ids[1], trial_in=TrialUpdate(**patch))
-    [again] = [o for o in refit_once(database, kinds=[NEAR_OPTIMAL_KIND]) if o.scope == "global"]
+    [again] = [o for o in refit_once(database, kinds=[NEAR_OPTIMAL_KIND]) if o.scope == DEFAULT]
     with database.session() as session:
         before, after = (session.get(Fit, o.fit_id) for o in (first, again))
         assert before.trial_ids == ids and before.quality["n_runs_not_at_budget"] == 0
         assert after.trial_ids == ids[:1] and after.quality["n_runs_not_at_budget"] == 1
         assert after.data_watermark != before.data_watermark
+
+
+def test_fit_keys_the_main_key_and_scope_names():
+    assert fit_key("step-law", "standard", None) == "step-law"
+    assert fit_key("team-a", "standard", "cosine") == "team-a/cosine"
+    assert fit_key("team-a", "mup", None) == "team-a/mup"
+    assert fit_key("team-a", "mup", "wsd") == "team-a/mup/wsd"
+    # the most (N, D) groups wins, not the most trials; then the most trials; then the name
+    assert main_fit_key([("a/mup", 1, 1)] * 3 + [("a", 1, 1), ("a", 2, 1)]) == "a"
+    assert main_fit_key([("b", 1, 1), ("a", 2, 2), ("b", 1, 1)]) == "b"
+    assert main_fit_key([("b", 1, 1), ("a", 2, 2)]) == "a"
+    assert main_fit_key([]) is None
+    assert (scope_family(STEP_LAW), scope_experiment_id(STEP_LAW)) == ("step-law", None)
+    assert (scope_family("experiment:12"), scope_experiment_id("experiment:12")) == (None, 12)
+    for bad in ("global", "family:", "experiment:x", "experiment:"):
+        with pytest.raises(ValueError, match="family:<name>"):
+            scope_family(bad)
+
+
+def _runs(n_params: float, n_tokens: float, k: int) -> list[dict]:
+    """k runs of one (N, D) group along η."""
+    return [
+        dict(
+            n_params=n_params,
+            n_tokens=n_tokens,
+            seq_len=1024,
+            learning_rate=1e-3 * 2**i,
+            batch_size_tokens=2**19,
+            loss=3.0 + 0.01 * i,
+        )
+        for i in range(k)
+    ]
+
+
+def _trial_in(experiment_id: int, run: dict, **fields) -> TrialCreate:
+    """A completed trial that trained its budget, of one of :func:`_runs`'s runs."""
+    sizes = {k: int(run[k]) for k in ("n_params", "n_tokens", "seq_len", "batch_size_tokens")}
+    return TrialCreate(
+        experiment_id=experiment_id,
+        **sizes,
+        learning_rate=run["learning_rate"],
+        final_eval_loss=run["loss"],
+        status=TrialStatus.COMPLETED,
+        stop_reason=StopReason.BUDGET,
+        **fields,
+    )
+
+
+def test_a_family_fit_borrows_from_every_family_and_serves_its_main_key(fresh_db, database_for):
+    """Family team-a: cosine runs in two (N, D) groups (its main key), µP cosine runs in one
+    (left out of its fits, borrowed from); family other: one group. The family's
+    recommender gets every family's runs labelled with their fit keys and its main key; an
+    experiment's gets its own main-key runs, unlabelled. Moving an experiment to another
+    family refits the families, not the experiments."""
+    database = database_for(fresh_db)
+    with database.session() as session:
+        team = crud.create_experiment(
+            session=session, experiment_in=ExperimentCreate(name="team", family="team-a")
+        )[0].id
+        other = crud.create_experiment(
+            session=session, experiment_in=ExperimentCreate(name="other", family="other")
+        )[0].id
+        for run in _runs(1e8, 2e9, 3) + _runs(2e8, 4e9, 3):
+            crud.create_trial(session=session, trial_in=_trial_in(team, run, schedule="cosine"))
+        for run in _runs(1e8, 2e9, 4):
+            trial_in = _trial_in(team, run, schedule="cosine", parametrization="mup")
+            crud.create_trial(session=session, trial_in=trial_in)
+        for run in _runs(5e8, 1e10, 2):
+            crud.create_trial(session=session, trial_in=_trial_in(other, run))
+    calls: dict[str, tuple] = {}
+
+    def recording(runs, **options):
+        family = options.get("family")
+        labels = None if runs.family is None else sorted(set(runs.family.tolist()))
+        calls[family or "none"] = (len(runs), labels, runs.trial_id.tolist())
+        raise RuntimeError("recorded")
+
+    outcomes = refit_once(database, kinds=[RECOMMENDER_KIND], fitter=recording)
+    assert [o.scope for o in outcomes] == [
+        family_scope("other"),
+        family_scope("team-a"),
+        experiment_scope(team),
+        experiment_scope(other),
+    ]
+    every = ["other", "team-a/cosine", "team-a/mup/cosine"]
+    assert calls["team-a/cosine"][:2] == (12, every)
+    assert calls["other"][:2] == (12, every)
+    assert calls["none"][:2] == (2, None)  # the last call: experiment "other", unlabelled
+    with database.session() as session:
+        fits = {f.scope: f for f in session.scalars(select(Fit))}
+        mup_ids = session.scalars(select(Trial.id).where(Trial.parametrization == "mup")).all()
+    team_fit = fits[family_scope("team-a")]
+    assert team_fit.quality["fit_key"] == "team-a/cosine"
+    assert team_fit.quality["n_runs_other_settings"] == len(mup_ids) == 4
+    assert fits[experiment_scope(team)].quality["n_runs_other_settings"] == 4
+    assert set(mup_ids).isdisjoint(fits[experiment_scope(team)].trial_ids)  # 6 cosine runs
+    assert len(fits[experiment_scope(team)].trial_ids) == 6
+
+    with database.session() as session:
+        before = scope_watermarks(session)
+        families.move_experiment(session=session, experiment_id=other, family="team-a")
+    with database.session() as session:
+        after = scope_watermarks(session)
+    assert set(after) == {family_scope("team-a"), experiment_scope(team), experiment_scope(other)}
+    assert after[family_scope("team-a")] != before[family_scope("team-a")]
+    assert after[experiment_scope(other)] == before[experiment_scope(other)]
+    moved = refit_once(database, kinds=[RECOMMENDER_KIND], fitter=recording)
+    assert [o.scope for o in moved] == [family_scope("team-a")]
+    assert calls["team-a/cosine"][:2] == (12, ["team-a", "team-a/cosine", "team-a/mup/cosine"])

@@ -1,0 +1,112 @@
+"""Loss-curve points: the batched upsert behind ``POST /v1/trials/{id}/points`` and the
+reads. Like ``server.crud``, every function takes a keyword-only ``session`` and leaves
+commit/rollback to ``server.core.db.session_scope``; a missing trial raises
+``NotFoundError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+from sqlalchemy import Table, func, select
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.orm import Session
+
+from server.crud import get_trial
+from server.models import POINT_VALUE_COLUMNS, Point
+from server.schemas import PointIn
+
+
+def upsert_points(*, session: Session, trial_id: int, points: Sequence[PointIn]) -> int:
+    """Insert or update loss-curve rows keyed by (trial_id, step); returns distinct steps.
+
+    One statement, no ORM objects: ``INSERT ... ON CONFLICT (trial_id, step) DO UPDATE``.
+    On PostgreSQL the rows travel column-wise as arrays (``SELECT ... FROM unnest(...)``);
+    on SQLite as a SQLAlchemy Core multi-row upsert. A value sent as null keeps what is
+    stored (``COALESCE(excluded.x, points.x)``), so a trainer may send a step's train and
+    eval losses separately; re-sending the same points changes nothing. Within one batch
+    the last row for a step wins.
+    """
+    get_trial(session=session, trial_id=trial_id)
+    # Sorted by step so that concurrent batches over the same steps lock rows in the same
+    # order (unsorted, overlapping upserts deadlock on PostgreSQL).
+    rows = sorted({p.step: p for p in points}.values(), key=lambda p: p.step)
+    if not rows:
+        return 0
+    if session.get_bind().dialect.name == "postgresql":
+        _upsert_points_pg(session, trial_id, rows)
+    else:
+        _upsert_points_core(session, trial_id, rows)
+    return len(rows)
+
+
+_PG_UPSERT = (
+    "INSERT INTO points (trial_id, step, {cols}) "
+    "SELECT %(trial_id)s, * FROM unnest({arrays}) "
+    "ON CONFLICT (trial_id, step) DO UPDATE SET {updates}"
+).format(
+    cols=", ".join(POINT_VALUE_COLUMNS),
+    arrays=", ".join(
+        f"%({c})s::{'bigint' if c in ('step', 'tokens') else 'double precision'}[]"
+        for c in ("step", *POINT_VALUE_COLUMNS)
+    ),
+    updates=", ".join(f"{c} = COALESCE(EXCLUDED.{c}, points.{c})" for c in POINT_VALUE_COLUMNS),
+)
+
+
+def _pg_array_literal(values: list[int | float | None]) -> str:
+    """A PostgreSQL array literal ``{1.5,NULL,nan,inf}``: ``repr`` of ints and floats is
+    exact, and ``float8in`` reads Python's ``nan``/``inf``/``-inf`` spellings."""
+    if None in values:
+        return "{" + ",".join(["NULL" if v is None else repr(v) for v in values]) + "}"
+    return "{" + ",".join(map(repr, values)) + "}"
+
+
+def _upsert_points_pg(session: Session, trial_id: int, rows: list[PointIn]) -> None:
+    # One text array per column: PostgreSQL parses '{...}' literals far faster than
+    # ARRAY[...] expressions or one VALUES tuple per row.
+    params: dict[str, Any] = {"trial_id": trial_id}
+    for column in ("step", *POINT_VALUE_COLUMNS):
+        params[column] = _pg_array_literal([getattr(row, column) for row in rows])
+    session.connection().exec_driver_sql(_PG_UPSERT, params)
+
+
+def _upsert_points_core(session: Session, trial_id: int, rows: list[PointIn]) -> None:
+    table = cast(Table, Point.__table__)  # a declarative model's table is a Table
+    stmt = sqlite.insert(table)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[table.c.trial_id, table.c.step],
+        set_={c: func.coalesce(stmt.excluded[c], table.c[c]) for c in POINT_VALUE_COLUMNS},
+    )
+    session.execute(stmt, [{**row.model_dump(), "trial_id": trial_id} for row in rows])
+
+
+def get_points(
+    *,
+    session: Session,
+    trial_id: int,
+    step_min: int | None = None,
+    step_max: int | None = None,
+    limit: int = 100_000,
+    offset: int = 0,
+) -> tuple[list[dict[str, Any]], int]:
+    """A trial's points with ``step_min <= step <= step_max``, ordered by step, as dicts
+    (Core rows, no ORM objects: curves are long) and the total number of matches."""
+    get_trial(session=session, trial_id=trial_id)
+    table = Point.__table__
+    where = [table.c.trial_id == trial_id]
+    if step_min is not None:
+        where.append(table.c.step >= step_min)
+    if step_max is not None:
+        where.append(table.c.step <= step_max)
+    count = session.scalar(select(func.count()).select_from(table).where(*where))
+    stmt = (
+        select(table.c.step, *(table.c[name] for name in POINT_VALUE_COLUMNS))
+        .where(*where)
+        .order_by(table.c.step)
+        .limit(limit)
+        .offset(offset)
+    )
+    rows = [dict(row._mapping) for row in session.execute(stmt)]
+    return rows, int(count or 0)
