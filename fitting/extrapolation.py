@@ -42,7 +42,7 @@ import numpy as np
 
 from fitting import surface as surf
 from fitting.data import Runs
-from fitting.group_optima import fit_group_optima
+from fitting.group_optima import GroupOptima, fit_group_optima
 from fitting.results import FitStatus
 
 logger = logging.getLogger(__name__)
@@ -131,17 +131,20 @@ def fit_law_forms(
     window: float,
     f_scale: float,
     cubic: bool,
+    optima: GroupOptima | None = None,
 ) -> tuple[LawForms | None, str]:
     """The forms of :data:`FORMS` for ``family`` with their held-out weights, ``main`` being
     the first form's fit. (None, why) when they cannot be weighed: fewer than 3 distinct N
-    among the groups, the groups' own optima or a form's fit failed."""
+    among the groups, the groups' own optima or a form's fit failed. ``optima``: the groups'
+    own optima when the caller has fitted them already (same options)."""
     options: dict[str, Any] = {
         "window": window,
         "f_scale": f_scale,
         "cubic": cubic,
         "family": family,
     }
-    optima = fit_group_optima(runs, window=window, f_scale=f_scale, cubic=cubic)
+    if optima is None:
+        optima = fit_group_optima(runs, window=window, f_scale=f_scale, cubic=cubic)
     if optima.status is not FitStatus.OK:
         return None, f"the groups' own optima: {optima.reason}"
     if np.unique(optima.n_params).size < 3:
@@ -154,10 +157,12 @@ def fit_law_forms(
     )
     params, rmse = [], []
     for name, zero in FORMS.items():
-        fit = surf.fit_surface(runs, zero=zero, **options) if zero else None
-        form_params = main if not zero else (fit.params if fit is not None else None)
-        if form_params is None:
-            return None, f"form {name}: {fit.reason if fit is not None else 'no fit'}"
+        form_params = main
+        if zero:
+            fit = surf.fit_surface(runs, zero=zero, **options)
+            if fit.params is None:
+                return None, f"form {name}: {fit.reason}"
+            form_params = fit.params
         errors = _held_out_errors(runs, observed, optima.n_params, labels, zero, options)
         if not np.isfinite(errors).any():
             return None, f"form {name}: no leave-one-N-out refit succeeded"

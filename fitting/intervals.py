@@ -53,7 +53,7 @@ import numpy as np
 
 from fitting import surface as surf
 from fitting.data import Runs
-from fitting.group_optima import fit_group_optima
+from fitting.group_optima import GroupOptima, fit_group_optima
 from fitting.recommender_state import SurfaceDraws, SurfacePoint, log_critical_batch_size
 from fitting.results import FitStatus, Interval
 from fitting.steps_law import StepsCbsLaw
@@ -158,12 +158,15 @@ def group_scatter(
     f_scale: float,
     cubic: bool,
     by_family: Mapping[str, surf.SurfaceParams[float]] | None = None,
+    optima: GroupOptima | None = None,
 ) -> GroupScatter:
     """The residual pairs of the module docstring: each group's own optimum
     (:func:`~fitting.group_optima.fit_group_optima`, with the surface's options) minus the
     laws of ``params``, or with families, of its own family's laws (``by_family``). Empty,
-    with a logged warning that says why, when the optima cannot be fitted or G ≤ 3."""
-    optima = fit_group_optima(runs, window=window, f_scale=f_scale, cubic=cubic)
+    with a logged warning that says why, when the optima cannot be fitted or G ≤ 3.
+    ``optima``: those optima when the caller has fitted them already."""
+    if optima is None:
+        optima = fit_group_optima(runs, window=window, f_scale=f_scale, cubic=cubic)
     if optima.status is not FitStatus.OK or optima.n_params.size <= LAW_COEFFICIENTS:
         why = optima.reason or f"{optima.n_params.size} groups, laws of {LAW_COEFFICIENTS} terms"
         logger.warning("intervals without the groups' scatter about the laws: %s", why)

@@ -58,6 +58,7 @@ from fitting import surface as surf
 from fitting.bell_state import BellState, fit_bell_state
 from fitting.data import Runs
 from fitting.extrapolation import LawForms, fit_law_forms
+from fitting.group_optima import fit_group_optima
 from fitting.imposed_batch import imposed_batch
 from fitting.intervals import GroupScatter
 from fitting.recommender_state import (
@@ -374,7 +375,12 @@ def fit_recommender(
         of = "" if family is None else f" of family {family!r}"
         why = f"no runs{of} with a finite loss"
         return result(status=FitStatus.INSUFFICIENT_DATA, reason=why, quality={})
-    fit = surf.fit_surface(runs, window=window, f_scale=f_scale, cubic=cubic, family=family)
+    valley: dict[str, Any] = {
+        "window": window,
+        "f_scale": f_scale,
+        "cubic": cubic,
+    }  # every fit's options
+    fit = surf.fit_surface(runs, **valley, family=family)
     if fit.status is not FitStatus.OK or fit.params is None:
         return result(status=fit.status, reason=fit.reason, quality={})
     surface = SurfacePoint.from_params(fit.params, overhead)
@@ -391,16 +397,16 @@ def fit_recommender(
             for stratum in strata
             for i in rng.integers(0, len(stratum), len(stratum))
         ]
-        boot = surf.fit_surface(
-            runs, window=window, f_scale=f_scale, cubic=cubic, groups=resample, family=family
-        )
+        boot = surf.fit_surface(runs, **valley, groups=resample, family=family)
         if boot.status is FitStatus.OK and boot.params is not None:
             draws.append(SurfacePoint.from_params(boot.params, overhead))
+    # each group's own optimum, for the scatter and for weighing the law forms: fitted once
+    optima = fit_group_optima(runs, **valley) if n_bootstrap or law_forms else None
     scatter = GroupScatter.empty()
     if n_bootstrap:  # no draws, no intervals: the groups' scatter is only needed with them
         logger.info("recommender bootstrap: %d of %d draws fitted", len(draws), n_bootstrap)
         scatter = intervals.group_scatter(
-            runs, fit.params, window=window, f_scale=f_scale, cubic=cubic, by_family=fit.by_family
+            runs, fit.params, **valley, by_family=fit.by_family, optima=optima
         )
     quality = {
         "n_runs_used": fit.n_runs_used,
@@ -419,9 +425,7 @@ def fit_recommender(
         reason = ""  # the steps-to-target law supplies the CBS
     forms, why_not = None, "not asked for"
     if law_forms:
-        forms, why_not = fit_law_forms(
-            runs, fit.params, family=family, window=window, f_scale=f_scale, cubic=cubic
-        )
+        forms, why_not = fit_law_forms(runs, fit.params, **valley, family=family, optima=optima)
     if forms is None:
         logger.info("one law form, not averaged: %s", why_not)
     else:
