@@ -1,72 +1,79 @@
-"""Critical batch size from steps to a target loss (Zhang et al. 2024, "How Does Critical
-Batch Size Scale in Pre-training?").
+"""Steps to a target loss (Zhang et al. 2024, "How Does Critical Batch Size Scale in
+Pre-training?", section 2 and appendix G): the one implementation, over arrays, that the
+trainer, the worker's ``cbs`` fit and the recommender's CBS law all use. The fit of the steps
+against the batch size and the critical batch size are in :mod:`fitting.critical_batch`.
 
-1. **Steps to target.** For one run, S is the first optimizer step at which the evaluated
-   loss reaches the target, interpolated linearly between the two evaluations that bracket
-   it. A run that never reaches the target (or diverges first) is *censored*: S is reported
-   as +inf with the reason, and the fits below exclude it and say how many they excluded.
-   The default target of a group follows the paper's rule: the final loss of a reference
-   run (by default the one with the smallest batch size) at its budget.
+1. **One run.** S is the first optimizer step at which the evaluated loss reaches the target,
+   interpolated linearly between the two evaluations that bracket it. A run that never
+   reaches it (or diverges first) is *censored*: S = +inf with the reason.
 
-2. **Steps versus batch size.** Over the runs of one group (same N, same target),
+2. **Which points of a curve count** (:func:`usable_evaluations`). With a constant learning
+   rate and an exponential weight average (``constant_ewa``), the EWA weights' loss at step s
+   is the loss of a run of budget s·B (DESIGN.md, "one run, many budgets"), so every
+   evaluation counts. A schedule that decays towards a fixed horizon (WSD, cosine) is not
+   comparable to a finished run before its decay, so only its final point counts: such a run
+   reaches the target at its last step or not at all (an upper bound on its S).
 
-       log S = log(a + b / B^α)
+3. **One group** (same N, same budget D; :func:`group_steps_to_target`). The target is given
+   (the one the runs were trained towards), or set by a reference rule: ``smallest`` (the
+   paper's) takes the best final loss, at budget D, over the learning rates tried at the
+   smallest batch size; ``largest`` takes it at the largest batch size, which suits a sweep in
+   which every run has the same budget (every smaller batch size, needing fewer tokens for
+   the same loss, then reaches it within the budget) at the price of measuring the CBS at a
+   D below the budget. A batch size's S is that of its best run (fewest steps over the
+   learning rates tried: η tuned per B, as in the paper); it is censored only if all its runs
+   are (:func:`best_per_batch`). A run at or below the target at step 0 counts as censored.
 
-   fitted by robust least squares in log space (``soft_l1``) over (log a, log b[, α]) from
-   several starting points; α = 1 by default (the paper's choice), free α optional.
-
-3. **Critical batch size** at overhead ε (default 0.2): the largest B whose total data
-   S(B)·B is at most (1+ε) times that at a reference batch size B_opt in the linear-scaling
-   regime,
-
-       (a + b/B*^α) · B* = (1+ε) · (a + b/B_opt^α) · B_opt.
-
-   For α = 1 this has the closed form B* = (1+ε)·B_opt + ε·b/a (ε = 0.2 gives the paper's
-   B* = b/(5a) + 1.2·B_opt); otherwise it is solved numerically. With the paper's Table 6
-   (B_opt = 256), e.g. a = 1293.83, b = 2834258.08 gives log2 B* = 9.54. (The paper's
-   free-α column, Table 6(b), was computed with the shortcut ((b + 6a·B_opt)/(5a))^(1/α),
-   which is not a solution of the equation above when α ≠ 1; the exact solution here gives,
-   e.g., log2 B* = 9.65 rather than 9.34 for its 85M row.)
-
-4. **Scaling laws** of B* (via :func:`fitting.powerlaw.fit_power_law`): B* = c·D^γ at fixed
-   N, B* = c·N^β at fixed D, and jointly B* = c·N^β·D^γ.
-
-Batch sizes may be in any unit (tokens, sequences); B* comes out in the same unit.
+4. **Many groups** (:class:`StepsTable`): one row per (group, batch size), the input of the
+   CBS law across groups (:mod:`fitting.steps_law`).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
 
-from fitting.powerlaw import PowerLawFit, fit_power_law
-from fitting.results import FitStatus, Interval, percentile_interval
+if TYPE_CHECKING:
+    from fitting.data import Runs
 
-logger = logging.getLogger(__name__)
+#: The schedule whose every evaluation is a finished run's loss (module docstring, 2).
+EWA_SCHEDULE = "constant_ewa"
+ReferenceRule = Literal["smallest", "largest"]
 
-DEFAULT_OVERHEAD = 0.2
 
-
-# --------------------------------------------------------------------------- steps to target
 @dataclass(frozen=True)
 class StepsToTarget:
     """Steps at which one run first reached ``target_loss``; ``censored`` (steps = inf)
-    when it never did, with ``reason``."""
+    when it never did, with ``reason`` and ``bound``, the steps it trained without reaching
+    it (its last evaluation; NaN when it diverged): S at its B is larger."""
 
     steps: float
     target_loss: float
     censored: bool
     reason: str = ""
+    bound: float = math.nan
 
 
-def steps_to_target(
-    steps: Sequence[float], loss: Sequence[float], target_loss: float
-) -> StepsToTarget:
+def _curve(steps: ArrayLike, loss: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, loss) as float arrays sorted by step; ``ValueError`` naming the rule broken."""
+    s = np.asarray(steps, dtype=float).reshape(-1)
+    lv = np.asarray(loss, dtype=float).reshape(-1)
+    if s.size != lv.size:
+        raise ValueError(f"steps has {s.size} values, loss has {lv.size}")
+    if s.size == 0:
+        raise ValueError("steps must not be empty")
+    if not np.all(np.isfinite(s)) or np.any(s < 0):
+        raise ValueError("steps must be finite and >= 0")
+    order = np.argsort(s, kind="stable")
+    return s[order], lv[order]
+
+
+def steps_to_target(steps: ArrayLike, loss: ArrayLike, target_loss: float) -> StepsToTarget:
     """First step where ``loss`` ≤ ``target_loss``, linearly interpolated between the last
     evaluation above the target and the first at or below it:
 
@@ -76,18 +83,9 @@ def steps_to_target(
     that hits a non-finite value (divergence) before reaching the target, or ends above it,
     is censored.
     """
-    s = np.asarray(steps, dtype=float).reshape(-1)
-    lv = np.asarray(loss, dtype=float).reshape(-1)
-    if s.size != lv.size:
-        raise ValueError(f"steps has {s.size} values, loss has {lv.size}")
-    if s.size == 0:
-        raise ValueError("steps must not be empty")
-    if not np.all(np.isfinite(s)) or np.any(s < 0):
-        raise ValueError("steps must be finite and >= 0")
+    s, lv = _curve(steps, loss)
     if not math.isfinite(target_loss):
         raise ValueError("target_loss must be finite")
-    order = np.argsort(s, kind="stable")
-    s, lv = s[order], lv[order]
     for i in range(s.size):
         if not math.isfinite(lv[i]):
             return StepsToTarget(
@@ -108,343 +106,205 @@ def steps_to_target(
         True,
         f"never reached {target_loss:g} (best {lv[best]:g} at step "
         f"{s[best]:g}, last evaluation at step {s[-1]:g})",
+        bound=float(s[-1]),
     )
 
 
-def group_steps_to_target(
-    curves: Mapping[float, tuple[Sequence[float], Sequence[float]]],
-    *,
-    target_loss: float | None = None,
-    reference_batch_size: float | None = None,
-) -> tuple[np.ndarray, list[StepsToTarget]]:
-    """Steps to target for each run of one group: ``curves`` maps a batch size to its
-    ``(steps, loss)`` evaluations. Without ``target_loss`` the target is the final loss of
-    the run at ``reference_batch_size`` (default: the smallest batch size), the paper's
-    rule. Returns the batch sizes (sorted) and one :class:`StepsToTarget` per batch size.
-    """
-    if not curves:
-        raise ValueError("curves must hold at least one run")
-    sizes = np.array(sorted(float(b) for b in curves))
-    if np.any(sizes <= 0):
-        raise ValueError("batch sizes must be > 0")
-    if target_loss is None:
-        ref = sizes[0] if reference_batch_size is None else float(reference_batch_size)
-        if ref not in curves:
-            raise ValueError(f"reference_batch_size {ref:g} has no loss curve")
-        steps, loss = (np.asarray(v, dtype=float) for v in curves[ref])
-        target_loss = float(loss[np.argmax(steps)])
-        if not math.isfinite(target_loss):
-            raise ValueError(
-                f"the reference run (batch size {ref:g}) ends with a non-finite "
-                "loss, so it cannot set the target; give target_loss"
-            )
-    by_size = {float(b): v for b, v in curves.items()}
-    return sizes, [steps_to_target(*by_size[b], target_loss) for b in sizes]
+def usable_evaluations(
+    steps: ArrayLike, loss: ArrayLike, schedule: str | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluations of a curve that may be read as steps to a target (module docstring,
+    2): all of them for ``constant_ewa``, else only the final one."""
+    s, lv = _curve(steps, loss)
+    if schedule == EWA_SCHEDULE:
+        return s, lv
+    return s[-1:], lv[-1:]
 
 
-# --------------------------------------------------------------------------- CBS
-def critical_batch_size(
-    a: float, b: float, b_opt: float, *, alpha: float = 1.0, overhead: float = DEFAULT_OVERHEAD
-) -> float:
-    """B* solving (a + b/B*^α)·B* = (1+ε)·(a + b/B_opt^α)·B_opt, the largest such B.
+def censored_bounds(batch_sizes: ArrayLike, steps: ArrayLike, bounds: ArrayLike) -> np.ndarray:
+    """Per distinct batch size (ascending) whose runs were all censored, the most steps any
+    of them trained without reaching the target (a lower bound on its S); NaN for the
+    others and where no bound is known."""
+    bs = np.asarray(batch_sizes, dtype=float).reshape(-1)
+    sv = np.asarray(steps, dtype=float).reshape(-1)
+    bd = np.asarray(bounds, dtype=float).reshape(-1)
+    out = []
+    for b in np.unique(bs):
+        members = bs == b
+        known = bd[members][np.isfinite(bd[members])]
+        censored = not np.isfinite(sv[members]).any()
+        out.append(float(known.max()) if censored and known.size else math.nan)
+    return np.array(out)
 
-    Closed form for α = 1: B* = (1+ε)·B_opt + ε·b/a. Numeric (Brent) otherwise.
-    """
-    for name, value in (("a", a), ("b", b), ("alpha", alpha)):
-        if not math.isfinite(value) or value < 0 or (name == "alpha" and value == 0):
-            raise ValueError(f"{name} must be finite and {'>' if name == 'alpha' else '>='} 0")
-    if not math.isfinite(b_opt) or b_opt <= 0:
-        raise ValueError("b_opt must be finite and > 0")
-    if not math.isfinite(overhead) or overhead <= 0:
-        raise ValueError("overhead must be finite and > 0")
-    if a == 0:
-        return math.inf  # perfect scaling: no batch size ever pays the overhead
-    if alpha == 1.0:
-        return (1.0 + overhead) * b_opt + overhead * b / a
-    from scipy.optimize import brentq
 
-    budget = math.log1p(overhead) + math.log(a * b_opt + b * b_opt ** (1.0 - alpha))
-
-    def excess(log_b: float) -> float:  # log of data used at B minus the allowed budget
-        return float(
-            np.logaddexp(math.log(a) + log_b, math.log(b) + (1.0 - alpha) * log_b) - budget
-        )
-
-    lo = math.log(b_opt)
-    if alpha > 1.0 and b > 0:  # S·B decreases up to B_turn; the root lies beyond it
-        lo = max(lo, math.log(b * (alpha - 1.0) / a) / alpha)
-    hi = lo + 1.0
-    while excess(hi) <= 0:
-        hi += 1.0
-    return float(math.exp(brentq(excess, lo, hi, xtol=1e-12)))
+def best_per_batch(
+    batch_sizes: ArrayLike, steps: ArrayLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct batch sizes ascending, the fewest steps of each, the index of that run in
+    the input); +inf steps (index of the batch size's first run) when all its runs are
+    censored."""
+    bs = np.asarray(batch_sizes, dtype=float).reshape(-1)
+    sv = np.asarray(steps, dtype=float).reshape(-1)
+    if bs.size != sv.size:
+        raise ValueError(f"batch_sizes has {bs.size} values, steps has {sv.size}")
+    sizes = np.unique(bs)
+    best_steps = np.full(sizes.size, math.inf)
+    best_index = np.zeros(sizes.size, dtype=int)
+    for k, b in enumerate(sizes):
+        members = np.flatnonzero(bs == b)
+        finite = members[np.isfinite(sv[members])]
+        pick = finite[np.argmin(sv[finite])] if finite.size else members[0]
+        best_steps[k], best_index[k] = sv[pick], pick
+    return sizes, best_steps, best_index
 
 
 @dataclass(frozen=True)
-class CriticalBatchFit:
-    """The fit of log S = log(a + b/B^α) for one group and its critical batch size.
+class GroupSteps:
+    """Steps to target of one group (module docstring, 3): ``target_rule`` is ``given`` or
+    ``reference_smallest``/``reference_largest``, with ``reference_index`` the run that set
+    the target; ``runs`` one result per input run (input order); ``batch_sizes``,
+    ``steps`` and ``best_index`` as :func:`best_per_batch` gives them, ``bounds`` as
+    :func:`censored_bounds` does."""
 
-    ``critical_batch_size`` is at ``overhead`` versus ``b_opt`` (same unit as the input
-    batch sizes). Intervals are bootstrap percentiles over runs. ``r2_log``/``rmse_log``
-    measure the fit of log S. ``n_points`` runs were fitted; ``n_censored`` more never
-    reached the target and were excluded.
-    """
+    target_loss: float
+    target_rule: str
+    reference_index: int | None
+    runs: tuple[StepsToTarget, ...]
+    batch_sizes: np.ndarray
+    steps: np.ndarray
+    best_index: np.ndarray
+    bounds: np.ndarray
 
-    a: float
-    b: float
-    alpha: float
-    critical_batch_size: float
-    b_opt: float
-    overhead: float
-    a_interval: Interval
-    b_interval: Interval
-    alpha_interval: Interval
-    critical_batch_size_interval: Interval
-    r2_log: float
-    rmse_log: float
-    n_points: int
-    n_censored: int
-    status: FitStatus = FitStatus.OK
-    reason: str = ""
+
+def reference_target(
+    batch_sizes: ArrayLike,
+    curves: Sequence[tuple[ArrayLike, ArrayLike]],
+    reference: ReferenceRule = "smallest",
+) -> tuple[float, int]:
+    """(target, index of the reference run): the lowest final loss among the runs at the
+    smallest (or largest) batch size whose final loss is finite. ``ValueError`` when no run
+    of that batch size ends with a finite loss."""
+    bs = np.asarray(batch_sizes, dtype=float).reshape(-1)
+    finals = np.array([_curve(*c)[1][-1] for c in curves], dtype=float)
+    if bs.size != finals.size or bs.size == 0:
+        raise ValueError(f"{bs.size} batch sizes for {finals.size} curves")
+    ref_b = bs.min() if reference == "smallest" else bs.max()
+    members = np.flatnonzero((bs == ref_b) & np.isfinite(finals))
+    if not members.size:
+        raise ValueError(
+            f"no run at the {reference} batch size ({ref_b:g}) ends with a finite loss, "
+            "so none can set the target"
+        )
+    pick = int(members[np.argmin(finals[members])])
+    return float(finals[pick]), pick
+
+
+def group_steps_to_target(
+    batch_sizes: ArrayLike,
+    curves: Sequence[tuple[ArrayLike, ArrayLike]],
+    *,
+    schedules: Sequence[str | None] | None = None,
+    target_loss: float | None = None,
+    reference: ReferenceRule = "smallest",
+) -> GroupSteps:
+    """Steps to target for each run of one group (module docstring, 3). ``curves`` holds each
+    run's (steps, evaluated loss); ``schedules`` each run's schedule (default: all
+    ``constant_ewa``), which decides which evaluations count. Without ``target_loss`` the
+    ``reference`` rule sets it."""
+    bs = np.asarray(batch_sizes, dtype=float).reshape(-1)
+    if bs.size != len(curves) or bs.size == 0:
+        raise ValueError(f"{bs.size} batch sizes for {len(curves)} curves")
+    if np.any(~np.isfinite(bs)) or np.any(bs <= 0):
+        raise ValueError("batch sizes must be finite and > 0")
+    kinds = list(schedules) if schedules is not None else [EWA_SCHEDULE] * bs.size
+    usable = [usable_evaluations(s, lv, kind) for (s, lv), kind in zip(curves, kinds, strict=True)]
+    ref_index: int | None = None
+    if target_loss is None:
+        target_loss, ref_index = reference_target(bs, usable, reference)
+        rule = f"reference_{reference}"
+    else:
+        rule = "given"
+    results = []
+    for s, lv in usable:
+        found = steps_to_target(s, lv, target_loss)
+        if not found.censored and found.steps == 0:
+            found = StepsToTarget(math.inf, target_loss, True, "at or below the target at step 0")
+        results.append(found)
+    sizes, best, index = best_per_batch(bs, [r.steps for r in results])
+    bounds = censored_bounds(bs, [r.steps for r in results], [r.bound for r in results])
+    return GroupSteps(
+        target_loss=float(target_loss),
+        target_rule=rule,
+        reference_index=ref_index,
+        runs=tuple(results),
+        batch_sizes=sizes,
+        steps=best,
+        best_index=index,
+        bounds=bounds,
+    )
+
+
+@dataclass(frozen=True)
+class StepsTable:
+    """Steps to target of many groups, one row per (group, batch size): ``group`` (an index),
+    ``n_params``, ``n_tokens`` (the group's budget D; NaN when unknown), ``target_loss``,
+    ``batch_size``, ``steps`` (the batch size's best run; +inf when censored) and
+    ``steps_bound`` (a censored batch size's :func:`censored_bounds`; NaN otherwise)."""
+
+    group: np.ndarray
+    n_params: np.ndarray
+    n_tokens: np.ndarray
+    target_loss: np.ndarray
+    batch_size: np.ndarray
+    steps: np.ndarray
+    steps_bound: np.ndarray
 
     @property
-    def ok(self) -> bool:
-        return self.status is FitStatus.OK
+    def n_groups(self) -> int:
+        return int(np.unique(self.group).size)
 
-    def predict_steps(self, batch_size):
-        """S(B) = a + b/B^α."""
-        return self.a + self.b / np.asarray(batch_size, dtype=float) ** self.alpha
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in self.__dict__.items():
-            if isinstance(value, Interval):
-                out[key] = value.as_dict()
-            elif isinstance(value, FitStatus):
-                out[key] = value.value
-            else:
-                out[key] = value
-        return out
-
-
-def _critical_batch_not_ok(
-    status: FitStatus,
-    reason: str,
-    *,
-    alpha: float | None,
-    b_opt: float,
-    overhead: float,
-    n_points: int,
-    n_censored: int,
-    level: float,
-) -> CriticalBatchFit:
-    """A :class:`CriticalBatchFit` with no fit: NaN parameters and intervals, ``status`` and
-    ``reason`` saying why; α is the fixed one (NaN when it was to be fitted)."""
-    nan_iv = Interval(math.nan, math.nan, level)
-    return CriticalBatchFit(
-        a=math.nan,
-        b=math.nan,
-        alpha=alpha if alpha is not None else math.nan,
-        critical_batch_size=math.nan,
-        b_opt=b_opt,
-        overhead=overhead,
-        a_interval=nan_iv,
-        b_interval=nan_iv,
-        alpha_interval=nan_iv,
-        critical_batch_size_interval=nan_iv,
-        r2_log=math.nan,
-        rmse_log=math.nan,
-        n_points=n_points,
-        n_censored=n_censored,
-        status=status,
-        reason=reason,
-    )
-
-
-def _log_steps_model(theta: np.ndarray, log_b: np.ndarray, alpha: float | None) -> np.ndarray:
-    """log(a + b/B^α) with θ = (log a, log b[, α])."""
-    al = theta[2] if alpha is None else alpha
-    return np.logaddexp(theta[0], theta[1] - al * log_b)
-
-
-def _fit_steps(
-    log_b: np.ndarray,
-    log_s: np.ndarray,
-    alpha: float | None,
-    loss: str,
-    f_scale: float,
-    starts: list[np.ndarray],
-) -> tuple[np.ndarray, float]:
-    from scipy.optimize import least_squares
-
-    best, best_cost = None, math.inf
-    lower = [-np.inf, -np.inf] + ([0.05] if alpha is None else [])
-    upper = [np.inf, np.inf] + ([5.0] if alpha is None else [])
-    for x0 in starts:
-        res = least_squares(
-            lambda t: _log_steps_model(t, log_b, alpha) - log_s,
-            x0,
-            loss=loss,
-            f_scale=f_scale,
-            bounds=(lower, upper),
-        )
-        if res.success and res.cost < best_cost:
-            best, best_cost = res.x, res.cost
-    if best is None:
-        raise RuntimeError("no starting point converged")
-    return best, best_cost
-
-
-def _starts(batch: np.ndarray, steps: np.ndarray, alpha: float | None) -> list[np.ndarray]:
-    """Starting points: a linear least-squares solution of S = a + b/B, and a spread of
-    plateaus a (fractions of the smallest S) with b from the largest S."""
-    design = np.column_stack([np.ones_like(batch), 1.0 / batch])
-    (a0, b0), *_ = np.linalg.lstsq(design, steps, rcond=None)
-    s_min, s_max, b_min = steps.min(), steps.max(), batch.min()
-    candidates = [(a0, b0)] + [
-        (f * s_min, max(s_max - f * s_min, 1e-12) * b_min) for f in (0.05, 0.3, 0.7, 0.95)
-    ]
-    alphas = [1.0] if alpha is not None else [0.5, 1.0, 1.5]
-    out = []
-    for a, b in candidates:
-        if a > 0 and b > 0:
-            for al in alphas:
-                # For α ≠ 1, rescale b so that b/B_min^α matches b/B_min.
-                bb = b * b_min ** (al - 1.0)
-                out.append(np.array([math.log(a), math.log(bb)] + ([al] if alpha is None else [])))
-    return out
-
-
-def fit_critical_batch_size(
-    batch_size,
-    steps,
-    *,
-    b_opt: float | None = None,
-    overhead: float = DEFAULT_OVERHEAD,
-    alpha: float | None = 1.0,
-    loss: str = "soft_l1",
-    f_scale: float = 0.05,
-    n_bootstrap: int = 200,
-    seed: int = 0,
-    level: float = 0.9,
-) -> CriticalBatchFit:
-    """Fit log S = log(a + b/B^α) to one group's runs and return its CBS (module docstring).
-
-    ``steps`` is the steps to target of each run; +inf or NaN marks a censored run (never
-    reached the target), excluded from the fit and counted in ``n_censored``. ``alpha=None``
-    fits α too. ``b_opt`` defaults to the smallest batch size among the fitted runs.
-    ``insufficient_data`` (with the reason) when fewer than 3 distinct batch sizes (4 with
-    free α) reached the target.
-    """
-    bs = np.asarray(batch_size, dtype=float).reshape(-1)
-    sv = np.asarray(steps, dtype=float).reshape(-1)
-    if bs.size != sv.size:
-        raise ValueError(f"batch_size has {bs.size} values, steps has {sv.size}")
-    if not np.all(np.isfinite(bs)) or np.any(bs <= 0):
-        raise ValueError("batch_size must be finite and > 0 for every run")
-    if np.any(sv <= 0):
-        raise ValueError(
-            "steps must be > 0 (use inf or nan for a run that never reached the target)"
-        )
-    if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
-        raise ValueError("alpha must be finite and > 0, or None to fit it")
-    if not math.isfinite(overhead) or overhead <= 0:
-        raise ValueError("overhead must be finite and > 0")
-    if b_opt is not None and (not math.isfinite(b_opt) or b_opt <= 0):
-        raise ValueError("b_opt must be finite and > 0")
-    reached = np.isfinite(sv)
-    n_censored = int((~reached).sum())
-    if n_censored:
-        logger.info(
-            "%d of %d runs never reached the target; excluded from the fit", n_censored, sv.size
-        )
-    bs_r, sv_r = bs[reached], sv[reached]
-    n_points = int(bs_r.size)
-    need = 3 if alpha is not None else 4
-    nan = math.nan
-    b_ref = float(b_opt) if b_opt is not None else (float(bs_r.min()) if n_points else nan)
-
-    def not_ok(status: FitStatus, reason: str) -> CriticalBatchFit:
-        return _critical_batch_not_ok(
-            status,
-            reason,
-            alpha=alpha,
-            b_opt=b_ref,
-            overhead=overhead,
-            n_points=n_points,
-            n_censored=n_censored,
-            level=level,
+    @classmethod
+    def from_groups(
+        cls, groups: Sequence[tuple[float, float | None, float, ArrayLike, ArrayLike, ArrayLike]]
+    ) -> StepsTable | None:
+        """From (N, D or None, target loss, batch sizes, their steps, their bounds) per group,
+        as :func:`best_per_batch` and :func:`censored_bounds` give them; None without a row."""
+        rows = [
+            (k, n, math.nan if d is None else d, target, b, s, bound)
+            for k, (n, d, target, sizes, steps, bounds) in enumerate(groups)
+            for b, s, bound in zip(
+                np.asarray(sizes), np.asarray(steps), np.asarray(bounds), strict=True
+            )
+        ]
+        if not rows:
+            return None
+        cols = np.array(rows, dtype=float).T
+        return cls(
+            group=cols[0].astype(int),
+            n_params=cols[1],
+            n_tokens=cols[2],
+            target_loss=cols[3],
+            batch_size=cols[4],
+            steps=cols[5],
+            steps_bound=cols[6],
         )
 
-    n_distinct = int(np.unique(bs_r).size)
-    if n_distinct < need:
-        why = (
-            f"{n_distinct} distinct batch sizes reached the target ({n_censored} runs "
-            f"censored); the fit of log S = log(a + b/B^α) with "
-            f"{'fixed' if alpha is not None else 'free'} α needs at least {need}"
-        )
-        return not_ok(FitStatus.INSUFFICIENT_DATA, why)
-    log_b, log_s = np.log(bs_r), np.log(sv_r)
-    try:
-        theta, _ = _fit_steps(log_b, log_s, alpha, loss, f_scale, _starts(bs_r, sv_r, alpha))
-    except (RuntimeError, ValueError) as exc:
-        return not_ok(FitStatus.FAILED, f"fit did not converge: {exc}")
-    a, b = math.exp(theta[0]), math.exp(theta[1])
-    al = float(theta[2]) if alpha is None else float(alpha)
-    cbs = critical_batch_size(a, b, b_ref, alpha=al, overhead=overhead)
-    resid = log_s - _log_steps_model(theta, log_b, alpha)
-    ss_tot = float(np.sum((log_s - log_s.mean()) ** 2))
-    r2 = 1.0 - float(resid @ resid) / ss_tot if ss_tot > 0 else nan
-    rmse = float(np.sqrt(np.mean(resid**2)))
-
-    rng = np.random.default_rng(seed)
-    a_draws, b_draws, alpha_draws, cbs_draws = (np.full(n_bootstrap, nan) for _ in range(4))
-    for j in range(n_bootstrap):
-        idx = rng.integers(0, n_points, n_points)
-        if np.unique(bs_r[idx]).size < need:
-            continue
-        try:
-            th, _ = _fit_steps(log_b[idx], log_s[idx], alpha, loss, f_scale, [theta])
-        except (RuntimeError, ValueError):
-            continue
-        a_j, b_j = math.exp(th[0]), math.exp(th[1])
-        al_j = float(th[2]) if alpha is None else float(alpha)
-        a_draws[j], b_draws[j], alpha_draws[j] = a_j, b_j, al_j
-        cbs_draws[j] = critical_batch_size(a_j, b_j, b_ref, alpha=al_j, overhead=overhead)
-    alpha_iv = (
-        percentile_interval(alpha_draws, level)
-        if alpha is None
-        else Interval(float(alpha), float(alpha), level)
-    )
-    return CriticalBatchFit(
-        a=a,
-        b=b,
-        alpha=al,
-        critical_batch_size=cbs,
-        b_opt=b_ref,
-        overhead=overhead,
-        a_interval=percentile_interval(a_draws, level),
-        b_interval=percentile_interval(b_draws, level),
-        alpha_interval=alpha_iv,
-        critical_batch_size_interval=percentile_interval(cbs_draws, level),
-        r2_log=r2,
-        rmse_log=rmse,
-        n_points=n_points,
-        n_censored=n_censored,
-    )
-
-
-def fit_cbs_scaling(
-    critical_batch_size_values, *, n_params=None, n_tokens=None, **options
-) -> PowerLawFit:
-    """Power law of the CBS: B* = c·D^γ (``n_tokens`` only), c·N^β (``n_params`` only) or
-    c·N^β·D^γ (both), fitted in log space by :func:`fitting.powerlaw.fit_power_law`
-    (``options`` are passed on: ``groups``, ``loss``, ``n_bootstrap``, ``seed``, ``level``).
-    """
-    regressors = {}
-    if n_params is not None:
-        regressors["n_params"] = n_params
-    if n_tokens is not None:
-        regressors["n_tokens"] = n_tokens
-    if not regressors:
-        raise ValueError("give n_params, n_tokens or both")
-    return fit_power_law(critical_batch_size_values, regressors, **options)
+    @classmethod
+    def from_runs(cls, runs: Runs) -> StepsTable | None:
+        """From runs that record ``steps_to_target`` with ``target_loss`` (a CSV import):
+        groups by (N, target), each batch size's best run; None when no run records them."""
+        if runs.steps_to_target is None or runs.target_loss is None:
+            return None
+        has = ~np.isnan(runs.steps_to_target) & np.isfinite(runs.target_loss)
+        if not has.any():
+            return None
+        keys = np.column_stack([runs.n_params[has], runs.target_loss[has]])
+        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+        inverse = np.asarray(inverse).reshape(-1)
+        batch, steps = runs.batch_size_tokens[has], runs.steps_to_target[has]
+        groups = []
+        for i, (n_params, target) in enumerate(uniq):
+            sizes, best, _ = best_per_batch(batch[inverse == i], steps[inverse == i])
+            bounds = np.full(sizes.size, math.nan)  # a CSV records no steps trained
+            groups.append((float(n_params), None, float(target), sizes, best, bounds))
+        return cls.from_groups(groups)

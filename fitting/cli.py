@@ -1,6 +1,6 @@
 """``hyperlaw cbs``: critical batch size per model size from a steps-to-target CSV.
 
-The estimators live in :mod:`fitting.cbs` and the CSV reader in :mod:`fitting.data`; this
+The estimators live in :mod:`fitting.critical_batch` and the CSV reader in :mod:`fitting.data`; this
 module only parses options and prints. Registration stays light: numpy and scipy are
 imported inside the handler.
 """
@@ -14,7 +14,7 @@ import sys
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fitting.cbs import CriticalBatchFit
+    from fitting.critical_batch import CriticalBatchFit
     from fitting.powerlaw import PowerLawFit
 
 
@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="critical batch size per n_params group from steps-to-target (Zhang et al. 2024)",
         description=(
             "Read a CSV with columns n_params,batch_size,steps (steps to reach the group's "
-            "target loss; empty, 'inf' or 'nan' when never reached), fit "
+            "target loss; empty, 'inf' or 'nan' when never reached; several rows of one "
+            "batch size, e.g. one per learning rate, count as their fewest steps), fit "
             "log S = log(a + b/B) per n_params group and print a, b and the critical batch "
             "size B* = (1+overhead)*B_opt + overhead*b/a, then the power law of B* in "
             "n_params. batch_size may be in any unit; B* is in the same unit."
@@ -66,7 +67,8 @@ def cbs_command(
     B* = c·N^β across groups. Returns the exit code (2 for a bad file or option)."""
     import numpy as np
 
-    from fitting.cbs import fit_cbs_scaling, fit_critical_batch_size
+    from fitting.cbs import best_per_batch
+    from fitting.critical_batch import fit_cbs_scaling, fit_critical_batch_size
     from fitting.data import read_steps_csv
 
     out = out or sys.stdout
@@ -81,10 +83,9 @@ def cbs_command(
         return 2
     fits: dict[float, CriticalBatchFit] = {}
     for n in np.unique(n_params):
-        sel = n_params == n
-        fits[float(n)] = fit_critical_batch_size(
-            batch[sel], steps[sel], b_opt=b_opt, overhead=overhead
-        )
+        sel = n_params == n  # a batch size's steps: its best run's (η tuned per B)
+        sizes, best, _ = best_per_batch(batch[sel], steps[sel])
+        fits[float(n)] = fit_critical_batch_size(sizes, best, b_opt=b_opt, overhead=overhead)
     ok = {n: fit for n, fit in fits.items() if fit.ok}
     law = fit_cbs_scaling(
         np.array([fit.critical_batch_size for fit in ok.values()]) if ok else [],

@@ -16,13 +16,12 @@ loss_d·ln(T/D) + Q_B(ln B − y*(N, T)) = 0 and Q_B(v) = min_u Q(u, v). Hence
 ln CBS = y*(N, D) + batch_d·ln(1+ε) + v_c with Q_B(v_c) = −loss_d·ln(1+ε); v_c is computed
 once per fit.
 
-When the runs carry steps-to-target (``Runs.steps_to_target`` with ``target_loss``, e.g. from
-the generic CSV) for at least 3 groups of (n_params, target_loss), the CBS comes instead from
-Zhang et al.'s own method (:mod:`fitting.steps_law`): per group, log S = log(a + b/B) and
-B*_g = (1+ε)·B_ref + ε·b/a, with D_g = S(B_ref)·B_ref the tokens to target at the reference
-(smallest) batch; then the power law B* = c·N^β·D^γ (or c·D^γ when N does not vary) across
-groups, and likewise k = b/a ∝ N^β_k·D^γ_k. The imposed-batch overheads then follow that
-model: T(B)/T(B*) = (B + k)/(B* + k) and S(B)/S(B*) = (1 + k/B)/(1 + k/B*).
+When steps to a target are measured for at least 3 groups (``steps``, or the generic CSV's
+``Runs.steps_to_target``), the CBS comes instead from Zhang et al.'s method
+(:mod:`fitting.steps_law`: per group S = a + b/B and B*_g = (1+ε)·B_ref + ε·b/a, then
+B* = c·N^β·D^γ across groups, and likewise k = b/a), and the imposed-batch overheads follow
+that model: T(B)/T(B*) = (B + k)/(B* + k), S(B)/S(B*) = (1 + k/B)/(1 + k/B*). A family whose
+runs give such a law but no loss surface answers with the CBS alone (:mod:`fitting.cbs_answer`).
 
 Imposed batch size B: η at that B from the family's bell curve of η*(B) (Li et al. 2024,
 :mod:`fitting.bell_state`) scaled through (η*, B*), the surface's η–B coupling as the named
@@ -34,13 +33,9 @@ exp(q̂ + δ̄ ± t_{0.95, G−3}·√(Var_b(q*_b) + Σ_g(δ_g − δ̄)²/(G �
 a bootstrap over the G groups (one drawn k times counts k times) and δ_g the offset of group
 g's own optimum from the laws. Draws and offsets are kept in the fitted state.
 
-Fitted state, by name (:mod:`fitting.recommender_state`): the surface's parameters and v_c
-(:class:`SurfacePoint`, one per fit and one per bootstrap draw; the draws are evaluated
-together as :class:`SurfaceDraws`), the groups' offsets from the laws
-(:class:`fitting.intervals.GroupScatter`) and, with steps-to-target data, the CBS and k laws
-(:class:`fitting.steps_law.StepsCbsLaw`) and the family's bell curve of η*(B) for an
-imposed batch size (:class:`fitting.bell_state.BellState`). :meth:`Recommender.to_dict`
-stores them as JSON under ``STATE_VERSION``.
+Fitted state, by name (:mod:`fitting.recommender_state`): the surface and v_c per fit and
+bootstrap draw, the groups' offsets, the CBS and k laws and the bell curve;
+:meth:`Recommender.to_dict` stores them as JSON under ``STATE_VERSION``.
 """
 
 from __future__ import annotations
@@ -56,6 +51,8 @@ import numpy as np
 from fitting import intervals
 from fitting import surface as surf
 from fitting.bell_state import BellState, fit_bell_state
+from fitting.cbs import StepsTable
+from fitting.cbs_answer import cbs_only_answer
 from fitting.data import Runs
 from fitting.extrapolation import LawForms, fit_law_forms
 from fitting.group_optima import fit_group_optima
@@ -70,9 +67,10 @@ from fitting.recommender_state import (
     fitted_range_of,
     log_critical_batch_size,
     range_warnings,
+    surface_power_laws,
 )
 from fitting.results import FitStatus, Interval, check_positive, check_positive_integer
-from fitting.steps_law import StepsCbsLaw, fit_steps_cbs_law
+from fitting.steps_law import StepsCbsLaw, cbs_law_document, fit_steps_cbs_law
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +80,9 @@ METHOD = "loss_surface"
 # 4: families (one joint fit, the family's laws), the bell curve for an imposed batch size.
 STATE_VERSION = 4
 _SOURCE_OPTIMUM = "loss_surface argmin (power laws in N and D)"
-_SOURCE_CBS = "loss_surface tokens-to-target, Zhang et al. epsilon={eps:g}"
-_SOURCE_STEPS_CBS = (
-    "steps-to-target, Zhang et al. epsilon={eps:g}: power law in {regressors} "
-    "over {n_groups} groups (fitting.cbs)"
+_SOURCE_CBS = (
+    "loss_surface tokens-to-target, Zhang et al. epsilon={eps:g} (the fallback: fewer than 3 "
+    "groups with a steps-to-target fit)"
 )
 
 
@@ -108,7 +105,7 @@ class Recommender:
         n_groups: int,
         fitted_range: Mapping[str, Sequence[float]],
         options: Mapping[str, Any],
-        quality: Mapping[str, float],
+        quality: Mapping[str, Any],
         surface: SurfacePoint | None = None,
         surface_draws: Sequence[SurfacePoint] = (),
         scatter: GroupScatter | None = None,
@@ -188,27 +185,17 @@ class Recommender:
 
     def power_laws(self) -> dict[str, dict[str, float]]:
         """The fitted laws as ``value = coefficient · N^n_params_exponent · D^n_tokens_exponent``
-        for learning_rate, batch_size_tokens and critical_batch_size_tokens (the CBS shares
-        B*'s exponents; its coefficient carries (1+ε)^batch_d · e^v_c). These are the main
-        law form's: with law forms (:mod:`fitting.extrapolation`) the answer averages them."""
+        for learning_rate, batch_size_tokens and critical_batch_size_tokens: the CBS law is the
+        steps-to-target law where the fit has one (as :meth:`recommend` serves it), else the
+        surface's (:func:`fitting.recommender_state.surface_power_laws`). η* and B* are the
+        main law form's: with law forms (:mod:`fitting.extrapolation`) the answer averages
+        them."""
         if self._surface is None:
             raise RecommenderUnavailable(f"recommender is {self.status.value}: {self.reason}")
-        p = self._surface.params
-
-        def law(intercept: float, slope_n: float, slope_d: float) -> dict[str, float]:
-            coefficient = math.exp(intercept - slope_n * p.n_ref - slope_d * p.d_ref)
-            return {
-                "coefficient": coefficient,
-                "n_params_exponent": slope_n,
-                "n_tokens_exponent": slope_d,
-            }
-
-        cbs_intercept = p.batch_0 + p.batch_d * math.log1p(self.overhead) + self._surface.cbs_offset
-        return {
-            "learning_rate": law(p.eta_0, p.eta_n, p.eta_d),
-            "batch_size_tokens": law(p.batch_0, p.batch_n, p.batch_d),
-            "critical_batch_size_tokens": law(cbs_intercept, p.batch_n, p.batch_d),
-        }
+        laws = surface_power_laws(self._surface, self.overhead)
+        if self._cbs_law is not None:
+            laws["critical_batch_size_tokens"] = self._cbs_law.critical_batch_size.power_law()
+        return laws
 
     def recommend(
         self,
@@ -228,6 +215,9 @@ class Recommender:
         seq_len = check_positive_integer("seq_len", seq_len)
         if batch_size_tokens is not None:
             batch_size_tokens = check_positive("batch_size_tokens", batch_size_tokens)
+        if self.status is FitStatus.OK and self._surface is None and self._cbs_law is not None:
+            query: dict[str, Any] = {"n_params": n_params, "n_tokens": n_tokens, "seq_len": seq_len}
+            return cbs_only_answer(self._cbs_law, **query, why=self.reason, overhead=self.overhead)
         surface = self._fitted_surface()
 
         p, draws, law = surface.params, self._draws, self._cbs_law
@@ -270,9 +260,7 @@ class Recommender:
             averaged = f"{_SOURCE_OPTIMUM}, averaged over {self._forms.describe()}"
             sources["learning_rate"] = sources["batch_size_tokens"] = averaged
         if law is not None:
-            sources["critical_batch_size_tokens"] = _SOURCE_STEPS_CBS.format(
-                eps=self.overhead, regressors=", ".join(law.regressors), n_groups=law.n_groups
-            )
+            sources["critical_batch_size_tokens"] = law.describe(self.overhead)
         extra: dict[str, Any] = {}
         if batch_size_tokens is not None:
             imposed = imposed_batch(
@@ -304,6 +292,7 @@ class Recommender:
             batch_size_sequences=bs / seq_len,
             batch_size_sequences_interval=seq_iv,
             critical_batch_size_tokens=cbs,
+            critical_batch_size_law=cbs_law_document(law, self.power_laws(), sources),
             critical_batch_size_tokens_interval=ivs.critical_batch_size_tokens,
             sources=sources,
             warnings=warnings,
@@ -322,6 +311,7 @@ def fit_recommender(
     seed: int = 0,
     family: str | None = None,
     law_forms: bool = True,
+    steps: StepsTable | None = None,
 ) -> Recommender:
     """Fit the recommender of the module docstring to ``runs``.
 
@@ -339,6 +329,10 @@ def fit_recommender(
     :func:`fitting.surface.fit_surface` (and :func:`fitting.group_optima.fit_group_optima`);
     ``n_bootstrap`` group-bootstrap refits with the groups' offsets give the prediction
     intervals (0 = no intervals, NaN bounds).
+
+    ``steps``: the family's steps to target per group (:class:`fitting.cbs.StepsTable`, as
+    the worker measures them on its trials), for the CBS law; default: the steps its runs
+    record (``Runs.steps_to_target``, a CSV import).
     """
     overhead = check_positive("overhead", overhead)
     if int(n_bootstrap) != n_bootstrap or n_bootstrap < 0:
@@ -371,17 +365,25 @@ def fit_recommender(
         fitted_range=fitted_range,
         options=options,
     )
+    if steps is None:
+        steps = StepsTable.from_runs(own)
+    cbs_law, why = fit_steps_cbs_law(
+        steps, overhead=overhead, n_bootstrap=int(n_bootstrap), seed=seed
+    )
+    cbs_only = functools.partial(  # no loss surface, but measured steps to target
+        result, status=FitStatus.OK, cbs_law=cbs_law, quality={"cbs_law": "steps_to_target"}
+    )
     if len(own) == 0 or own.diverged.all():
         of = "" if family is None else f" of family {family!r}"
-        why = f"no runs{of} with a finite loss"
-        return result(status=FitStatus.INSUFFICIENT_DATA, reason=why, quality={})
-    valley: dict[str, Any] = {
-        "window": window,
-        "f_scale": f_scale,
-        "cubic": cubic,
-    }  # every fit's options
+        no_runs = f"no runs{of} with a finite loss at their budget"
+        if cbs_law is not None:
+            return cbs_only(reason=f"no loss surface: {no_runs}")
+        return result(status=FitStatus.INSUFFICIENT_DATA, reason=no_runs, quality={})
+    valley: dict[str, Any] = {"window": window, "f_scale": f_scale, "cubic": cubic}  # every fit
     fit = surf.fit_surface(runs, **valley, family=family)
     if fit.status is not FitStatus.OK or fit.params is None:
+        if cbs_law is not None:
+            return cbs_only(reason=f"no loss surface: {fit.reason}")
         return result(status=fit.status, reason=fit.reason, quality={})
     surface = SurfacePoint.from_params(fit.params, overhead)
     reason = ""
@@ -408,7 +410,7 @@ def fit_recommender(
         scatter = intervals.group_scatter(
             runs, fit.params, **valley, by_family=fit.by_family, optima=optima
         )
-    quality = {
+    quality: dict[str, Any] = {
         "n_runs_used": fit.n_runs_used,
         "rms_residual_log_loss": fit.rms_residual,
         "n_bootstrap_ok": len(draws),
@@ -416,10 +418,8 @@ def fit_recommender(
         "n_families_pooled": max(len(runs.families()), 1),
         "n_groups_pooled": len(groups),
     }
-    cbs_law, why = fit_steps_cbs_law(
-        own, overhead=overhead, n_bootstrap=int(n_bootstrap), seed=seed
-    )
-    if cbs_law is None and own.steps_to_target is not None:
+    quality["cbs_law"] = "steps_to_target" if cbs_law is not None else f"loss_surface: {why}"
+    if cbs_law is None and steps is not None:
         logger.info("critical batch size from the loss surface: %s", why)
     if cbs_law is not None and reason:
         reason = ""  # the steps-to-target law supplies the CBS

@@ -160,6 +160,8 @@ class Recommendation:
 
     ``learning_rate_for_batch``, ``step_overhead`` and ``token_overhead`` are set only when a
     batch size was imposed (see the module docstring for their formulas).
+    ``critical_batch_size_law`` is the law the CBS was evaluated from
+    (:func:`fitting.steps_law.cbs_law_document`).
     """
 
     n_params: float
@@ -180,6 +182,7 @@ class Recommendation:
     learning_rate_for_batch_interval: Interval | None = None
     step_overhead: float | None = None
     token_overhead: float | None = None
+    critical_batch_size_law: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = {}
@@ -191,3 +194,25 @@ class Recommendation:
                 value = type(value)(value)
             out[f.name] = value
         return out
+
+
+def surface_power_laws(point: SurfacePoint, overhead: float) -> dict[str, dict[str, float]]:
+    """The surface's laws as ``value = coefficient · N^n_params_exponent · D^n_tokens_exponent``
+    for learning_rate, batch_size_tokens and critical_batch_size_tokens (the CBS shares B*'s
+    exponents; its coefficient carries (1+ε)^batch_d · e^v_c)."""
+    p = point.params
+
+    def law(intercept: float, slope_n: float, slope_d: float) -> dict[str, float]:
+        coefficient = math.exp(intercept - slope_n * p.n_ref - slope_d * p.d_ref)
+        return {
+            "coefficient": coefficient,
+            "n_params_exponent": slope_n,
+            "n_tokens_exponent": slope_d,
+        }
+
+    cbs_intercept = p.batch_0 + p.batch_d * math.log1p(overhead) + point.cbs_offset
+    return {
+        "learning_rate": law(p.eta_0, p.eta_n, p.eta_d),
+        "batch_size_tokens": law(p.batch_0, p.batch_n, p.batch_d),
+        "critical_batch_size_tokens": law(cbs_intercept, p.batch_n, p.batch_d),
+    }

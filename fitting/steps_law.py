@@ -1,13 +1,16 @@
 """The critical batch size as a law in (N, D) across groups of runs that carry steps to a
 target loss: Zhang et al. (2024)'s method as :mod:`fitting.recommender` uses it.
 
-Runs are grouped by (n_params, target_loss). Per group, log S = log(a + b/B) is fitted
-(:func:`fitting.cbs.fit_critical_batch_size`, α = 1), which gives
+The input is a :class:`fitting.cbs.StepsTable`: per group (same N, same target), each batch
+size's steps to the target. Per group, log S = log(a + b/B) is fitted
+(:func:`fitting.critical_batch.fit_critical_batch_size`, α = 1), which gives
 
-    B*_g = (1+ε)·B_ref + ε·k_g,   k_g = b/a,   D_g = S(B_ref)·B_ref,
+    B*_g = (1+ε)·B_ref + ε·k_g,   k_g = b/a,
 
-with B_ref the group's smallest batch size and D_g the tokens it takes to reach the target
-there. Across at least 3 groups, both B* and k are fitted as power laws in log space
+with B_ref the group's smallest batch size that reached the target; D_g is the group's budget,
+the D at which the reference run set the target (Zhang et al.'s CBS(D)), or, where the table
+does not know it (a CSV of steps), S(B_ref)·B_ref, the tokens the fit takes to reach the
+target at B_ref. Across at least 3 groups, both B* and k are fitted as power laws in log space
 (:mod:`fitting.powerlaw`),
 
     ln B* = log_coefficient + n_params_exponent·ln N + n_tokens_exponent·ln D,
@@ -27,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from fitting.cbs import fit_cbs_scaling, fit_critical_batch_size
-from fitting.data import Runs
+from fitting.cbs import StepsTable
+from fitting.critical_batch import fit_cbs_scaling, fit_critical_batch_size
 from fitting.powerlaw import PowerLawFit, fit_power_law
 
 _JOINT: tuple[str, ...] = ("n_params", "n_tokens")
@@ -62,6 +65,14 @@ class LogLinearLaw:
         """(log_coefficient, n_params_exponent, n_tokens_exponent), so that
         ln y = terms · (1, ln N, ln D)."""
         return np.array([self.log_coefficient, self.n_params_exponent, self.n_tokens_exponent])
+
+    def power_law(self) -> dict[str, float]:
+        """``{"coefficient", "n_params_exponent", "n_tokens_exponent"}``: y = c·N^β·D^γ."""
+        return {
+            "coefficient": math.exp(self.log_coefficient),
+            "n_params_exponent": self.n_params_exponent,
+            "n_tokens_exponent": self.n_tokens_exponent,
+        }
 
     def log_value(self, log_n: float, log_d: float) -> float:
         """ln y at ln N = ``log_n``, ln D = ``log_d``."""
@@ -99,6 +110,14 @@ class StepsCbsLaw:
     critical_batch_size_draws: tuple[LogLinearLaw, ...] = ()
     k_draws: tuple[LogLinearLaw, ...] = ()
     critical_batch_size_residuals: tuple[float, ...] = ()
+
+    def describe(self, overhead: float) -> str:
+        """The source of a CBS this law gives, as recommendations name it."""
+        return (
+            f"steps-to-target, Zhang et al. epsilon={overhead:g}: power law in "
+            f"{', '.join(self.regressors)} over {self.n_groups} groups of measured steps to "
+            "target (fitting.steps_law)"
+        )
 
     def log_critical_batch_size_draws(self, log_n: float, log_d: float) -> np.ndarray:
         """ln B* of every bootstrap draw at (ln N, ln D) (empty without draws)."""
@@ -166,25 +185,26 @@ class _GroupValues:
         return LogLinearLaw.from_power_law(cbs), LogLinearLaw.from_power_law(k)
 
 
-def _group_values(runs: Runs, overhead: float) -> _GroupValues | None:
-    """Fit log S = log(a + b/B) per (n_params, target_loss) group; None without any
-    steps-to-target data."""
-    if runs.steps_to_target is None or runs.target_loss is None:
-        return None
-    has = ~np.isnan(runs.steps_to_target) & np.isfinite(runs.target_loss)
-    if not has.any():
-        return None
-    keys = np.column_stack([runs.n_params[has], runs.target_loss[has]])
-    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
-    inverse = np.asarray(inverse).reshape(-1)
-    batch, steps = runs.batch_size_tokens[has], runs.steps_to_target[has]
+def _group_values(table: StepsTable, overhead: float) -> _GroupValues:
+    """Fit log S = log(a + b/B) per group of ``table``; D_g is the group's budget where the
+    table knows it (the D whose reference loss set the target), else the tokens the fitted
+    steps take at B_ref."""
     n_g, d_g, cbs_g, k_g = [], [], [], []
-    for i, (n_params, _) in enumerate(uniq):
-        sel = inverse == i
-        fit = fit_critical_batch_size(batch[sel], steps[sel], overhead=overhead, n_bootstrap=0)
+    for g in np.unique(table.group):
+        sel = table.group == g
+        fit = fit_critical_batch_size(
+            table.batch_size[sel],
+            table.steps[sel],
+            overhead=overhead,
+            n_bootstrap=0,
+            censored_at=table.steps_bound[sel],
+        )
         if fit.ok and fit.a > 0:
-            n_g.append(n_params)
-            d_g.append(float(fit.predict_steps(fit.b_opt)) * fit.b_opt)
+            budget = float(table.n_tokens[sel][0])
+            n_g.append(float(table.n_params[sel][0]))
+            d_g.append(
+                budget if math.isfinite(budget) else float(fit.predict_steps(fit.b_opt)) * fit.b_opt
+            )
             cbs_g.append(fit.critical_batch_size)
             k_g.append(fit.b / fit.a)
     return _GroupValues(
@@ -196,19 +216,20 @@ def _group_values(runs: Runs, overhead: float) -> _GroupValues | None:
 
 
 def fit_steps_cbs_law(
-    runs: Runs, *, overhead: float, n_bootstrap: int, seed: int
+    table: StepsTable | None, *, overhead: float, n_bootstrap: int, seed: int
 ) -> tuple[StepsCbsLaw | None, str]:
-    """The law of the module docstring at ε = ``overhead``, with ``n_bootstrap`` refits over
-    groups (seeded); ``(None, why not)`` without steps-to-target data for 3 groups or when
-    neither the joint law nor the law in D can be fitted."""
-    groups = _group_values(runs, overhead)
-    if groups is None:
+    """The law of the module docstring at ε = ``overhead`` over the groups of ``table``
+    (:class:`fitting.cbs.StepsTable`), with ``n_bootstrap`` refits over groups (seeded);
+    ``(None, why not)`` without steps-to-target data for 3 groups or when neither the joint
+    law nor the law in D can be fitted."""
+    if table is None:
         return None, "no steps-to-target data"
+    groups = _group_values(table, overhead)
     n_groups = int(groups.critical_batch_size.size)
     if n_groups < 3:
         return None, (
-            f"{n_groups} (n_params, target_loss) groups have a steps-to-target "
-            f"fit; the CBS law needs 3"
+            f"{n_groups} of {table.n_groups} groups with steps to a target have a "
+            "steps-to-target CBS fit; the CBS law needs 3"
         )
     every = np.arange(n_groups)
     regressors = _JOINT
@@ -240,3 +261,31 @@ def fit_steps_cbs_law(
         critical_batch_size_residuals=tuple(float(v) for v in residuals),
     )
     return law, ""
+
+
+def cbs_law_document(
+    law: StepsCbsLaw | None,
+    power_laws: Mapping[str, Mapping[str, float]],
+    sources: Mapping[str, str],
+) -> dict[str, Any]:
+    """The CBS law a recommendation was evaluated from, B* = c·N^β·D^γ: ``coefficient``,
+    ``n_params_exponent``, ``n_tokens_exponent``, their 90 % bootstrap intervals over groups
+    (``*_interval``; null without draws or for the loss surface's law, whose exponents are
+    B*'s), ``n_groups`` (null for the surface) and ``source``, as in the answer's sources."""
+    doc: dict[str, Any] = {
+        **power_laws["critical_batch_size_tokens"],
+        "n_params_exponent_interval": None,
+        "n_tokens_exponent_interval": None,
+        "n_groups": None,
+        "source": sources["critical_batch_size_tokens"],
+    }
+    if law is None:
+        return doc
+    doc["n_groups"] = law.n_groups
+    draws = law.critical_batch_size_draws
+    for name in ("n_params_exponent", "n_tokens_exponent"):
+        values = np.array([getattr(d, name) for d in draws], dtype=float)
+        if values.size and name.removesuffix("_exponent") in law.regressors:
+            low, high = np.percentile(values, [5.0, 95.0])
+            doc[f"{name}_interval"] = {"low": float(low), "high": float(high), "level": 0.9}
+    return doc

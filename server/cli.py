@@ -180,10 +180,9 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import signal
 
-    from server.worker.loop import FittingWorker
+    from server.worker.loop import worker_from_settings
 
-    settings = _settings()
-    worker = FittingWorker(settings.database_url, poll_s=settings.worker_poll_s)
+    worker = worker_from_settings(_settings())
 
     def _stop(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping after the current fit", signum)

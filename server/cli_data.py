@@ -243,7 +243,7 @@ def cmd_families(args: argparse.Namespace) -> int:
         body = answer
     else:
         from server.families import list_families
-        from server.schemas import FamiliesPublic
+        from server.family_schemas import FamiliesPublic
 
         with store(sqlite_immediate=False) as database, database.session() as session:
             rows = list_families(session=session)

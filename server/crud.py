@@ -32,6 +32,7 @@ from server.models import (
     utcnow,
 )
 from server.schemas import ExperimentCreate, TrialCreate, TrialUpdate
+from server.trial_results import check_target, store_b_simple_summary
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,10 @@ def create_trial(*, session: Session, trial_in: TrialCreate) -> tuple[Trial, boo
 
     With an ``idempotency_key`` already used in the same experiment, the stored trial is
     returned unchanged (created=False), so a client may safely retry the POST.
-    An imported or already-completed trial notifies the fitting worker.
+    An imported or already-completed trial notifies the fitting worker. Steps to target
+    that break their rules raise ``InputError`` (``server.trial_results.check_target``).
     """
+    check_target(given=trial_in.model_dump())
     get_experiment(session=session, experiment_id=trial_in.experiment_id)
     key = trial_in.idempotency_key
     if key is not None:
@@ -146,9 +149,18 @@ def create_trial(*, session: Session, trial_in: TrialCreate) -> tuple[Trial, boo
     return trial, True
 
 
-def get_trial(*, session: Session, trial_id: int, for_update: bool = False) -> Trial:
-    if for_update:
-        trial = session.scalar(select(Trial).where(Trial.id == trial_id).with_for_update())
+def get_trial(
+    *, session: Session, trial_id: int, for_update: bool = False, key_share: bool = False
+) -> Trial:
+    """The trial, its row locked on PostgreSQL as SQLAlchemy's ``with_for_update`` names the
+    locks: ``for_update`` takes ``FOR UPDATE``; ``key_share`` alone the shared ``FOR KEY
+    SHARE``, which only ``FOR UPDATE`` waits for; both ``FOR NO KEY UPDATE``, exclusive
+    among writers that do not change the key (``server.points`` says why it needs them). A
+    locked read refreshes a trial already in the session to the row it locked."""
+    if for_update or key_share:
+        lock = select(Trial).where(Trial.id == trial_id)
+        lock = lock.with_for_update(read=not for_update, key_share=key_share)
+        trial = session.scalar(lock.execution_options(populate_existing=True))
     else:
         trial = session.get(Trial, trial_id)
     if trial is None:
@@ -216,14 +228,18 @@ def _set_status(session: Session, trial: Trial, new: TrialStatus, now: dt.dateti
     if new in FINISHED_STATUSES:
         trial.completed_at = now
     if new == TrialStatus.COMPLETED:
+        store_b_simple_summary(session=session, trial=trial)
         notify_trial(session=session, trial_id=trial.id)
 
 
 def update_trial(*, session: Session, trial_id: int, trial_in: TrialUpdate) -> Trial:
-    """Apply the fields set in ``trial_in``; status changes follow ``_TRANSITIONS``."""
+    """Apply the fields set in ``trial_in``; status changes follow ``_TRANSITIONS``, and a
+    trial that becomes completed gets its b_simple summary (``server.trial_results``). Steps
+    to target that break its rules with the stored fields raise ``InputError``."""
     trial = get_trial(session=session, trial_id=trial_id, for_update=True)
     now = utcnow()
     changes = trial_in.model_dump(exclude_unset=True)
+    check_target(given=changes, trial=trial)
     status = changes.pop("status", None)
     if status is not None:
         _set_status(session, trial, TrialStatus(status), now)

@@ -52,7 +52,7 @@ def _latest_fit(session: Session, family: str) -> dict[str, Any] | None:
 
 def list_families(*, session: Session) -> list[dict[str, Any]]:
     """One summary per family (module docstring), sorted by name; the keys are those of
-    ``server.schemas.FamilyPublic``. Two grouped queries and one per family for its fit."""
+    ``server.family_schemas.FamilyPublic``. Two grouped queries and one per family for its fit."""
     per_family = select(Experiment.family, func.count()).group_by(Experiment.family)
     n_experiments: dict[str, int] = {f: n for f, n in session.execute(per_family)}
     # one row per (family, parametrization, schedule, N, D) group of completed trials

@@ -7,9 +7,10 @@ experiment is in family ``step-law``; a CSV of runs goes to the family it is giv
 is refused (``ConflictError``), nothing stored. Published sweeps report
 each run's loss at its token budget, so a run is stored as having trained it
 (``stop_reason = budget``, ``tokens_done = n_tokens``); a run whose loss is not finite is
-stored as diverged (``stop_reason = diverged``, its tokens done not known). Each row's
-idempotency key is ``<prefix>:<row>`` with the prefix derived from the file's SHA-256, so
-importing the same file again adds nothing. Every created trial notifies the fitting worker
+stored as diverged (``stop_reason = diverged``, its tokens done not known). A CSV's steps to
+target and target loss fill the trial's columns of those names and ``reached_target``. Each
+row's idempotency key is ``<prefix>:<row>`` with the prefix derived from the file's SHA-256,
+so importing the same file again adds nothing. Every created trial notifies the fitting worker
 (``server.crud``).
 """
 
@@ -46,16 +47,25 @@ def _trial_in(
     runs: Runs, i: int, *, experiment_id: int, key_prefix: str, config: dict[str, Any]
 ) -> TrialCreate:
     """Row ``i`` of ``runs`` as a completed, imported trial that trained its budget (or
-    diverged: module docstring); its ``config`` also holds the row number, its steps to
-    target (if recorded) and its original trial id (if any)."""
+    diverged: module docstring). Steps to target, when the row records both them and its
+    target loss, go into ``target_loss``, ``steps_to_target`` and ``reached_target`` (steps
+    ``inf``, never reached: null and false); its ``config`` also holds them as before (for
+    readers of older stores), the row number and its original trial id (if any)."""
     loss = float(runs.loss[i])
     diverged = not math.isfinite(loss)
     n_tokens = int(round(float(runs.n_tokens[i])))
     row_config = {**config, "row": i}
+    to_target: dict[str, Any] = {}
     if runs.steps_to_target is not None and runs.target_loss is not None:
         steps, target = float(runs.steps_to_target[i]), float(runs.target_loss[i])
         if not math.isnan(steps) and not math.isnan(target):
             row_config.update(steps_to_target=steps, target_loss=target)
+            reached = math.isfinite(steps)
+            to_target = dict(
+                target_loss=target,
+                steps_to_target=steps if reached else None,
+                reached_target=reached,
+            )
     if runs.trial_id is not None:
         row_config["original_trial_id"] = int(runs.trial_id[i])
     return TrialCreate(
@@ -73,6 +83,7 @@ def _trial_in(
         stop_reason=StopReason.DIVERGED if diverged else StopReason.BUDGET,
         tokens_done=None if diverged else n_tokens,
         config=row_config,
+        **to_target,
     )
 
 

@@ -224,6 +224,14 @@ class Trial(Base):
     tokens_done: Mapped[int | None] = mapped_column(BigInteger)
     diverged: Mapped[bool | None] = mapped_column(Boolean)
     stop_reason: Mapped[str | None] = mapped_column(String(16))  # a StopReason, or unknown
+    # steps to a target loss (Zhang et al. 2024): sent by the client, rules in trial_results
+    target_loss: Mapped[float | None] = mapped_column(FaithfulFloat)
+    steps_to_target: Mapped[float | None] = mapped_column(FaithfulFloat)  # interpolated
+    reached_target: Mapped[bool | None] = mapped_column(Boolean)
+    # gradient noise scale of the run, tokens: computed from its points (server.trial_results)
+    b_simple: Mapped[float | None] = mapped_column(FaithfulFloat)
+    b_simple_q25: Mapped[float | None] = mapped_column(FaithfulFloat)
+    b_simple_q75: Mapped[float | None] = mapped_column(FaithfulFloat)
     # everything else: resolved config, code version, data fingerprint, ...
     config: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -2,6 +2,15 @@
 reads. Like ``server.crud``, every function takes a keyword-only ``session`` and leaves
 commit/rollback to ``server.core.db.session_scope``; a missing trial raises
 ``NotFoundError``.
+
+Points written to a completed trial refresh its b_simple summary in the same transaction
+(``server.trial_results``), so it never misses points that arrive late. On PostgreSQL the
+batch holds ``FOR KEY SHARE`` on the trial's row from the start: batches run side by side,
+but the ``FOR UPDATE`` of the ``PATCH`` that completes the trial waits for them (and they
+for it), so the status a batch reads stays true until it commits: a batch that saw the trial
+running commits before the completing ``PATCH`` reads the points. Batches that refresh take
+``FOR NO KEY UPDATE`` before reading the points, one at a time, each seeing those committed
+before it. (SQLite runs one writing transaction at a time anyway.)
 """
 
 from __future__ import annotations
@@ -13,9 +22,10 @@ from sqlalchemy import Table, func, select
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
-from server.crud import get_trial
-from server.models import POINT_VALUE_COLUMNS, Point
+from server.crud import get_trial, notify_trial
+from server.models import POINT_VALUE_COLUMNS, Point, Trial, TrialStatus, utcnow
 from server.schemas import PointIn
+from server.trial_results import store_b_simple_summary
 
 
 def upsert_points(*, session: Session, trial_id: int, points: Sequence[PointIn]) -> int:
@@ -26,9 +36,10 @@ def upsert_points(*, session: Session, trial_id: int, points: Sequence[PointIn])
     on SQLite as a SQLAlchemy Core multi-row upsert. A value sent as null keeps what is
     stored (``COALESCE(excluded.x, points.x)``), so a trainer may send a step's train and
     eval losses separately; re-sending the same points changes nothing. Within one batch
-    the last row for a step wins.
+    the last row for a step wins. A completed trial's b_simple summary is refreshed
+    (module docstring).
     """
-    get_trial(session=session, trial_id=trial_id)
+    trial = get_trial(session=session, trial_id=trial_id, key_share=True)
     # Sorted by step so that concurrent batches over the same steps lock rows in the same
     # order (unsorted, overlapping upserts deadlock on PostgreSQL).
     rows = sorted({p.step: p for p in points}.values(), key=lambda p: p.step)
@@ -38,7 +49,21 @@ def upsert_points(*, session: Session, trial_id: int, points: Sequence[PointIn])
         _upsert_points_pg(session, trial_id, rows)
     else:
         _upsert_points_core(session, trial_id, rows)
+    if trial.status == TrialStatus.COMPLETED.value:
+        _refresh_b_simple_summary(session, trial)
     return len(rows)
+
+
+def _refresh_b_simple_summary(session: Session, trial: Trial) -> None:
+    """Recompute a completed trial's summary after new points; when it changes, the trial
+    counts as updated (its ``updated_at`` enters the fits' data watermarks) and the fitting
+    worker is told."""
+    get_trial(session=session, trial_id=trial.id, for_update=True, key_share=True)
+    before = (trial.b_simple, trial.b_simple_q25, trial.b_simple_q75)
+    store_b_simple_summary(session=session, trial=trial)
+    if (trial.b_simple, trial.b_simple_q25, trial.b_simple_q75) != before:
+        trial.updated_at = utcnow()
+        notify_trial(session=session, trial_id=trial.id)
 
 
 _PG_UPSERT = (

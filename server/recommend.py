@@ -2,9 +2,9 @@
 
 ``GET /v1/recommendations`` and ``hyperlaw recommend`` (which reads the database directly)
 give the same body, built here: the fitted ``Recommender``'s answer
-(:class:`fitting.recommender.Recommendation`, see ``server.schemas.RecommendationPublic``)
-plus the fit it came from (``family``, ``fit_key``, ``fit_ids``, ``fitted_at``,
-``n_trials``, ``scope``).
+(:class:`fitting.recommender.Recommendation`, see
+``server.recommendation_schemas.RecommendationPublic``) plus the fit it came from
+(``family``, ``fit_key``, ``fit_ids``, ``fitted_at``, ``n_trials``, ``scope``).
 
 Which scope (:func:`resolve_scope`): the family named by the query (``family:<name>``), else
 the experiment named by id or name (``experiment:<id>``, its own trials' fit), else the

@@ -2,13 +2,16 @@
 
 Naming: ``XCreate`` (POST body), ``XUpdate`` (PATCH body), ``XPublic`` (one object out),
 ``XsPublic`` (a page: ``{"data": [...], "count": N}``, ``count`` being the total number of
-matches, not the page length).
+matches, not the page length). The bodies of ``/v1/families`` are in
+``server.family_schemas``, that of ``/v1/recommendations`` in
+``server.recommendation_schemas``.
 
 Non-finite floats on the wire: JSON has no NaN or infinity, so the API writes them as the
 strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` and accepts those strings (and the
 bare tokens ``NaN``/``Infinity``/``-Infinity`` that Python's ``json`` emits) wherever a
 float may be non-finite (loss-curve values, final losses). Fields that must be finite
-(``learning_rate``, optimizer settings) reject them with ``<field> must be finite``.
+(``learning_rate``, optimizer settings, steps to target) reject them with ``<field> must be
+finite``.
 """
 
 from __future__ import annotations
@@ -39,7 +42,20 @@ STOP_REASON_NOTE = (
 )
 TOKENS_DONE_NOTE = (
     "tokens the run trained (steps_done x batch_size_tokens): its final loss is the loss after "
-    "these, short of n_tokens when it stopped early"
+    "these, short of n_tokens when it stopped early, beyond it when it trained past its budget "
+    "towards a target loss (steps-to-target runs train up to 4 x n_tokens)"
+)
+TARGET_LOSS_NOTE = "the loss the run was trained towards (steps-to-target runs); finite"
+STEPS_TO_TARGET_NOTE = (
+    "optimizer steps at which the run's evaluated loss (the EWA-evaluated one under the "
+    "constant+EWA schedule) first reached target_loss, interpolated linearly between the two "
+    "evaluations around it; finite, >= 0; null when it did not reach it. Needs target_loss"
+)
+REACHED_TARGET_NOTE = "whether the evaluated loss reached target_loss; null when not known"
+B_SIMPLE_NOTE = (
+    "the run's gradient noise scale b_simple (McCandlish et al. 2018), tokens: the {what} of "
+    "its points' finite b_simple at steps >= 0.7 x the last such step; the service sets it "
+    "when the trial completes and when points arrive for a completed trial (null: none)"
 )
 
 FAMILY_NOTE = (
@@ -70,6 +86,11 @@ PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFinite = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
 AnyFloat = Annotated[float, Field(description=NONFINITE_NOTE)]
+TargetLoss = Annotated[float | None, Field(allow_inf_nan=False, description=TARGET_LOSS_NOTE)]
+StepsToTarget = Annotated[
+    float | None, Field(ge=0, allow_inf_nan=False, description=STEPS_TO_TARGET_NOTE)
+]
+ReachedTarget = Annotated[bool | None, Field(description=REACHED_TARGET_NOTE)]
 # Free-form JSON objects out: non-finite floats inside become "NaN"/"Infinity" strings
 # (pydantic would otherwise write null for floats it only sees as Any).
 JsonObjectOut = Annotated[
@@ -163,6 +184,9 @@ class TrialCreate(InModel):
     tokens_done: Annotated[NonNegativeInt | None, Field(description=TOKENS_DONE_NOTE)] = None
     diverged: bool | None = None
     stop_reason: Annotated[StopReason | None, Field(description=STOP_REASON_NOTE)] = None
+    target_loss: TargetLoss = None
+    steps_to_target: StepsToTarget = None
+    reached_target: ReachedTarget = None
     config: dict[str, Any] | None = Field(
         default=None, description="everything else: resolved config, code version, data hash"
     )
@@ -179,6 +203,9 @@ class TrialUpdate(InModel):
     tokens_done: Annotated[NonNegativeInt | None, Field(description=TOKENS_DONE_NOTE)] = None
     diverged: bool | None = None
     stop_reason: Annotated[StopReason | None, Field(description=STOP_REASON_NOTE)] = None
+    target_loss: TargetLoss = None
+    steps_to_target: StepsToTarget = None
+    reached_target: ReachedTarget = None
     model_shape: dict[str, Any] | None = None
     config: dict[str, Any] | None = Field(
         default=None, description="merged key by key into the stored config"
@@ -217,6 +244,12 @@ class TrialPublic(OutModel):
     tokens_done: int | None = Field(description=TOKENS_DONE_NOTE)
     diverged: bool | None
     stop_reason: StopReason | None = Field(description=STOP_REASON_NOTE)
+    target_loss: float | None = Field(description=TARGET_LOSS_NOTE)
+    steps_to_target: float | None = Field(description=STEPS_TO_TARGET_NOTE)
+    reached_target: bool | None = Field(description=REACHED_TARGET_NOTE)
+    b_simple: float | None = Field(description=B_SIMPLE_NOTE.format(what="median"))
+    b_simple_q25: float | None = Field(description=B_SIMPLE_NOTE.format(what="25th percentile"))
+    b_simple_q75: float | None = Field(description=B_SIMPLE_NOTE.format(what="75th percentile"))
     config: JsonObjectOut
     created_at: dt.datetime
     updated_at: dt.datetime
@@ -298,54 +331,6 @@ class FitsPublic(OutModel):
     count: int
 
 
-# --- families ------------------------------------------------------------------------------
-
-
-class FitKeyPublic(OutModel):
-    """The completed trials of a family under one fit key: parametrization and schedule."""
-
-    fit_key: str = Field(description="<family>[/mup][/<schedule>] (server.worker.scopes)")
-    parametrization: Parametrization
-    schedule: str | None
-    n_trials: int = Field(description="completed trials")
-    n_groups: int = Field(description="(N, D) groups of those trials")
-
-
-class FamilyFitPublic(OutModel):
-    """The newest recommender fit of the family's scope, whatever its status."""
-
-    id: int
-    status: Literal["ok", "insufficient_data", "failed"]
-    message: str | None = Field(description="why, when the status is not ok")
-    created_at: dt.datetime
-
-
-class FamilyPublic(OutModel):
-    """One family: its experiments and completed trials, and the state of its fit."""
-
-    name: str
-    scope: str = Field(description="the fits' scope: family:<name>")
-    n_experiments: int
-    n_trials: int = Field(description="completed trials")
-    n_groups: int = Field(description="(N, D) groups of the completed trials")
-    n_params: list[int] | None = Field(
-        description="[min, max] non-embedding parameters of the completed trials; null without any"
-    )
-    n_tokens: list[int] | None = Field(description="[min, max] token budgets D, likewise")
-    main_fit_key: str | None = Field(
-        description="the fit key the family's fits serve: the one with the most (N, D) groups"
-    )
-    fit_keys: list[FitKeyPublic]
-    fit: FamilyFitPublic | None = Field(
-        description="the newest recommender fit of the family; null before the first"
-    )
-
-
-class FamiliesPublic(OutModel):
-    data: list[FamilyPublic]
-    count: int
-
-
 # --- tokens --------------------------------------------------------------------------------
 
 
@@ -357,89 +342,3 @@ class TokenPublic(OutModel):
     created_at: dt.datetime
     revoked_at: dt.datetime | None
     last_used_at: dt.datetime | None
-
-
-# --- recommendations -----------------------------------------------------------------------
-
-
-class IntervalPublic(OutModel):
-    """A prediction interval: where the optimum of a new (N, D) group lies, from the laws'
-    bootstrap over groups plus the groups' own scatter about the laws
-    (``fitting.intervals``)."""
-
-    low: AnyFloat = Field(description="lower end; NaN when the fit kept no bootstrap draws")
-    high: AnyFloat = Field(description="upper end; NaN when the fit kept no bootstrap draws")
-    level: float = Field(
-        description="the probability that a new group's optimum lies in [low, high], e.g. 0.9"
-    )
-
-
-class RecommendationPublic(OutModel):
-    """``GET /v1/recommendations``: η, B and the critical batch size for (N, D), from the
-    newest ok recommender fit of the scope (formulas: ``fitting.recommender``). Batch sizes
-    are in tokens unless the name says sequences."""
-
-    n_params: float = Field(description="non-embedding parameters N, as queried")
-    n_tokens: float = Field(description="training tokens D (the run's budget), as queried")
-    seq_len: int = Field(description="tokens per sequence, as queried (default 2048)")
-    learning_rate: float = Field(description="recommended peak learning rate η* at B*")
-    learning_rate_interval: IntervalPublic = Field(description="interval of learning_rate")
-    batch_size_tokens: float = Field(description="recommended global batch size B*, tokens")
-    batch_size_tokens_interval: IntervalPublic = Field(
-        description="interval of batch_size_tokens, tokens"
-    )
-    batch_size_sequences: float = Field(description="B* / seq_len, sequences")
-    batch_size_sequences_interval: IntervalPublic = Field(
-        description="interval of batch_size_sequences, sequences"
-    )
-    critical_batch_size_tokens: AnyFloat = Field(
-        description="critical batch size (Zhang et al., ε = 0.2), tokens: the largest B whose "
-        "tokens to reach the loss of (η*, B*) at D are at most 1.2 times those of B*; "
-        "Infinity when undefined for the fit (a warning says so)"
-    )
-    critical_batch_size_tokens_interval: IntervalPublic = Field(
-        description="interval of critical_batch_size_tokens, tokens"
-    )
-    sources: dict[str, str] = Field(
-        description="for each number above (and the imposed-batch ones), the method that "
-        "produced it"
-    )
-    warnings: list[str] = Field(
-        description="why to trust an answer less, each stating it: e.g. n_params or n_tokens "
-        "outside the fitted range (extrapolation), with that range"
-    )
-    imposed_batch_size_tokens: float | None = Field(
-        default=None, description="the batch_size_tokens query parameter; null without it"
-    )
-    learning_rate_for_batch: float | None = Field(
-        default=None,
-        description="best peak learning rate at the imposed batch size; null without one",
-    )
-    learning_rate_for_batch_interval: IntervalPublic | None = Field(
-        default=None, description="interval of learning_rate_for_batch; null without one"
-    )
-    step_overhead: AnyFloat | None = Field(
-        default=None,
-        description="extra optimizer steps at the imposed batch size versus the critical "
-        "batch size, as a fraction (0.3 = 30 % more; paid below the CBS); null without one",
-    )
-    token_overhead: AnyFloat | None = Field(
-        default=None,
-        description="extra training tokens at the imposed batch size versus the critical "
-        "batch size, as a fraction (paid above the CBS); null without one",
-    )
-    family: str | None = Field(
-        description="the family whose fit answered (scope family:<name>); null when an "
-        "experiment's own fit answered"
-    )
-    fit_key: str | None = Field(
-        description="the runs the answer is for: <family>[/mup][/<schedule>], the family's "
-        "(or experiment's) main fit key"
-    )
-    fit_ids: list[int] = Field(description="ids of the fits the answer came from (/v1/fits)")
-    fitted_at: dt.datetime = Field(description="when that fit was stored (UTC)")
-    n_trials: int = Field(
-        description="completed trials the fit used: for a family, every family's it borrowed "
-        "exponents from (its quality in /v1/fits/{id} counts its own)"
-    )
-    scope: str = Field(description="the fit's scope: family:<name>, or experiment:<id>")

@@ -55,6 +55,17 @@ class Settings(BaseSettings):
     worker_poll_s: float = Field(
         default=2.0, gt=0, description="fitting worker poll period where NOTIFY is unavailable"
     )
+    worker_n_bootstrap: int | None = Field(
+        default=None,
+        ge=0,
+        description="bootstrap draws of every fit the worker runs (their intervals); unset: "
+        "each fit's own default; 0: no intervals, several times faster",
+    )
+    worker_law_forms: bool = Field(
+        default=True,
+        description="the worker's recommender averages the law forms its data cannot tell "
+        "apart (fitting.extrapolation); false: the one surface, faster",
+    )
 
 
 @lru_cache(maxsize=1)

@@ -25,6 +25,7 @@ burst of notifications (an import of thousands of trials) is absorbed by waiting
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import select
@@ -48,12 +49,11 @@ from server.worker.fits import (
     FIT_KINDS,
     RECOMMENDER_KIND,
     Estimator,
-    FitRecord,
     Fitter,
-    checked_json,
     default_fitter,
     fit_recommender_kind,
 )
+from server.worker.records import FitRecord, checked_json
 from server.worker.scopes import (
     FAMILY_SCOPE_PREFIX,
     Curves,
@@ -406,9 +406,30 @@ class FittingWorker:
             self._listen_conn = None
 
 
+def worker_fits(n_bootstrap: int | None = None, law_forms: bool = True) -> dict[str, Any]:
+    """``options`` and ``estimators`` for a worker whose fits draw ``n_bootstrap`` bootstrap
+    samples (None: each fit's own default) and whose recommender averages law forms or not
+    (``HYPERLAW_WORKER_N_BOOTSTRAP``, ``HYPERLAW_WORKER_LAW_FORMS``)."""
+    options: dict[str, Any] = {} if law_forms else {"law_forms": False}
+    if n_bootstrap is None:
+        return {"options": options, "estimators": dict(ESTIMATORS)}
+
+    def drawn(fit: Callable[..., FitRecord]) -> Callable[..., FitRecord]:
+        return functools.partial(fit, n_bootstrap=n_bootstrap)  # every kind takes n_bootstrap
+
+    estimators = {k: Estimator(k, drawn(e.fit), e.needs_curves) for k, e in ESTIMATORS.items()}
+    return {"options": {**options, "n_bootstrap": n_bootstrap}, "estimators": estimators}
+
+
+def worker_from_settings(settings: Settings) -> FittingWorker:
+    """The worker of ``hyperlaw worker`` and ``hyperlaw serve``, as ``settings`` say."""
+    fits = worker_fits(settings.worker_n_bootstrap, settings.worker_law_forms)
+    return FittingWorker(settings.database_url, poll_s=settings.worker_poll_s, **fits)
+
+
 def start_worker_thread(settings: Settings) -> Callable[[], None]:
     """Start a ``FittingWorker`` on a daemon thread; returns the function that stops it."""
-    worker = FittingWorker(settings.database_url, poll_s=settings.worker_poll_s)
+    worker = worker_from_settings(settings)
     thread = threading.Thread(target=worker.run, name="hyperlaw-fitting-worker", daemon=True)
     thread.start()
 

@@ -39,14 +39,16 @@ near_optimal, bell), whose D is a run's budget ``n_tokens``. A final loss is a l
 if the run trained D, so only completed trials that did enter (:func:`trained_its_budget`):
 ``stop_reason`` ``budget``, or ``diverged`` (a diverged run bounds the stable learning-rate
 range, so it is data; so is one flagged ``diverged`` without a stop reason), or no stop
-reason and ``tokens_done`` null or at least ``n_tokens − batch_size_tokens`` (the last step
+reason and ``tokens_done`` null or at least ``n_tokens − batch_size_tokens``; never a run
+that trained past its budget (``tokens_done > n_tokens``, the cbs protocol's runs to a
+target) (the last step
 may end short of D by less than a batch). Runs stopped at their ``target`` loss, failed, or
 short of their budget are left out and counted (:func:`not_at_budget`) in each fit's
 quality as ``n_runs_not_at_budget``. The ``cbs`` kind does not use this rule: its steps to a
 target come from every run's curve, early-stopped ones included. A run's loss is its
 ``final_eval_loss`` if recorded, else its ``final_loss``; ``inf`` when it diverged; a
-completed trial with neither is left out. ``steps_to_target`` and ``target_loss`` come from
-a trial's ``config`` when an import stored them there.
+completed trial with neither is left out. Steps to a target are not read here: the trials
+store them (:mod:`server.worker.steps_to_target`).
 
 Loss curves (:func:`load_curves`). Only the evaluated points of completed trained trials,
 judged by ``ewa_eval_loss`` for the ``constant_ewa`` schedule and by ``eval_loss``
@@ -85,8 +87,9 @@ EXPERIMENT_SCOPE_PREFIX = "experiment:"
 EWA_SCHEDULE = "constant_ewa"
 #: The version of the rules choosing a fit's runs (:func:`trained_its_budget`, the main fit
 #: key), part of every data watermark: bump it when a rule changes, so that every scope is
-#: refitted under the new one. 2: only the runs of the scope's main fit key.
-RUN_RULE_VERSION = 2
+#: refitted under the new one. 2: only the runs of the scope's main fit key. 3: not the runs
+#: that trained past their budget; steps to target read from the trials' columns.
+RUN_RULE_VERSION = 3
 
 
 # --- scopes --------------------------------------------------------------------------------
@@ -259,20 +262,13 @@ def trial_loss(trial: Trial) -> float | None:
     return None
 
 
-def recorded_steps_to_target(trial: Trial) -> tuple[float, float] | None:
-    """(steps_to_target, target_loss) stored in the trial's ``config`` by an import, if
-    both are there."""
-    config = trial.config or {}
-    steps, target = config.get("steps_to_target"), config.get("target_loss")
-    if steps is None or target is None:
-        return None
-    return float(steps), float(target)
-
-
 def trained_its_budget(trial: Trial) -> bool:
     """Whether a completed trial's final loss is a loss at its budget D (or it diverged):
-    ``stop_reason`` budget or diverged; else, with no stop reason, flagged diverged or
-    ``tokens_done`` unknown or at least ``n_tokens − batch_size_tokens``."""
+    not if it trained past D (``tokens_done > n_tokens``: a run of the cbs protocol towards a
+    target); else ``stop_reason`` budget or diverged; else, with no stop reason, flagged
+    diverged or ``tokens_done`` unknown or at least ``n_tokens − batch_size_tokens``."""
+    if trial.tokens_done is not None and trial.tokens_done > trial.n_tokens:
+        return False  # trained past D towards a target (the cbs protocol): a loss at another D
     if trial.stop_reason is not None:
         return trial.stop_reason in (StopReason.BUDGET.value, StopReason.DIVERGED.value)
     if trial.diverged or trial.tokens_done is None:
@@ -314,9 +310,6 @@ def trials_to_runs(trials: Iterable[Trial], fit_keys: Mapping[int, str] | None =
         }
         if fit_keys is not None:
             rec["family"] = fit_keys[t.id]
-        recorded = recorded_steps_to_target(t)
-        if recorded is not None:
-            rec["steps_to_target"], rec["target_loss"] = recorded
         records.append(rec)
     return Runs.from_records(records)
 

@@ -1,43 +1,41 @@
-"""Steps to a target loss, per trial and group: the input of the ``cbs`` fit kind (Zhang et
-al.'s critical batch size, :mod:`fitting.cbs`).
+"""Steps to a target loss, per trial and group: the input of the ``cbs`` fit kind and of the
+recommender's CBS law. The rules are :mod:`fitting.cbs`'s; this module maps trials to them.
 
-* A trial whose ``config`` holds ``steps_to_target`` and ``target_loss`` (the generic CSV
-  import stores them there) is taken as recorded. Groups: (n_params, target_loss).
-* A trained trial (``source = trained``) is measured on its loss curve: the first step at
-  which its evaluated loss reaches the target, interpolated linearly between the two
-  evaluations around it, censored (+inf, with the reason) when it never does or diverges
-  first (:func:`fitting.cbs.steps_to_target`); tokens to target = steps · B. The evaluated
-  loss is the one :func:`server.worker.scopes.curve_loss_column` names. Groups: (n_params,
-  n_tokens, schedule, configured target), i.e. one sweep over (η, B) at one model size,
-  token budget and schedule.
-* The target of a group of trained trials: the ``target_loss`` its trials were trained
-  towards (``config.train.target_loss``, recorded by the sweep runner, which stops a run
-  there) when they have one. Otherwise the paper's rule, as in
-  :func:`fitting.cbs.group_steps_to_target`: the final evaluated loss, at the group's token
-  budget, of a reference run — the best run (lowest final evaluated loss over the learning
-  rates tried) of the group's *largest* batch size that has a run ending with a finite
-  loss. The paper takes a small reference batch (256 sequences) and trains the larger ones
-  beyond its budget; in a sweep where every run of a group has the same budget that cannot
-  work (tokens to a given loss, S·B = a·B + b, grow with B, so every batch size larger than
-  the reference would be censored), while with the largest batch size as reference every
-  smaller one, needing fewer tokens for the same loss, reaches the target within the
-  budget. D of the group is then S(B_opt)·B_opt, the tokens the small batch needed.
-* A batch size's steps to target are those of its best run (fewest steps over the learning
-  rates tried, the paper's optimally tuned run); it is censored only if all its runs are.
+* **Measured** runs: a trial that stores ``target_loss`` with ``reached_target`` (the sweep's
+  ``cbs:`` protocol, where the trainer measures ``steps_to_target`` on its EWA-evaluated
+  curve as it trains; or an import) is taken as stored: its steps, or +inf (censored) when it
+  did not reach the target. Groups: (n_params, target_loss); the group's D is the budget its
+  trials share (the D whose reference run set the target), unknown when they differ. These
+  groups are what the recommender serves the CBS from (:func:`measured_steps_table`).
+* **Curve-derived** runs: a completed trained trial without a stored target (and not a run of
+  the ``cbs:`` protocol, whose other reference runs are no points of S(B)) is measured on
+  its loss curve (:func:`fitting.cbs.group_steps_to_target`): every evaluation of a
+  ``constant_ewa`` run, only the final point of a decaying schedule. Groups: (n_params,
+  n_tokens, schedule, configured target): one sweep over (η, B) at one model size, budget and
+  schedule. The target is the one the trials were trained towards
+  (``config.train.target_loss``) if any; else a reference rule, by default ``largest``: in a
+  sweep whose runs all have the same budget, a target set by the smallest batch size (the
+  paper's rule, the protocol's) would censor every larger one, which needs more tokens for
+  the same loss. With ``largest`` every smaller batch size reaches it within the budget, but
+  the CBS is measured at a D below the budget and moves when a sweep adds a larger B, so
+  these groups are reported by the ``cbs`` fit and never served.
+* A batch size's steps are those of its best run (fewest over the learning rates tried).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from server.models import Trial, TrialSource
-from server.worker.scopes import Curve, Curves, recorded_steps_to_target
+from server.worker.scopes import Curves
+
+if TYPE_CHECKING:
+    from fitting.cbs import ReferenceRule, StepsTable
 
 
 @dataclass(frozen=True)
@@ -51,12 +49,14 @@ class RunSteps:
     tokens_to_target: float
     censored: bool
     reason: str = ""
+    bound: float = math.nan  # censored: the steps it trained without reaching the target
 
 
 @dataclass
 class StepsGroup:
     """The runs of one group with their steps to ``target_loss``; ``target_rule`` says where
-    the target came from (``recorded``, ``configured`` or ``reference_run``)."""
+    the target came from (``measured``: stored on the trials; ``configured``; or
+    ``reference_largest``/``reference_smallest``, with ``reference`` the run that set it)."""
 
     n_params: float
     n_tokens: float | None
@@ -66,20 +66,32 @@ class StepsGroup:
     reference: dict[str, Any] | None = None
     runs: list[RunSteps] = field(default_factory=list)
 
-    def best_per_batch(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """(batch sizes, steps of the best run of each, that run's trial id), +inf steps
-        when every run of a batch size was censored."""
-        best: dict[float, RunSteps] = {}
-        for run in self.runs:
-            cur = best.get(run.batch_size_tokens)
-            if cur is None or run.steps_to_target < cur.steps_to_target:
-                best[run.batch_size_tokens] = run
-        sizes = sorted(best)
-        return (
-            np.array(sizes, dtype=float),
-            np.array([best[b].steps_to_target for b in sizes], dtype=float),
-            [best[b].trial_id for b in sizes],
-        )
+    @property
+    def measured(self) -> bool:
+        return self.target_rule == "measured"
+
+    def best_per_batch(self) -> tuple[np.ndarray, np.ndarray, list[int], np.ndarray]:
+        """(batch sizes, steps of the best run of each, that run's trial id, the steps a
+        censored batch size trained without reaching the target), +inf steps when every run
+        of a batch size was censored (:func:`fitting.cbs.best_per_batch`,
+        :func:`fitting.cbs.censored_bounds`)."""
+        from fitting.cbs import best_per_batch, censored_bounds
+
+        batch = [r.batch_size_tokens for r in self.runs]
+        steps = [r.steps_to_target for r in self.runs]
+        sizes, best, index = best_per_batch(batch, steps)
+        bounds = censored_bounds(batch, steps, [r.bound for r in self.runs])
+        return sizes, best, [self.runs[i].trial_id for i in index], bounds
+
+
+def stored_steps_to_target(trial: Trial) -> tuple[float, float] | None:
+    """(steps_to_target, target_loss) a trial stores; steps +inf when it did not reach the
+    target. None when it stores no target, or no outcome."""
+    if trial.target_loss is None or trial.reached_target is None:
+        return None
+    if not trial.reached_target or trial.steps_to_target is None:
+        return math.inf, float(trial.target_loss)
+    return float(trial.steps_to_target), float(trial.target_loss)
 
 
 def _configured_target(trial: Trial) -> float | None:
@@ -92,28 +104,39 @@ def _configured_target(trial: Trial) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _final_loss(curve: Curve) -> float:
-    """The evaluated loss at the end of a curve (at its budget, or where it stopped)."""
-    return float(curve.loss[int(np.argmax(curve.step))])
+def _protocol_run(trial: Trial) -> bool:
+    """A run of a sweep's ``cbs:`` protocol (``config.train.cbs_role``): it stores its steps
+    to target or, a reference run tuned away from the target's η, is no point of S(B)."""
+    train = (trial.config or {}).get("train")
+    return isinstance(train, Mapping) and train.get("cbs_role") is not None
 
 
-def _recorded_run(trial: Trial, steps: float) -> RunSteps:
-    """A run whose steps to target were recorded (by an import); +inf means never."""
-    censored = math.isinf(steps)
-    reason = "never reached the target (recorded)" if censored else ""
+def _run(trial: Trial, steps: float, reason: str = "", bound: float = math.nan) -> RunSteps:
     batch = float(trial.batch_size_tokens)
-    return RunSteps(trial.id, batch, trial.learning_rate, steps, steps * batch, censored, reason)
+    censored = math.isinf(steps)
+    return RunSteps(
+        trial.id, batch, trial.learning_rate, steps, steps * batch, censored, reason, bound
+    )
 
 
-def _trained_group(
+def _stored_bound(trial: Trial) -> float:
+    """The steps a stored run trained without reaching its target: its ``steps_done``, unless
+    it diverged (then no bound)."""
+    if trial.reached_target or trial.diverged or trial.steps_done is None:
+        return math.nan
+    return float(trial.steps_done)
+
+
+def _curve_group(
     key: tuple[float, float, str | None, float | None],
     members: list[Trial],
     curves: Curves,
     notes: list[str],
+    reference: ReferenceRule,
 ) -> StepsGroup | None:
     """One group of trained trials measured on their curves (module docstring), or None
     (with a note) when no member has a curve or no reference run sets a target."""
-    from fitting.cbs import steps_to_target
+    from fitting.cbs import group_steps_to_target
 
     n_params, n_tokens, schedule, configured = key
     with_curve = [t for t in members if t.id in curves and curves[t.id].step.size]
@@ -125,86 +148,78 @@ def _trained_group(
         )
     if not with_curve:
         return None
-    reference = None
-    if configured is not None:
-        target, rule = configured, "configured"
-    else:
-        finished = [t for t in with_curve if math.isfinite(_final_loss(curves[t.id]))]
-        if not finished:
-            notes.append(
-                f"group N={n_params:g}, D={n_tokens:g}: every run ended with a "
-                "non-finite loss, so no reference run sets a target"
-            )
-            return None
-        largest = max(t.batch_size_tokens for t in finished)
-        ref = min(
-            (t for t in finished if t.batch_size_tokens == largest),
-            key=lambda t: (_final_loss(curves[t.id]), t.id),
+    with_curve.sort(key=lambda t: t.id)
+    try:
+        measured = group_steps_to_target(
+            [t.batch_size_tokens for t in with_curve],
+            [(curves[t.id].step, curves[t.id].loss) for t in with_curve],
+            schedules=[t.schedule for t in with_curve],
+            target_loss=configured,
+            reference=reference,
         )
-        target, rule = _final_loss(curves[ref.id]), "reference_run"
-        reference = {
-            "trial_id": ref.id,
-            "batch_size_tokens": float(ref.batch_size_tokens),
-            "learning_rate": ref.learning_rate,
-            "steps": float(curves[ref.id].step.max()),
+    except ValueError as exc:
+        notes.append(f"group N={n_params:g}, D={n_tokens:g}: {exc}")
+        return None
+    ref = None
+    if measured.reference_index is not None:
+        t = with_curve[measured.reference_index]
+        ref = {
+            "trial_id": t.id,
+            "batch_size_tokens": float(t.batch_size_tokens),
+            "learning_rate": t.learning_rate,
+            "steps": float(curves[t.id].step.max()),
         }
-    group = StepsGroup(n_params, n_tokens, schedule, target, rule, reference)
-    for t in sorted(with_curve, key=lambda t: t.id):
-        curve = curves[t.id]
-        found = steps_to_target(curve.step.tolist(), curve.loss.tolist(), target)
-        steps = found.steps if not found.censored else math.inf
-        if steps == 0:  # reached at the first evaluation (step 0): no steps to count
-            steps, found = (
-                math.inf,
-                dataclasses.replace(
-                    found, censored=True, reason="at or below the target at step 0"
-                ),
-            )
-        group.runs.append(
-            RunSteps(
-                t.id,
-                float(t.batch_size_tokens),
-                t.learning_rate,
-                steps,
-                steps * t.batch_size_tokens,
-                found.censored,
-                found.reason,
-            )
-        )
+    rule = "configured" if configured is not None else measured.target_rule
+    group = StepsGroup(n_params, n_tokens, schedule, measured.target_loss, rule, ref)
+    for t, found in zip(with_curve, measured.runs, strict=True):
+        group.runs.append(_run(t, found.steps, found.reason, found.bound))
     return group
 
 
 def steps_to_target_groups(
-    trials: Sequence[Trial], curves: Curves | None
+    trials: Sequence[Trial], curves: Curves | None, *, reference: ReferenceRule = "largest"
 ) -> tuple[list[StepsGroup], list[str]]:
-    """Group the trials that have (or whose curves give) steps to a target (module
-    docstring): recorded groups first, in the order their trials come, then trained ones.
-    Returns the groups and notes on trials or groups left out."""
-    recorded: dict[tuple[float, float], StepsGroup] = {}
+    """Group the trials that store (or whose curves give) steps to a target (module
+    docstring): measured groups first, in the order their trials come, then curve-derived
+    ones, whose target without a configured one follows ``reference``. Returns the groups
+    and notes on trials or groups left out."""
+    measured: dict[tuple[float, float], StepsGroup] = {}
     notes: list[str] = []
     trained: dict[tuple[float, float, str | None, float | None], list[Trial]] = {}
     for t in trials:
-        steps_and_target = recorded_steps_to_target(t)
-        if steps_and_target is not None:
-            steps, target = steps_and_target
-            if not math.isfinite(target) or not steps > 0:
-                notes.append(
-                    f"trial {t.id}: recorded steps_to_target={steps!r} with "
-                    f"target_loss={target!r} is unusable (steps must be > 0, the "
-                    "target finite)"
-                )
-                continue
-            group = recorded.setdefault(
+        stored = stored_steps_to_target(t)
+        if stored is not None:
+            steps, target = stored
+            group = measured.setdefault(
                 (float(t.n_params), target),
-                StepsGroup(float(t.n_params), None, None, target, "recorded"),
+                StepsGroup(float(t.n_params), float(t.n_tokens), t.schedule, target, "measured"),
             )
-            group.runs.append(_recorded_run(t, steps))
-        elif t.source == TrialSource.TRAINED.value:
+            if group.n_tokens is not None and group.n_tokens != float(t.n_tokens):
+                group.n_tokens = None  # the trials of one target disagree on D
+            reason = "" if math.isfinite(steps) else "never reached"
+            group.runs.append(_run(t, steps, reason, _stored_bound(t)))
+        elif t.source == TrialSource.TRAINED.value and not _protocol_run(t):
             key = (float(t.n_params), float(t.n_tokens), t.schedule, _configured_target(t))
             trained.setdefault(key, []).append(t)
-    groups = list(recorded.values())
+    groups = list(measured.values())
     for key, members in trained.items():
-        measured = _trained_group(key, members, curves or {}, notes)
-        if measured is not None:
-            groups.append(measured)
+        derived = _curve_group(key, members, curves or {}, notes, reference)
+        if derived is not None:
+            groups.append(derived)
     return groups, notes
+
+
+def measured_steps_table(trials: Sequence[Trial]) -> StepsTable | None:
+    """The measured groups of ``trials`` (module docstring) as a
+    :class:`fitting.cbs.StepsTable`, the recommender's CBS law input; None without any."""
+    from fitting.cbs import StepsTable
+
+    groups, _ = steps_to_target_groups(
+        [t for t in trials if stored_steps_to_target(t) is not None], None
+    )
+    rows = []
+    for g in groups:
+        if g.measured:
+            sizes, steps, _ids, bounds = g.best_per_batch()
+            rows.append((g.n_params, g.n_tokens, g.target_loss, sizes, steps, bounds))
+    return StepsTable.from_groups(rows)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from fitting.cbs import StepsTable
 from fitting.data import Runs
 from fitting.powerlaw import fit_power_law
 from fitting.steps_law import LogLinearLaw, StepsCbsLaw, fit_steps_cbs_law
@@ -55,7 +56,7 @@ def test_log_linear_law_reads_a_power_law_by_name():
 
 def test_joint_law_recovers_k_and_round_trips():
     runs = steps_runs([(n, d) for n in (2e8, 8e8) for d in (3e9, 1e10, 3e10)])
-    law, why = fit_steps_cbs_law(runs, overhead=0.2, n_bootstrap=5, seed=0)
+    law, why = fit_steps_cbs_law(StepsTable.from_runs(runs), overhead=0.2, n_bootstrap=5, seed=0)
     assert law is not None, why
     assert law.regressors == ("n_params", "n_tokens") and law.n_groups == 6
     assert law.k.n_tokens_exponent == pytest.approx(0.5, abs=0.01)
@@ -76,7 +77,7 @@ def test_joint_law_recovers_k_and_round_trips():
 
 def test_one_model_size_gives_a_law_in_tokens_only():
     runs = steps_runs([(4e8, d) for d in (3e9, 1e10, 3e10)])
-    law, _ = fit_steps_cbs_law(runs, overhead=0.2, n_bootstrap=0, seed=0)
+    law, _ = fit_steps_cbs_law(StepsTable.from_runs(runs), overhead=0.2, n_bootstrap=0, seed=0)
     assert law is not None and law.regressors == ("n_tokens",)
     assert law.critical_batch_size.n_params_exponent == 0.0
     assert law.critical_batch_size_draws == () and law.k_draws == ()
@@ -85,9 +86,9 @@ def test_one_model_size_gives_a_law_in_tokens_only():
 
 def test_thin_or_missing_data_says_why():
     two = steps_runs([(4e8, 3e9), (4e8, 1e10)])
-    assert fit_steps_cbs_law(two, overhead=0.2, n_bootstrap=0, seed=0) == (
+    assert fit_steps_cbs_law(StepsTable.from_runs(two), overhead=0.2, n_bootstrap=0, seed=0) == (
         None,
-        "2 (n_params, target_loss) groups have a steps-to-target fit; the CBS law needs 3",
+        "2 of 2 groups with steps to a target have a steps-to-target CBS fit; the CBS law needs 3",
     )
     plain = Runs(
         n_params=[1e8],
@@ -97,7 +98,35 @@ def test_thin_or_missing_data_says_why():
         batch_size_tokens=[2048.0],
         loss=[3.0],
     )
-    assert fit_steps_cbs_law(plain, overhead=0.2, n_bootstrap=0, seed=0) == (
+    assert fit_steps_cbs_law(StepsTable.from_runs(plain), overhead=0.2, n_bootstrap=0, seed=0) == (
         None,
         "no steps-to-target data",
+    )
+
+
+def test_a_known_budget_is_the_groups_d():
+    """Groups whose budget D is known (the sweep protocol's: the D at which the reference set
+    the target) take it as D_g, not the tokens the fit takes at B_ref."""
+    budgets = (3e9, 1e10, 3e10)
+    table = StepsTable.from_runs(steps_runs([(4e8, d) for d in budgets]))
+    assert table is not None and np.isnan(table.n_tokens).all()
+    by_fit, _ = fit_steps_cbs_law(table, overhead=0.2, n_bootstrap=0, seed=0)
+    d_of = {round(3.0 - 0.1 * math.log(d), 6): d for d in budgets}  # steps_runs' targets
+    doubled = StepsTable(
+        group=table.group,
+        n_params=table.n_params,
+        n_tokens=np.array([2 * d_of[t] for t in table.target_loss]),
+        target_loss=table.target_loss,
+        batch_size=table.batch_size,
+        steps=table.steps,
+        steps_bound=table.steps_bound,
+    )
+    by_budget, _ = fit_steps_cbs_law(doubled, overhead=0.2, n_bootstrap=0, seed=0)
+    assert by_fit is not None and by_budget is not None
+    # the same CBS values at twice the D: the same exponent, the coefficient shifted
+    assert by_budget.critical_batch_size.n_tokens_exponent == pytest.approx(
+        by_fit.critical_batch_size.n_tokens_exponent, rel=1e-9
+    )
+    assert by_budget.critical_batch_size.log_value(0.0, math.log(2e10)) == pytest.approx(
+        by_fit.critical_batch_size.log_value(0.0, math.log(1e10)), rel=1e-9
     )

@@ -1,7 +1,8 @@
 """Migrations from empty to head and back, revision by revision, on both databases; the
 models match the migrated schema; data already stored is backfilled (0003: the trials'
-stop reasons; 0004: the experiments' families) and kept on the way down; the service
-refuses an out-of-date schema."""
+stop reasons; 0004: the experiments' families; 0005: steps to target from configs and the
+b_simple summaries from points) and kept on the way down; the service refuses an
+out-of-date schema."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -18,6 +20,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 from sqlalchemy.exc import IntegrityError
 
+from client.wire import dumps
 from server.core.config import Settings
 from server.core.db import (
     alembic_config,
@@ -29,7 +32,7 @@ from server.core.db import (
 )
 from server.core.errors import SchemaOutdatedError
 from server.main import create_app
-from server.models import Base
+from server.models import Base, FaithfulFloat
 from tests.conftest import REPO_ROOT
 
 ALL_TABLES = {"experiments", "trials", "points", "fits", "api_tokens"}
@@ -52,7 +55,7 @@ def test_upgrade_from_empty_and_downgrade_back(make_database, backend):
         engine = database.engine
         assert current_revision(engine) is None and not schema_is_current(engine)
         revisions = _revisions()
-        assert revisions == ["0001", "0002", "0003", "0004"]
+        assert revisions == ["0001", "0002", "0003", "0004", "0005"]
         for rev in revisions:  # up one revision at a time
             upgrade(url, rev)
             assert current_revision(engine) == rev
@@ -260,6 +263,118 @@ def test_families_are_backfilled_and_dropped_with_the_data_kept(make_database, b
         }
 
 
+# trials as revision 0004 left them: (status, config) and the (target_loss, steps_to_target,
+# reached_target) 0005 gives each; configs are written as the service writes JSON (non-finite
+# floats as "Infinity"/"NaN" text)
+STEPS_TO_TARGET = [
+    ("completed", {"steps_to_target": 1234.5, "target_loss": 3.25}, (3.25, 1234.5, True)),
+    ("completed", {"steps_to_target": "Infinity", "target_loss": 3.25}, (3.25, None, False)),
+    ("completed", {"steps_to_target": 0, "target_loss": 2}, (2.0, 0.0, True)),
+    ("completed", {"steps_to_target": 100.0}, (None, None, None)),  # no target: left out
+    ("completed", {"steps_to_target": "NaN", "target_loss": 3.0}, (None, None, None)),
+    ("completed", {"steps_to_target": -5.0, "target_loss": 3.0}, (None, None, None)),
+    ("completed", {"steps_to_target": 100.0, "target_loss": "Infinity"}, (None, None, None)),
+    ("completed", {"steps_to_target": "many", "target_loss": 3.0}, (None, None, None)),
+    ("completed", {"dataset": "x.csv"}, (None, None, None)),
+    ("completed", None, (None, None, None)),
+    ("running", {"steps_to_target": 10.0, "target_loss": 4.0}, (4.0, 10.0, True)),
+]
+# (status, points as (step, b_simple)) for the b_simple backfill: completed trials only
+B_SIMPLE_CURVES = [
+    ("completed", [(s, 1000.0 + 10 * s) for s in range(0, 101, 5)]),
+    ("completed", [(10, -50.0), (69, 1.0), (70, 2.0), (80, float("nan")), (90, 4.0), (100, 9.0)]),
+    ("completed", [(1, float("nan")), (2, None)]),  # nothing finite: stays null
+    ("running", [(s, 500.0) for s in range(10)]),  # summarized when it completes
+]
+
+
+def _trials_at_0004(url: str) -> tuple[list[int], list[int]]:
+    """The STEPS_TO_TARGET and B_SIMPLE_CURVES trials (the curves as points), written as
+    0004's schema has them; returns the ids of each, in order."""
+    now = dt.datetime.now(dt.timezone.utc)
+    experiments = sa.table(
+        "experiments", sa.column("id"), sa.column("name"), sa.column("created_at")
+    )
+    trials = sa.table(
+        "trials", *(sa.column(c) for c in TRIAL_COLUMNS_0002), sa.column("config", sa.JSON)
+    )
+    points = sa.table(  # NaN as the service stores it (SQLite would make it NULL)
+        "points", sa.column("trial_id"), sa.column("step"), sa.column("b_simple", FaithfulFloat)
+    )
+    base = dict(
+        experiment_id=1,
+        n_params=10**6,
+        n_tokens=10**4,
+        seq_len=1,
+        learning_rate=1e-3,
+        batch_size_tokens=100,
+        source="imported",
+        created_at=now,
+        updated_at=now,
+    )
+    rows = [(status, config, []) for status, config, _ in STEPS_TO_TARGET]
+    rows += [(status, None, curve) for status, curve in B_SIMPLE_CURVES]
+    with open_database(url) as database, database.engine.begin() as conn:
+        conn.execute(experiments.insert().values(id=1, name="before-0005", created_at=now))
+        for i, (status, config, curve) in enumerate(rows, 1):
+            conn.execute(trials.insert().values(id=i, status=status, config=config, **base))
+            for step, b_simple in curve:
+                conn.execute(points.insert().values(trial_id=i, step=step, b_simple=b_simple))
+    ids = list(range(1, len(rows) + 1))
+    return ids[: len(STEPS_TO_TARGET)], ids[len(STEPS_TO_TARGET) :]
+
+
+def _late_quartiles(curve: list[tuple[int, float | None]]) -> list[float] | None:
+    """numpy's 25th, 50th and 75th percentiles of the finite values at steps >= 0.7 x the
+    last step with one: the summary 0005 stores, computed here independently."""
+    finite = [(s, v) for s, v in curve if v is not None and np.isfinite(v)]
+    if not finite:
+        return None
+    last = max(s for s, _ in finite)
+    late = [v for s, v in finite if 10 * s >= 7 * last]
+    return [float(q) for q in np.percentile(late, [25, 50, 75])]
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_steps_to_target_and_b_simple_are_backfilled_and_dropped_with_the_data_kept(
+    make_database, backend
+):
+    url = make_database(backend)
+    upgrade(url, "0004")
+    target_ids, curve_ids = _trials_at_0004(url)
+    upgrade(url, "0005")
+    columns = "target_loss, steps_to_target, reached_target"
+    summary = "b_simple_q25, b_simple, b_simple_q75"
+    with open_database(url) as database, database.engine.connect() as conn:
+        for trial_id, (*_, want) in zip(target_ids, STEPS_TO_TARGET, strict=True):
+            got = conn.execute(sa.text(f"SELECT {columns} FROM trials WHERE id = {trial_id}"))
+            row = tuple(got.one())
+            assert row[:2] == want[:2] and (None if row[2] is None else bool(row[2])) == want[2]
+        for trial_id, (status, curve) in zip(curve_ids, B_SIMPLE_CURVES, strict=True):
+            got = conn.execute(sa.text(f"SELECT {summary} FROM trials WHERE id = {trial_id}"))
+            want = _late_quartiles(curve) if status == "completed" else None
+            assert list(got.one()) == (want or [None, None, None]), (trial_id, curve)
+        # the second curve by hand: steps 70, 90, 100 (69 is short of 0.7 x 100, 80 is NaN)
+        assert _late_quartiles(B_SIMPLE_CURVES[1][1]) == [3.0, 4.0, 6.5]
+        config = sa.table("trials", sa.column("id"), sa.column("config", sa.JSON)).c.config
+        kept = conn.scalars(sa.select(config).order_by(sa.column("id"))).all()
+        originals = [c for _, c, _ in STEPS_TO_TARGET]
+        assert dumps(kept[: len(originals)]) == dumps(originals)  # untouched (as JSON text)
+        updated = conn.execute(sa.text("SELECT DISTINCT updated_at FROM trials")).all()
+        assert len(updated) == 1  # the backfill changes no other column
+    downgrade(url, "0004")
+    with open_database(url) as database, database.engine.connect() as conn:
+        left = {c["name"] for c in inspect(database.engine).get_columns("trials")}
+        assert not left & {"target_loss", "steps_to_target", "reached_target", "b_simple"}
+        assert conn.scalar(sa.text("SELECT count(*) FROM trials")) == len(target_ids + curve_ids)
+        n_points = sum(len(curve) for _, curve in B_SIMPLE_CURVES)
+        assert conn.scalar(sa.text("SELECT count(*) FROM points")) == n_points
+    upgrade(url)  # and up again over the same rows
+    with open_database(url) as database, database.engine.connect() as conn:
+        again = conn.execute(sa.text(f"SELECT {columns} FROM trials WHERE id = {target_ids[0]}"))
+        assert tuple(again.one())[:2] == (3.25, 1234.5)
+
+
 def test_app_refuses_an_outdated_schema(make_database):
     url = make_database("sqlite")
     upgrade(url, "0001")
@@ -286,7 +401,7 @@ def test_db_and_token_commands(make_database):
     assert _cli(url, "db", "current").returncode == 1
     assert _cli(url, "db", "upgrade").returncode == 0  # from an unrelated cwd
     current = _cli(url, "db", "current")
-    assert current.returncode == 0 and "current=0004 head=0004" in current.stdout
+    assert current.returncode == 0 and "current=0005 head=0005" in current.stdout
     created = _cli(url, "token", "create", "--name", "ci", "--scope", "write")
     secret = created.stdout.strip()
     assert created.returncode == 0 and secret.startswith("hl_") and len(secret) > 40

@@ -9,7 +9,7 @@ import math
 import httpx
 import pytest
 
-from server.schemas import RecommendationPublic
+from server.recommendation_schemas import RecommendationPublic
 
 QUERY = {"n_params": "1e9", "n_tokens": "1e11"}
 

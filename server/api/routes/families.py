@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from server import families
 from server.api.deps import ReadAuth, SessionDep
-from server.schemas import FamiliesPublic, FamilyPublic
+from server.family_schemas import FamiliesPublic, FamilyPublic
 
 router = APIRouter(prefix="/families", tags=["families"], dependencies=[ReadAuth])
 

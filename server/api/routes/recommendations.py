@@ -24,7 +24,7 @@ from server.core.db import Database
 from server.core.errors import FieldError, InputError
 from server.models import TokenScope
 from server.recommend import RecommenderCache, resolve_scope
-from server.schemas import RecommendationPublic
+from server.recommendation_schemas import RecommendationPublic
 
 #: How long a request may answer from the cached fit before one request checks for a newer.
 CHECK_INTERVAL_S = 1.0

@@ -252,13 +252,18 @@ def test_cbs_from_trained_curves(fresh_db, database_for, live_server_factory):
         n_params = 10_000_000 * 2**k if k < 3 else 5_000_000
         ratio = 2.0 ** (17 + k) if k < 3 else 2.0**16
         g = groups[n_params]
-        assert g["target_rule"] == ("reference_run" if k < 3 else "configured")
+        assert g["target_rule"] == ("reference_largest" if k < 3 else "configured")
         assert g["target_loss"] == pytest.approx(3.0 - 0.2 * k if k < 3 else 3.5, abs=1e-12)
         if k < 3:  # the best run of the largest batch size, at its budget
             assert g["reference"]["batch_size_tokens"] == BATCHES[-1]
             assert g["reference"]["learning_rate"] == 1e-3
-        # the best learning rate's steps, interpolated between evaluations
+        # constant+EWA: the best learning rate's steps, interpolated between evaluations
         want = [A_STEPS + sweep["b"] / b for b in BATCHES]
+        if k == 3:  # cosine: only a run's final point counts, the evaluation that stopped it
+            want = [
+                float(min(s for s in eval_steps(sweep["n_tokens"] // b) if s >= w))
+                for w, b in zip(want, BATCHES, strict=True)
+            ]
         assert g["steps_to_target"] == pytest.approx(want, rel=1e-9)
         assert g["tokens_to_target"] == pytest.approx(
             [s * b for s, b in zip(want, BATCHES, strict=True)], rel=1e-9
@@ -273,9 +278,10 @@ def test_cbs_from_trained_curves(fresh_db, database_for, live_server_factory):
         diverged = [r for r in runs if r["learning_rate"] == 1e-2]
         assert diverged[0]["censored"] and "diverged" in diverged[0]["reason"]
         assert g["fit"]["status"] == "ok"
-        assert g["fit"]["a"] == pytest.approx(A_STEPS, rel=1e-6)
-        assert g["fit"]["b"] == pytest.approx(sweep["b"], rel=1e-6)
-        assert g["fit"]["critical_batch_size"] == pytest.approx(expected_cbs(ratio), rel=1e-6)
+        if k < 3:
+            assert g["fit"]["a"] == pytest.approx(A_STEPS, rel=1e-6)
+            assert g["fit"]["b"] == pytest.approx(sweep["b"], rel=1e-6)
+            assert g["fit"]["critical_batch_size"] == pytest.approx(expected_cbs(ratio), rel=1e-6)
         ivs = fit.intervals["groups"] + configured.intervals["groups"]
         iv = [i for i in ivs if i["n_params"] == n_params][0]
         low, high = iv["critical_batch_size"]["low"], iv["critical_batch_size"]["high"]
@@ -283,7 +289,9 @@ def test_cbs_from_trained_curves(fresh_db, database_for, live_server_factory):
             "critical_batch_size"
         ] * (1 - 1e-6)
         # D of the group: tokens to target at B_opt = S(B_opt)·B_opt
-        assert g["tokens_to_target_at_b_opt"] == pytest.approx(want[0] * BATCHES[0], rel=1e-6)
+        assert g["tokens_to_target_at_b_opt"] == pytest.approx(
+            want[0] * BATCHES[0], rel=1e-6 if k < 3 else 0.05
+        )
 
     # the power law B* = c·D^γ across the family's three groups, against a direct log-log
     # regression
@@ -370,7 +378,7 @@ def test_cbs_from_imported_steps_to_target(fresh_db, database_for):
     groups = {g["n_params"]: g for g in fit.params["groups"]}
     for n_params, ratio in ((1e8, 2.0**15), (2e8, 2.0**16)):
         g = groups[n_params]
-        assert g["target_rule"] == "recorded"
+        assert g["target_rule"] == "measured"
         assert g["fit"]["n_points"] == len(BATCHES) and g["fit"]["n_censored"] == 0
         assert sum(r["censored"] for r in g["runs"]) == 1
         assert g["fit"]["critical_batch_size"] == pytest.approx(expected_cbs(ratio), rel=1e-6)
