@@ -18,6 +18,7 @@ trains on D = steps · B tokens. The synthetic task counts one sample as one tok
 
 from __future__ import annotations
 
+import math
 import types
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -128,6 +129,32 @@ class RunSettings(FrozenConfig):
         return self
 
 
+class RelativeLearningRate(FrozenConfig):
+    """How a run of a ``cbs:`` relative η grid chose its learning rate, from the reference run
+    that set its (N, D) group's target: η = min(multiplier · η_ref* · (B / B_ref)^scaling,
+    max_learning_rate)."""
+
+    multiplier: float = Field(gt=0, allow_inf_nan=False)
+    """m, one of cbs.relative_learning_rates"""
+    scaling: float = Field(allow_inf_nan=False)
+    """s, cbs.learning_rate_scaling"""
+    reference_batch_size_tokens: PositiveInt
+    """B_ref"""
+    max_learning_rate: float | None = Field(None, gt=0, allow_inf_nan=False)
+    """the cap on η; None: none"""
+    reference_learning_rate: float | None = Field(None, gt=0, allow_inf_nan=False)
+    """η_ref*: the reference run's learning rate, filled in with the group's target (not part
+    of the run's identity)"""
+
+    def learning_rate(self, batch_size_tokens: int) -> float:
+        """η at B; needs ``reference_learning_rate``."""
+        if self.reference_learning_rate is None:
+            raise ValueError("the relative learning rate needs the reference_learning_rate")
+        ratio = batch_size_tokens / self.reference_batch_size_tokens
+        eta = self.multiplier * self.reference_learning_rate * ratio**self.scaling
+        return eta if self.max_learning_rate is None else min(eta, self.max_learning_rate)
+
+
 class TrainConfig(RunSettings):
     """Everything one run needs. ``from_dict`` validates and names the field that is wrong."""
 
@@ -147,6 +174,15 @@ class TrainConfig(RunSettings):
     service_token: str | None = None
     spool_dir: str | None = None
     """where points that cannot be delivered to the service are written"""
+    cbs_role: Literal["reference", "to_target"] | None = None
+    """a run of a sweep's cbs: protocol (Zhang et al. 2024): 'reference' trains n_tokens and
+    its EWA evaluation loss sets its (N, D) group's target; 'to_target' trains until that
+    target, which the sweep fills into target_loss when it starts the run"""
+    max_budget_factor: float = Field(1.0, ge=1, allow_inf_nan=False)
+    """a run to target_loss may train up to this many times n_tokens; its schedule's horizon
+    (warmup, dense evaluation start) stays n_tokens"""
+    relative_learning_rate: RelativeLearningRate | None = None
+    """a run to the target of a cbs: relative η grid: how its learning_rate was chosen"""
 
     @model_validator(mode="after")
     def _budget_holds_a_batch(self) -> TrainConfig:
@@ -155,6 +191,31 @@ class TrainConfig(RunSettings):
                 f"n_tokens must be >= batch_size_tokens (got n_tokens={self.n_tokens}, "
                 f"batch_size_tokens={self.batch_size_tokens})"
             )
+        if self.max_budget_factor > 1 and self.cbs_role != "to_target" and self.target_loss is None:
+            raise ValueError(
+                f"max_budget_factor {self.max_budget_factor:g} > 1 needs a target: "
+                "target_loss, or cbs_role 'to_target'"
+            )
+        if self.max_budget_factor > 1 and self.schedule.name != "constant_ewa":
+            raise ValueError(
+                f"max_budget_factor {self.max_budget_factor:g} > 1 needs schedule.name "
+                f"'constant_ewa' (got {self.schedule.name!r}): a decaying schedule ends at n_tokens"
+            )
+        return self._learning_rate_follows_its_rule()
+
+    def _learning_rate_follows_its_rule(self) -> TrainConfig:
+        rule = self.relative_learning_rate
+        if rule is None:
+            return self
+        if self.cbs_role != "to_target":
+            raise ValueError("relative_learning_rate needs cbs_role 'to_target'")
+        if rule.reference_learning_rate is not None:
+            expected = rule.learning_rate(self.batch_size_tokens)
+            if not math.isclose(self.learning_rate, expected, rel_tol=1e-9):
+                raise ValueError(
+                    f"learning_rate must be relative_learning_rate's η at batch_size_tokens "
+                    f"(got {self.learning_rate:.6g}, the rule gives {expected:.6g})"
+                )
         return self
 
     @classmethod
@@ -166,8 +227,14 @@ class TrainConfig(RunSettings):
 
     @property
     def steps(self) -> int:
-        """Optimizer steps: ⌊n_tokens / batch_size_tokens⌋."""
+        """Optimizer steps of the budget, the schedule's horizon: ⌊n_tokens / B⌋."""
         return self.n_tokens // self.batch_size_tokens
+
+    @property
+    def max_steps(self) -> int:
+        """Optimizer steps at most: ⌊⌊max_budget_factor · n_tokens⌋ / batch_size_tokens⌋
+        (``steps`` unless a run to a target may go beyond its budget)."""
+        return int(self.max_budget_factor * self.n_tokens) // self.batch_size_tokens
 
 
 # ----------------------------------------------------------------------------- batch layout

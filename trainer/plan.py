@@ -1,10 +1,11 @@
 """Planning a sweep: its runs, their identities in the service, and their registration.
 
-``expand_trials`` gives one training config (``TrainConfig`` fields) per run: the grid of the
-sweep file, or for adaptive search, at each (N, D), ``points_per_axis`` learning rates and
-batch sizes placed log-uniformly within ±``lr_spread_decades`` decades of the service's
-recommended η* and ±``batch_spread_octaves`` octaves of its B*, so that trials concentrate
-around the predicted optimum; the recommendation is that of the sweep's ``family``.
+``expand_trials`` gives one training config (``TrainConfig`` fields) per run: the runs of the
+sweep file's ``cbs:`` protocol (``SweepConfig.cbs_grid``), the grid, or for adaptive search,
+at each (N, D), ``points_per_axis`` learning rates and batch sizes placed log-uniformly
+within ±``lr_spread_decades`` decades of the service's recommended η* and
+±``batch_spread_octaves`` octaves of its B*, so that trials concentrate around the predicted
+optimum; the recommendation is that of the sweep's ``family``.
 
 ``register_trials`` creates the experiment in the sweep's family and one queued trial per
 run (parametrization ``mup`` when the model is µP); a run's
@@ -15,13 +16,21 @@ keeps its record and continues from its last DeepSpeed checkpoint
 (``output_dir/checkpoints/trial-<id>``), and a failed trial is run again as a new trial record
 (key suffix ``#retry<k>``) so that its failure stays in the history. Without ``resume`` a
 sweep whose trials already exist refuses to start.
+
+The runs of a ``cbs:`` relative η grid (``learning_rate`` None) are known by their rule (the
+multiplier, role and caps), not their η: their keys are checked at once, but their trials are
+created only once their group's target sets η (``Registration.deferred``, then
+``register_run``); there, a record still queued or running with another η (the group's
+reference η changed since) is marked failed and retried.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +70,10 @@ def _adaptive_points(
 
 
 def expand_trials(config: SweepConfig, client: Any | None = None) -> list[dict[str, Any]]:
-    """All training configs of the sweep (grid, or adaptive around the service's optimum)."""
+    """All training configs of the sweep (cbs: protocol, grid, or adaptive around the
+    service's optimum)."""
+    if config.cbs is not None:
+        return config.cbs_grid()
     search = config.search
     if search.kind == "grid":  # both lists are there: checked when the file was read
         return config.grid(search.learning_rate or [], search.batch_size_tokens or [])
@@ -79,12 +91,21 @@ def expand_trials(config: SweepConfig, client: Any | None = None) -> list[dict[s
 
 def idempotency_key(config: SweepConfig, spec: dict[str, Any]) -> str:
     """Readable and unique per (experiment, run config): N, D, η, B, seed and a hash of the
-    whole training config."""
+    whole training config. A run of a ``cbs:`` relative η grid is known by its rule, not its
+    η (which its group's target sets): ``lrx<multiplier>``, and a hash of the config with
+    neither η nor η_ref*, the same before and after they are filled in."""
     n = model_n_params(spec["task"], spec["model"], spec["synthetic"])
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+    rule = spec.get("relative_learning_rate")
+    if rule is None:
+        identity, lr = spec, f"lr{spec['learning_rate']:.6g}"
+    else:
+        rule = {k: v for k, v in rule.items() if k != "reference_learning_rate"}
+        identity = {**spec, "learning_rate": None, "relative_learning_rate": rule}
+        lr = f"lrx{rule['multiplier']:.6g}"
+    text = json.dumps(identity, sort_keys=True, default=str)
+    digest = hashlib.sha256(text.encode()).hexdigest()
     return (
-        f"N{n}-D{spec['n_tokens']}-lr{spec['learning_rate']:.6g}-"
-        f"B{spec['batch_size_tokens']}-s{spec['seed']}-{digest[:12]}"
+        f"N{n}-D{spec['n_tokens']}-{lr}-B{spec['batch_size_tokens']}-s{spec['seed']}-{digest[:12]}"
     )
 
 
@@ -174,32 +195,75 @@ def _existing_trials(client: Any, experiment_id: int) -> dict[str, dict[str, Any
             return found
 
 
-def register_trials(
-    config: SweepConfig, client: Any, *, resume: bool
-) -> tuple[int, list[dict[str, Any]], list[int]]:
-    """Create the experiment and its queued trials. Returns (experiment id, the specs still
-    to run with their ``trial_id``, the ids of trials skipped as already completed)."""
+@dataclass
+class Registration:
+    """The sweep's experiment and its runs: ``pending`` (to run) and ``skipped`` (completed)
+    with their ``trial_id``; ``deferred``, the runs of a ``cbs:`` relative η grid, whose η is
+    known only once their group's target is (``register_run`` then)."""
+
+    experiment_id: int
+    existing: dict[str, dict[str, Any]]  # the experiment's trials by key, when registering
+    version: str
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    deferred: list[dict[str, Any]] = field(default_factory=list)
+
+
+def register_trials(config: SweepConfig, client: Any, *, resume: bool) -> Registration:
+    """Create the experiment and a queued trial per run whose η is known; a run with
+    ``learning_rate`` None is deferred, its key checked already."""
     experiment = client.ensure_experiment(config.experiment, config.description, config.family)
     exp_id = int(experiment["id"])
-    existing = _existing_trials(client, exp_id)
-    version = code_version()
-    pending: list[dict[str, Any]] = []
-    skipped: list[int] = []
+    registration = Registration(exp_id, _existing_trials(client, exp_id), code_version())
     for spec in expand_trials(config, client):
-        key = idempotency_key(config, spec)
-        attempts = [k for k in existing if k == key or k.startswith(key + "#retry")]
+        attempts = _attempts(config, registration, spec)
         if attempts and not resume:
             raise SweepConfigError(
-                f"experiment {config.experiment!r} already has trial {key!r}; "
+                f"experiment {config.experiment!r} already has trial {attempts[0]!r}; "
                 "use --resume to continue it"
             )
-        latest_key = max(attempts, key=lambda k: (len(k), k)) if attempts else key
-        latest = existing.get(latest_key)
-        if latest is not None and latest["status"] == "completed":
-            skipped.append(int(latest["id"]))
-            continue
-        if latest is not None and latest["status"] in ("failed", "pruned"):
-            latest_key = f"{key}#retry{len(attempts)}"
-        trial = client.create_trial(**_trial_fields(config, spec, exp_id, latest_key, version))
-        pending.append({**spec, "trial_id": int(trial["id"])})
-    return exp_id, pending, skipped
+        if spec["learning_rate"] is None:
+            registration.deferred.append(spec)
+        else:
+            register_run(config, client, registration, spec)
+    return registration
+
+
+def _attempts(config: SweepConfig, registration: Registration, spec: dict[str, Any]) -> list[str]:
+    """The keys of the run's trials: its own, then its retries ``#retry<k>``."""
+    key = idempotency_key(config, spec)
+    found = [k for k in registration.existing if k == key or k.startswith(key + "#retry")]
+    return sorted(found, key=lambda k: (len(k), k))
+
+
+def register_run(
+    config: SweepConfig, client: Any, registration: Registration, spec: dict[str, Any]
+) -> None:
+    """Find or create the run's trial: a completed one is skipped; one left queued or running
+    is continued; a failed one is retried as a new trial (``#retry<k>``), and so is one
+    registered with another η (a relative run whose η_ref* changed since: it is marked
+    failed, with the reason)."""
+    key = idempotency_key(config, spec)
+    attempts = _attempts(config, registration, spec)
+    latest_key = attempts[-1] if attempts else key
+    latest = registration.existing.get(latest_key)
+    if latest is not None and latest["status"] == "completed":
+        registration.skipped.append({**spec, "trial_id": int(latest["id"])})
+        return
+    if latest is not None and latest["status"] in ("failed", "pruned"):
+        latest_key = f"{key}#retry{len(attempts)}"
+    fields = _trial_fields(
+        config, spec, registration.experiment_id, latest_key, registration.version
+    )
+    trial = client.create_trial(**fields)  # the stored one where the key is taken
+    if not math.isclose(trial["learning_rate"], spec["learning_rate"], rel_tol=1e-9):
+        reason = (
+            f"registered with lr={trial['learning_rate']:.6g}; its group's reference η now "
+            f"gives lr={spec['learning_rate']:.6g}: run again as a new trial"
+        )
+        client.update_trial(
+            trial["id"], status="failed", status_reason=reason, stop_reason="failed"
+        )
+        fields["idempotency_key"] = f"{key}#retry{len(attempts)}"
+        trial = client.create_trial(**fields)
+    registration.pending.append({**spec, "trial_id": int(trial["id"])})

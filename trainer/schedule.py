@@ -10,7 +10,8 @@ Schedules (multiplier of the peak learning rate η after a linear warmup over
   * ``cosine``: min + (1 − min)·(1 + cos(π·progress))/2 after warmup.
 
 Evaluation (Zhang et al. 2024, appendix G, hybrid schedule): after step 0, at every power of
-two, every ``eval.every`` steps, and at 0.70·n, 0.75·n, …, n over the last 30 %.
+two, every ``eval.every`` steps, and at 0.70·n, 0.75·n, …, n over the last 30 % (continued
+at that spacing up to the cap of a run to a target loss).
 """
 
 from __future__ import annotations
@@ -43,18 +44,25 @@ def lr_multiplier(step: int, total_steps: int, schedule: ScheduleConfig) -> floa
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def evaluation_steps(total_steps: int, eval_config: EvalConfig) -> set[int]:
+def evaluation_steps(
+    total_steps: int, eval_config: EvalConfig, until: int | None = None
+) -> set[int]:
     """Step counts after which the model is evaluated: 0, powers of two, multiples of
-    ``every`` and the dense tail 0.70·n, 0.75·n, …, n (always including n)."""
-    steps = {0, total_steps}
+    ``every`` and the dense tail 0.70·n, 0.75·n, … of the horizon n = ``total_steps``,
+    always including n. A run that may train beyond its horizon, up to ``until`` steps (a run
+    to a target loss, capped at a multiple of its budget), keeps the dense tail's spacing
+    up to ``until``: wherever its loss crosses the target after 0.70·n, the two
+    evaluations around the crossing are at most ``dense_interval_fraction``·n steps apart."""
+    last = total_steps if until is None else max(until, total_steps)
+    steps = {0, total_steps, last}
     power = 1
-    while power <= total_steps:
+    while power <= last:
         steps.add(power)
         power *= 2
-    steps.update(range(eval_config.every, total_steps + 1, eval_config.every))
+    steps.update(range(eval_config.every, last + 1, eval_config.every))
     fraction = eval_config.dense_start_fraction
-    while fraction < 1.0 + 1e-9:
-        steps.add(min(total_steps, max(1, round(fraction * total_steps))))
+    while fraction * total_steps < last + 0.5:
+        steps.add(min(last, max(1, round(fraction * total_steps))))
         fraction += eval_config.dense_interval_fraction
     return steps
 

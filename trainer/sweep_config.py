@@ -5,8 +5,10 @@ share everything else. What they share are the ``RunSettings`` of ``trainer.conf
 optimizer, schedule, eval, ...), so a sweep file's ``optimizer:``, ``schedule:`` and ``eval:``
 sections are the training configuration's own models, with their defaults. Grid search lists
 the learning rates and batch sizes; adaptive search places them around the service's
-recommendation (``trainer.plan``). Every grid point is checked to make a valid run when the
-file is read (batch arithmetic included), so a bad file fails at once, not inside Ray.
+recommendation (``trainer.plan``). A ``cbs:`` section replaces the search with Zhang et al.'s
+critical-batch-size protocol (``CBSConfig``; run by ``trainer.cbs_protocol``). Every run is
+checked to be valid when the file is read (batch arithmetic included), so a bad file fails at
+once, not inside Ray.
 
 ``hyperlaw sweep --schema`` prints the JSON Schema (``sweep_json_schema``), committed as
 ``examples/sweep.schema.json``; a sweep file whose first line is
@@ -17,6 +19,7 @@ as in ``trainer.config``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -77,6 +80,96 @@ class SearchConfig(FrozenConfig):
     """adaptive: batch sizes within ± this many octaves of the recommended one"""
 
 
+class CBSConfig(FrozenConfig):
+    """Zhang et al. 2024's critical-batch-size protocol at each (N, D), constant_ewa only:
+    reference runs at a small batch size train D, tuned over a short η grid; the lowest EWA
+    evaluation loss among them at D is the group's target; every other batch size (η tuned
+    per B) trains until its EWA evaluation loss first reaches the target, interpolated between
+    evaluations, capped at max_budget_factor × D and censored if never reached."""
+
+    reference_batch_size_tokens: PositiveInt
+    """the reference batch size B_ref, in tokens (small: in the linear-scaling regime)"""
+    reference_learning_rates: LearningRates
+    """the η grid of the reference runs (their best one sets the target)"""
+    batch_size_tokens: Counts
+    """the other batch sizes, each > reference_batch_size_tokens"""
+    learning_rates: LearningRates | dict[PositiveInt, LearningRates] | None = None
+    """the η grid tried at each other batch size; or one grid per batch size
+    ({batch_size_tokens: [η, ...]}, one entry for each). Exactly one of learning_rates and
+    relative_learning_rates"""
+    relative_learning_rates: LearningRates | None = None
+    """instead of learning_rates: multipliers m of the group's tuned reference η (η_ref*, of
+    the reference run that set the target): each other B tries η = m · η_ref* ·
+    (B / B_ref)^learning_rate_scaling, capped at max_learning_rate, so that the grid follows
+    the optimum as it moves with D. The η values are known only once the group's target is,
+    so they cannot be checked when the file is read; the batch layouts are"""
+    learning_rate_scaling: float = Field(1.0, allow_inf_nan=False)
+    """relative_learning_rates: s in (B / B_ref)^s; 1.0: linear scaling (SGD), 0.5:
+    square-root scaling (Adam-style)"""
+    max_learning_rate: float | None = Field(None, gt=0, allow_inf_nan=False)
+    """relative_learning_rates: the largest η tried; a multiplier that would exceed it is
+    clipped to it, and multipliers clipped to the same η run once (the smallest)"""
+    max_budget_factor: float = Field(4.0, ge=1, allow_inf_nan=False)
+    """a run to the target trains at most this many times D tokens"""
+
+    @model_validator(mode="after")
+    def _larger_than_the_reference(self) -> CBSConfig:
+        for batch in self.batch_size_tokens:
+            if batch <= self.reference_batch_size_tokens:
+                raise ValueError(
+                    f"cbs.batch_size_tokens values must be > cbs.reference_batch_size_tokens "
+                    f"(got {batch} <= {self.reference_batch_size_tokens})"
+                )
+        if len(set(self.batch_size_tokens)) != len(self.batch_size_tokens):
+            raise ValueError("cbs.batch_size_tokens values must be distinct")
+        self._one_learning_rate_grid()
+        if isinstance(self.learning_rates, dict):
+            given, wanted = set(self.learning_rates), set(self.batch_size_tokens)
+            if given != wanted:
+                raise ValueError(
+                    "cbs.learning_rates must have one entry per cbs.batch_size_tokens value "
+                    f"(missing {sorted(wanted - given)}, unknown {sorted(given - wanted)})"
+                )
+        return self
+
+    def _one_learning_rate_grid(self) -> None:
+        absolute, relative = self.learning_rates, self.relative_learning_rates
+        if (absolute is None) == (relative is None):
+            raise ValueError(
+                "needs exactly one of cbs.learning_rates (η values) and "
+                "cbs.relative_learning_rates (multipliers of the reference η) "
+                f"(got {'both' if relative is not None else 'neither'})"
+            )
+        if relative is None:
+            given = sorted({"learning_rate_scaling", "max_learning_rate"} & self.model_fields_set)
+            if given:
+                raise ValueError(
+                    f"cbs.{given[0]} applies to cbs.relative_learning_rates only "
+                    "(cbs.learning_rates are η values)"
+                )
+        elif len(set(relative)) != len(relative):
+            raise ValueError("cbs.relative_learning_rates values must be distinct")
+
+    def learning_rates_at(self, batch: int) -> list[float]:
+        """The η grid at ``batch`` of ``learning_rates`` (not of relative ones)."""
+        rates = self.learning_rates
+        assert rates is not None
+        return rates[batch] if isinstance(rates, dict) else rates
+
+    def relative_rules(self) -> list[dict[str, Any]]:
+        """The ``relative_learning_rate`` of each multiplier (``trainer.config``'s
+        ``RelativeLearningRate`` fields, η_ref* left out): what a run's identity holds."""
+        return [
+            {
+                "multiplier": m,
+                "scaling": self.learning_rate_scaling,
+                "reference_batch_size_tokens": self.reference_batch_size_tokens,
+                "max_learning_rate": self.max_learning_rate,
+            }
+            for m in self.relative_learning_rates or []
+        ]
+
+
 class SweepConfig(RunSettings):
     """A sweep of DeepSpeed trainings under Ray Tune, reported to the hyperlaw service."""
 
@@ -98,6 +191,8 @@ class SweepConfig(RunSettings):
     n_tokens: Counts
     """token budgets D"""
     search: SearchConfig = SearchConfig()
+    cbs: CBSConfig | None = None
+    """Zhang et al.'s critical-batch-size protocol instead of search (constant_ewa only)"""
     seeds: Seeds = [0]
     workers_per_trial: PositiveInt = 1
     """DeepSpeed data-parallel workers of one trial"""
@@ -109,6 +204,10 @@ class SweepConfig(RunSettings):
     """auto: as many as the cluster's CPUs (and GPUs) hold"""
     max_failures: int = Field(1, ge=0)
     """restarts of a trial's workers from their last checkpoint"""
+    runs_per_trial: PositiveInt = 1
+    """runs trained one after the other by one Ray Tune trial, in the same Ray Train workers
+    (each still its own trial in the service): saves the workers' start-up (~20 s on a CPU)
+    per run when runs are short"""
     output_dir: str = "hyperlaw-runs"
     """Ray's trial results and the checkpoints"""
 
@@ -136,6 +235,8 @@ class SweepConfig(RunSettings):
     def _every_run_is_valid(self) -> SweepConfig:
         """Every grid point must make a valid run: fail now, naming the field, not inside Ray.
         (Adaptive points are placed later, on the batch-size unit seq_len × workers.)"""
+        if self.cbs is not None:
+            return self._cbs_runs_are_valid(self.cbs)
         search = self.search
         if search.kind != "grid":
             return self
@@ -152,6 +253,50 @@ class SweepConfig(RunSettings):
             TrainConfig.from_dict(spec)
         return self
 
+    def _cbs_runs_are_valid(self, cbs: CBSConfig) -> SweepConfig:
+        if "search" in self.model_fields_set:
+            raise ValueError("search must not be given with cbs: (cbs: lists the runs)")
+        if self.schedule.name != "constant_ewa":
+            raise ValueError(
+                f"schedule.name must be 'constant_ewa' with cbs: (got {self.schedule.name!r}): "
+                "the target is an EWA loss, and runs to it train past D with no fixed horizon"
+            )
+        if self.target_loss is not None:
+            raise ValueError("target_loss must not be set with cbs: (the reference runs set it)")
+        for batch in [cbs.reference_batch_size_tokens, *cbs.batch_size_tokens]:
+            batch_layout(
+                batch, self.seq_len, self.workers_per_trial, self.micro_batch_size_sequences
+            )
+        for spec in self.cbs_grid():
+            if spec["learning_rate"] is None:  # relative: η is known once the target is
+                spec = {**spec, "learning_rate": 1.0}
+            TrainConfig.from_dict(spec)
+        return self
+
+    def cbs_grid(self) -> list[dict[str, Any]]:
+        """The training configs of the ``cbs:`` protocol, all shapes and budgets: reference
+        runs (``cbs_role`` 'reference': B_ref × the reference η grid, trained to D), then runs
+        to the target (``cbs_role`` 'to_target', up to ``max_budget_factor`` × D) of each
+        other B × its η grid. Their identity holds the role, not the target: the target is
+        known only once the reference runs are done, and is filled in at dispatch. A run of
+        a relative η grid has ``learning_rate`` None and its ``relative_learning_rate`` rule
+        (multiplier, scaling, cap): η is filled in with the target
+        (``trainer.cbs_protocol.with_learning_rates``)."""
+        assert self.cbs is not None
+        cbs = self.cbs
+        reference = {"cbs_role": "reference"}
+        specs = self.grid(
+            cbs.reference_learning_rates, [cbs.reference_batch_size_tokens], extra=reference
+        )
+        to_target = {"cbs_role": "to_target", "max_budget_factor": cbs.max_budget_factor}
+        for batch in cbs.batch_size_tokens:
+            if cbs.relative_learning_rates is None:
+                specs += self.grid(cbs.learning_rates_at(batch), [batch], extra=to_target)
+            for rule in cbs.relative_rules():
+                relative = {**to_target, "relative_learning_rate": rule}
+                specs += self.grid([None], [batch], extra=relative)
+        return specs
+
     @property
     def shapes(self) -> list[dict[str, Any]]:
         """The model shapes: ``models``, else ``model``, else one default shape."""
@@ -159,16 +304,18 @@ class SweepConfig(RunSettings):
 
     def grid(
         self,
-        learning_rates: list[float],
+        learning_rates: Sequence[float | None],
         batch_sizes: list[int],
         *,
         shapes: list[dict[str, Any]] | None = None,
         n_tokens: list[int] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
         """The training configs (``TrainConfig`` fields) of the product shapes × n_tokens ×
-        learning rates × batch sizes × seeds; by default of all shapes and budgets. The
-        sections hold what the file sets (``TrainConfig`` adds the defaults): a run's identity
-        (``trainer.plan.idempotency_key``) is a hash of these."""
+        learning rates (None: not known yet) × batch sizes × seeds; by default of all shapes
+        and budgets; ``extra`` fields are added to each. The sections hold what the file sets
+        (``TrainConfig`` adds the defaults): a run's identity (``trainer.plan.idempotency_key``)
+        is a hash of these."""
         specs = []
         for shape in self.shapes if shapes is None else shapes:
             synthetic = {**self.synthetic, **shape} if self.task == "synthetic" else {}
@@ -176,11 +323,12 @@ class SweepConfig(RunSettings):
                 for lr in learning_rates:
                     for batch in batch_sizes:
                         for seed in self.seeds:
-                            specs.append(self._spec(shape, synthetic, budget, lr, batch, seed))
+                            spec = self._spec(shape, synthetic, budget, lr, batch, seed)
+                            specs.append({**spec, **(extra or {})})
         return specs
 
     def _spec(
-        self, shape: dict, synthetic: dict, n_tokens: int, lr: float, batch: int, seed: int
+        self, shape: dict, synthetic: dict, n_tokens: int, lr: float | None, batch: int, seed: int
     ) -> dict[str, Any]:
         return {
             "task": self.task,

@@ -13,10 +13,15 @@ reports metrics to Ray after each evaluation (``report``, at most every REPORT_I
 rank 0 sets the trial's gauges on the Ray dashboard.
 
 A loss that becomes NaN/inf, or exceeds ``divergence_factor`` × the first loss, ends the run
-as diverged: recorded with its non-finite loss, not raised. An evaluation loss at or below
-``target_loss`` ends the run as having reached it. The trial records why the run stopped
-(``stop_reason``): ``diverged``, ``target`` (before its last step), ``budget`` (it trained
-all of ``n_tokens`` it could: steps · batch_size_tokens), or ``failed`` on an exception.
+as diverged: recorded with its non-finite loss, not raised. An evaluated loss (the EWA
+weights' for constant_ewa) at or below ``target_loss`` ends the run as having reached it, at
+``steps_to_target`` interpolated linearly between that evaluation and the one before
+(``fitting.cbs.steps_to_target``; its error is bounded by the spacing of the evaluations,
+``trainer.schedule.evaluation_steps``). A run with a target may train up to
+``max_budget_factor`` × ``n_tokens`` (Zhang et al.'s runs to a target loss); its schedule's
+horizon stays ``n_tokens``. The trial records why the run stopped (``stop_reason``):
+``diverged``, ``target`` (before its last step), ``budget`` (it trained all the tokens it
+could: max_steps · batch_size_tokens), or ``failed`` on an exception.
 
 Checkpoints, every ``checkpoint_every`` steps into ``checkpoint_dir``: save shard → barrier →
 report, so a reported checkpoint is complete. A run started again with the same directory
@@ -38,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from client import HyperlawClient
+from fitting.cbs import steps_to_target
 from trainer.config import TrainConfig, TrainConfigError, batch_layout
 from trainer.data import (
     SyntheticRegression,
@@ -56,11 +62,10 @@ from trainer.engine import (
 )
 from trainer.model import GPT, GPTConfig, LinearRegression, LinearRegressionConfig
 from trainer.schedule import EWA, evaluation_steps, lr_multiplier
-from trainer.telemetry import NullTelemetry, ServiceTelemetry, TelemetrySink
+from trainer.telemetry import NullTelemetry, RayProgress, ServiceTelemetry, TelemetrySink
 
 logger = logging.getLogger(__name__)
 
-REPORT_INTERVAL_S = 2.5  # Ray Train's controller polls workers every 2 s by default
 HEARTBEAT_INTERVAL_S = 10.0
 
 
@@ -76,6 +81,8 @@ class RunResult:
     final_loss: float  # smoothed train loss (EMA, decay 0.9 per step); NaN/inf when diverged
     final_eval_loss: float  # last evaluation with the evaluation weights (EWA for constant_ewa)
     reached_target: bool
+    steps_to_target: float | None  # interpolated; None when not reached (censored)
+    target_loss: float | None
     n_params: int
     resumed_from_step: int
     wall_time_s: float  # the loop, evaluations included
@@ -83,7 +90,7 @@ class RunResult:
     points_recorded: int
 
     def final_metrics(self) -> dict[str, Any]:
-        return {
+        final = {
             "final_loss": self.final_loss,
             "final_eval_loss": self.final_eval_loss,
             "steps_done": self.steps_done,
@@ -91,6 +98,13 @@ class RunResult:
             "diverged": self.diverged,
             "stop_reason": self.stop_reason,
         }
+        if self.target_loss is not None:  # a run to a target (Zhang et al.'s CBS protocol)
+            final.update(
+                steps_to_target=self.steps_to_target,
+                target_loss=self.target_loss,
+                reached_target=self.reached_target,
+            )
+        return final
 
 
 def train(
@@ -116,7 +130,10 @@ def train(
     layout = batch_layout(
         config.batch_size_tokens, config.seq_len, world_size, config.micro_batch_size_sequences
     )
-    total_steps, batch_tokens = config.steps, layout.batch_size_tokens
+    total_steps, batch_tokens = config.steps, layout.batch_size_tokens  # the budget's steps
+    max_steps, target = config.max_steps, config.target_loss  # max_steps > total: to a target
+    if config.cbs_role == "to_target" and target is None:
+        raise TrainConfigError("target_loss is required for cbs_role 'to_target'")
 
     # -- task and model (the same initialisation on every worker)
     torch.manual_seed(config.seed)
@@ -164,11 +181,14 @@ def train(
 
     # -- resume from this run's last checkpoint, if any
     step, train_loss_ema, first_loss = 0, None, None
+    evaluated: tuple[int, float] | None = None  # (step, loss) of the last evaluation
+    best_eval = math.inf
     ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     state = load_checkpoint(engine, ckpt_dir) if ckpt_dir is not None else None
     if state is not None:
         step, train_loss_ema = int(state["step"]), state["train_loss_ema"]
         first_loss = state["first_loss"]
+        evaluated, best_eval = state.get("evaluated"), state.get("best_eval", math.inf)
         if ewa is not None:
             ewa.load_state_dict(state)
         logger.info("resumed from checkpoint at step %d", step)
@@ -178,7 +198,7 @@ def train(
     sink = _telemetry(config, rank, telemetry)
     ray_progress = RayProgress(report, rank, world_size, engine.device, config.trial_id)
     sink.start()
-    eval_at = evaluation_steps(total_steps, config.eval)
+    eval_at = evaluation_steps(total_steps, config.eval, until=max_steps)
     log_every = config.eval.log_every or max(1, total_steps // 500)  # ~500 points a run
 
     # -- the loop
@@ -187,15 +207,17 @@ def train(
     tokens_since, time_since, tokens_per_s = 0, t_start, math.nan  # throughput over ≥ 1 s
     train_loss, last_eval = math.nan, math.nan
     diverged = reached_target = False
+    reached_at: float | None = None  # steps to target, interpolated
     points_recorded = 0
     try:
         if step == 0:  # the curve starts at the initial weights
             current, averaged = evaluate()
             last_eval = averaged if averaged is not None else current  # EWA's if any
+            evaluated, best_eval = (0, last_eval), last_eval
             initial = {"eval_loss": current, "ewa_eval_loss": averaged, "wall_time_s": 0.0}
             sink.add_point({"step": 0, "tokens": 0, **initial})
             points_recorded += 1
-        while step < total_steps:
+        while step < max_steps:
             lr_mult = lr_multiplier(step, total_steps, config.schedule)
             for group, peak_lr in zip(engine.optimizer.param_groups, peak_lrs, strict=True):
                 group["lr"] = peak_lr * lr_mult
@@ -214,7 +236,7 @@ def train(
             )
             tokens_since += batch_tokens
             now = time.perf_counter()
-            if now - time_since >= 1.0 or step == total_steps:
+            if now - time_since >= 1.0 or step == max_steps:
                 tokens_per_s = tokens_since / (now - time_since)
                 tokens_since, time_since = 0, now
             progress = {"step": step, "tokens": step * batch_tokens, "train_loss": train_loss}
@@ -230,7 +252,13 @@ def train(
                 current, averaged = evaluate()
                 last_eval = averaged if averaged is not None else current  # EWA's if any
                 point.update(eval_loss=current, ewa_eval_loss=averaged)
-                reached_target = config.target_loss is not None and last_eval <= config.target_loss
+                best_eval = min(best_eval, last_eval)  # (NaN never wins)
+                if target is not None and not diverged and last_eval <= target:
+                    reached_target = True  # interpolated from the previous evaluation (above)
+                    bracket = [evaluated, (step, last_eval)] if evaluated else [(step, last_eval)]
+                    steps, losses = zip(*bracket, strict=True)
+                    reached_at = steps_to_target(steps, losses, target).steps
+                evaluated = (step, last_eval)
                 speed = point["tokens_per_s"] or 0.0  # Ray's metrics take numbers only
                 metrics = {**progress, "eval_loss": last_eval, "tokens_per_s": speed}
                 ray_progress.set_gauges(metrics)
@@ -242,11 +270,12 @@ def train(
                 sink.heartbeat()
                 last_heartbeat = time.monotonic()
 
-            ending = diverged or reached_target or step == total_steps
+            ending = diverged or reached_target or step == max_steps
             every = config.checkpoint_every
             if ckpt_dir is not None and every and step % every == 0 and not ending:
                 # save shard → barrier → report, so that a reported checkpoint is complete
                 state = {"step": step, "train_loss_ema": train_loss_ema, "first_loss": first_loss}
+                state.update(evaluated=evaluated, best_eval=best_eval)
                 state.update(ewa.state_dict() if ewa is not None else {})
                 save_checkpoint(engine, ckpt_dir, step, state, rank)
                 ray_progress.report({**progress, "checkpoint_step": step}, force=True)
@@ -256,7 +285,7 @@ def train(
                 logger.warning("run diverged at step %d (train loss %s)", step, train_loss)
                 break
             if reached_target:
-                logger.info("target loss %s reached at step %d", config.target_loss, step)
+                logger.info("target loss %s reached at step %.1f", target, reached_at)
                 break
     except Exception as exc:
         logger.exception("training failed at step %d", step)
@@ -280,7 +309,7 @@ def train(
     trained_tokens = (step - resumed_from_step) * batch_tokens
     if diverged:
         stop_reason = "diverged"
-    elif step < total_steps:  # the evaluation loss reached target_loss first
+    elif step < max_steps:  # the evaluation loss reached target_loss first
         stop_reason = "target"
     else:  # a target reached at the last step trained the whole budget too
         stop_reason = "budget"
@@ -293,6 +322,8 @@ def train(
         final_loss=final_loss,
         final_eval_loss=last_eval,
         reached_target=reached_target,
+        steps_to_target=reached_at,
+        target_loss=target,
         n_params=model.n_params,
         resumed_from_step=resumed_from_step,
         wall_time_s=wall,
@@ -312,6 +343,9 @@ def train(
             "final_eval_loss": last_eval if math.isfinite(last_eval) else math.inf,
             "diverged": diverged,
             "stop_reason": stop_reason,
+            "reached_target": reached_target,
+            "steps_to_target": reached_at,
+            "best_eval_loss": best_eval if math.isfinite(best_eval) else math.inf,
             "n_params": model.n_params,
             "data_fingerprint": data.fingerprint,
         },
@@ -370,60 +404,3 @@ def _telemetry(config: TrainConfig, rank: int, given: TelemetrySink | None) -> T
     url, token = config.service_url, config.service_token
     spool = Path(config.spool_dir) / f"trial-{config.trial_id}.jsonl" if config.spool_dir else None
     return ServiceTelemetry(lambda: HyperlawClient(url, token), config.trial_id, spool_path=spool)
-
-
-class RayProgress:
-    """What a run shows Ray: ``report(metrics)`` (``ray.train.report``) on every worker, at
-    most every REPORT_INTERVAL_S (Ray Train drains one report per controller poll, so denser
-    reports would stall training), and on rank 0 the trial's gauges on the Ray dashboard
-    (Metrics tab). Without ``report`` (outside Ray) it does nothing."""
-
-    def __init__(
-        self,
-        report: Callable[[dict[str, Any]], None] | None,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        trial_id: int | None,
-    ) -> None:
-        self._report = report
-        self.world_size, self.device = world_size, device
-        self.tags = {"trial_id": str(trial_id)}
-        self.gauges = self._gauges() if report is not None and rank == 0 else {}
-        self.last_report = -math.inf  # time.monotonic() of the last report
-
-    @staticmethod
-    def _gauges() -> dict[str, Any]:
-        import ray
-        from ray.util.metrics import Gauge
-
-        if not ray.is_initialized():
-            return {}
-        keys = ("trial_id",)
-        return {
-            "train_loss": Gauge("hyperlaw_train_loss", "training loss of a trial", tag_keys=keys),
-            "eval_loss": Gauge("hyperlaw_eval_loss", "evaluation loss of a trial", tag_keys=keys),
-            "tokens_per_s": Gauge(
-                "hyperlaw_tokens_per_s", "training throughput of a trial", tag_keys=keys
-            ),
-            "step": Gauge("hyperlaw_step", "optimizer steps done by a trial", tag_keys=keys),
-        }
-
-    def set_gauges(self, metrics: dict[str, Any]) -> None:
-        for name, gauge in self.gauges.items():
-            value = metrics.get(name)
-            if value is not None and math.isfinite(float(value)):
-                gauge.set(float(value), tags=self.tags)
-
-    def report(self, metrics: dict[str, Any], force: bool = False) -> None:
-        """Rank 0 decides for all workers whether a report is due, so that every worker
-        reports the same sequence (a collective: every worker must call it)."""
-        if self._report is None:
-            return
-        due = force or time.monotonic() - self.last_report >= REPORT_INTERVAL_S
-        flag = torch.tensor([1 if due else 0], device=self.device)  # NCCL: device tensors only
-        if self.world_size > 1:
-            dist.broadcast(flag, src=0)
-        if flag.item():
-            self.last_report = time.monotonic()
-            self._report(metrics)

@@ -78,9 +78,13 @@ def test_examples_name_their_family():
     """The synthetic task's losses compare with no LLM's; the GPT examples share theirs."""
     families = {p.name: load_sweep_config(p).family for p in sorted(EXAMPLES.glob("*.yaml"))}
     assert families == {
+        "cpu_cbs.yaml": "synthetic-regression",
         "cpu_small.yaml": "synthetic-regression",
         "cpu_small_gpt.yaml": "byte-gpt-local-text",
+        "gpu_science_cbs.yaml": "byte-gpt-local-text",
         "gpu_small_gpt.yaml": "byte-gpt-local-text",
+        "science_cbs.yaml": "science-cbs-sgd",
+        "science_cbs_adamw.yaml": "science-cbs-adamw",
     }
 
 
