@@ -9,6 +9,9 @@
 - ``live_server``: a real ``hyperlaw serve`` (uvicorn, subprocess, loopback, no worker) over
   ``pg_url``, with ``.url``, ``.token`` (write scope), ``.database_url``;
   ``live_server_factory(database_url=..., worker=False, env=None)`` starts more.
+
+The tests run numpy with one OpenBLAS thread per process (``OPENBLAS_NUM_THREADS=1`` unless
+set): below.
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ from tests.databases import (
     hyperlaw_command,
     postgres_admin_url,
 )
+
+# One OpenBLAS thread in this process and in every process the tests start (they inherit the
+# environment). The fits' matrices are small; on a machine with few cores, processes with a
+# thread per core each spin against each other (one pooled fit took 840 s instead of 47 s
+# beside the rest of the suite). Nothing imported above loads numpy, so this is in time.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def create_pg_database(prefix: str = "hyperlaw_test") -> str:

@@ -5,6 +5,8 @@
 - ``create_postgres_database`` / ``drop_postgres_database``: an empty database with a
   unique name, and its removal (connections closed first);
 - ``seed_steplaw(url)``: the bundled Step Law sweep imported and fitted;
+- ``light_fits()`` / ``LIGHT_FITS_ENV``: the worker's fits without bootstrap draws or
+  law-form averaging, in process and for a ``hyperlaw`` process;
 - ``add_completed_trial(url)``: one completed trained trial, created as the API creates it;
 - ``hyperlaw_command(url, *args)`` / ``run_hyperlaw(url, *args)``: the ``hyperlaw`` command
   of this checkout on a database, as a user types it (``python -m hyperlaw``).
@@ -20,6 +22,7 @@ import sys
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -78,10 +81,25 @@ def drop_postgres_database(admin_url: str, url: str) -> None:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-def seed_steplaw(url: str, kinds: Iterable[str] | None = ("recommender",)) -> int:
+#: ``light_fits()`` for a ``hyperlaw worker`` or ``hyperlaw serve`` process (its settings).
+LIGHT_FITS_ENV = {"HYPERLAW_WORKER_N_BOOTSTRAP": "0", "HYPERLAW_WORKER_LAW_FORMS": "false"}
+
+
+def light_fits() -> dict[str, Any]:
+    """``options`` and ``estimators`` (for ``refit_once``, ``refit_scope``, ``FittingWorker``)
+    of fits with no bootstrap draws (no intervals) and no averaging over law forms: a fraction
+    of the default fits' time on the bundled sweep, for tests whose checks depend on neither."""
+    from server.worker.loop import worker_fits
+
+    return worker_fits(n_bootstrap=0, law_forms=False)
+
+
+def seed_steplaw(
+    url: str, kinds: Iterable[str] | None = ("recommender",), *, light: bool = False
+) -> int:
     """Import the bundled Step Law sweep into the migrated database at ``url`` and fit
-    ``kinds`` (default: the recommender only, which is what serves; None: every kind);
-    returns the experiment id."""
+    ``kinds`` (default: the recommender only, which is what serves; None: every kind), with
+    the default options or, with ``light``, :func:`light_fits`; returns the experiment id."""
     from server.importers import import_steplaw
     from server.worker.fits import RECOMMENDER_KIND
     from server.worker.loop import refit_once
@@ -89,7 +107,7 @@ def seed_steplaw(url: str, kinds: Iterable[str] | None = ("recommender",)) -> in
     with open_database(url) as database:
         experiment_id, created, _ = import_steplaw(database)
         assert created == 1911
-        outcomes = refit_once(database, kinds=kinds)
+        outcomes = refit_once(database, kinds=kinds, **(light_fits() if light else {}))
     assert {o.status for o in outcomes if o.kind == RECOMMENDER_KIND} == {"ok"}, outcomes
     return experiment_id
 

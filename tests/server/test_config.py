@@ -16,6 +16,7 @@ def test_defaults(monkeypatch, tmp_path):
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.read_requires_token is False and settings.heartbeat_grace_s == 300
     assert settings.default_family == "step-law"
+    assert (settings.worker_n_bootstrap, settings.worker_law_forms) == (None, True)
 
 
 def test_environment_overrides(monkeypatch):
@@ -23,7 +24,10 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("HYPERLAW_PORT", "9000")
     monkeypatch.setenv("HYPERLAW_READ_REQUIRES_TOKEN", "true")
     monkeypatch.setenv("HYPERLAW_DEFAULT_FAMILY", "team-a")
+    monkeypatch.setenv("HYPERLAW_WORKER_N_BOOTSTRAP", "0")
+    monkeypatch.setenv("HYPERLAW_WORKER_LAW_FORMS", "false")
     settings = Settings()
+    assert (settings.worker_n_bootstrap, settings.worker_law_forms) == (0, False)
     assert settings.default_family == "team-a"
     assert settings.database_url == "postgresql://u@db:5432/h"
     assert settings.port == 9000 and settings.read_requires_token is True
@@ -32,6 +36,10 @@ def test_environment_overrides(monkeypatch):
 def test_bad_setting_names_the_field(monkeypatch):
     monkeypatch.setenv("HYPERLAW_HEARTBEAT_GRACE_S", "-1")
     with pytest.raises(ValidationError, match="heartbeat_grace_s"):
+        Settings()
+    monkeypatch.delenv("HYPERLAW_HEARTBEAT_GRACE_S")
+    monkeypatch.setenv("HYPERLAW_WORKER_N_BOOTSTRAP", "-1")
+    with pytest.raises(ValidationError, match="worker_n_bootstrap"):
         Settings()
 
 

@@ -1,5 +1,8 @@
 """The fitting worker: refits on new data (NOTIFY on PostgreSQL, polling on SQLite), keeps
-serving the last good fit when a refit fails, and never runs one fit twice (of any kind)."""
+serving the last good fit when a refit fails, and never runs one fit twice (of any kind).
+
+None of these checks reads a fit's intervals or the law forms' averaged answer, so the fits
+are light (``tests.databases.light_fits``: no bootstrap draws, one surface)."""
 
 from __future__ import annotations
 
@@ -27,10 +30,16 @@ from server.worker.fits import (
     Estimator,
     default_fitter,
 )
-from server.worker.loop import FittingWorker, advisory_key, refit_once, refit_scope
+from server.worker.loop import (
+    FittingWorker,
+    advisory_key,
+    refit_once,
+    refit_scope,
+    worker_fits,
+)
 from server.worker.scopes import family_scope
 from tests.conftest import REPO_ROOT
-from tests.databases import add_completed_trial, seed_steplaw
+from tests.databases import LIGHT_FITS_ENV, add_completed_trial, light_fits, seed_steplaw
 
 STEP_LAW = family_scope("step-law")
 
@@ -65,7 +74,7 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 def test_failing_refit_keeps_serving_the_previous_fit(fresh_db, live_server_factory, database_for):
-    seed_steplaw(fresh_db)
+    seed_steplaw(fresh_db, light=True)
     good = latest_ok(fresh_db)
     server = live_server_factory(database_url=fresh_db)
     query = {"n_params": 1e9, "n_tokens": 1e11}
@@ -95,7 +104,7 @@ def test_failing_refit_keeps_serving_the_previous_fit(fresh_db, live_server_fact
     # with the reason, and its scope answers 503 with that reason.
     for lr in (1e-3, 2e-3, 4e-3):
         add_completed_trial(fresh_db, "tiny", learning_rate=lr)
-    by_scope = {o.scope: o for o in refit_once(database_for(fresh_db), kinds=only)}
+    by_scope = {o.scope: o for o in refit_once(database_for(fresh_db), kinds=only, **light_fits())}
     assert by_scope[STEP_LAW].status == "ok"
     [tiny] = [o for s, o in by_scope.items() if s.startswith("experiment:")]
     assert tiny.status == "insufficient_data" and "groups" in tiny.message
@@ -116,6 +125,8 @@ def test_two_workers_run_each_fit_once(fresh_pg, database_for):
         time.sleep(1.0)  # widen the window in which the other worker could start the same fit
         return default_fitter(runs, **options)
 
+    light = light_fits()
+
     def counting(estimator: Estimator) -> Estimator:
         def fit(trials, curves):
             with lock:
@@ -125,7 +136,8 @@ def test_two_workers_run_each_fit_once(fresh_pg, database_for):
 
         return Estimator(estimator.kind, fit, estimator.needs_curves)
 
-    estimators = {kind: counting(e) for kind, e in ESTIMATORS.items()}
+    assert set(light["estimators"]) == set(ESTIMATORS)
+    estimators = {kind: counting(e) for kind, e in light["estimators"].items()}
 
     def run_both() -> list[list]:
         barrier = threading.Barrier(2)
@@ -134,7 +146,12 @@ def test_two_workers_run_each_fit_once(fresh_pg, database_for):
         def work(i: int) -> None:
             database = database_for(fresh_pg)
             barrier.wait()
-            results[i] = refit_once(database, fitter=slow_counting_fitter, estimators=estimators)
+            results[i] = refit_once(
+                database,
+                fitter=slow_counting_fitter,
+                options=light["options"],
+                estimators=estimators,
+            )
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
         for t in threads:
@@ -197,7 +214,7 @@ def test_killed_worker_leaves_nothing_locked(fresh_pg, database_for, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     wait_for(lambda: not lock_held(), 30, "the killed worker's lock to vanish")
-    outcome = refit_scope(database, STEP_LAW)
+    outcome = refit_scope(database, STEP_LAW, **light_fits())
     assert (outcome.action, outcome.status) == ("fitted", "ok")
 
 
@@ -209,9 +226,9 @@ def test_worker_thread_notices_new_trials(backend, make_database):
 
     url = make_database(backend)
     upgrade(url)
-    seed_steplaw(url, kinds=None)  # every kind, so the worker's first pass has nothing to do
+    seed_steplaw(url, kinds=None, light=True)  # every kind: the worker's first pass does nothing
     first = latest_ok(url)
-    worker = FittingWorker(url, poll_s=30.0 if backend == "postgresql" else 0.2)
+    worker = FittingWorker(url, poll_s=30.0 if backend == "postgresql" else 0.2, **light_fits())
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
@@ -230,8 +247,8 @@ def test_worker_thread_notices_new_trials(backend, make_database):
 
 
 def test_trial_posted_through_the_api_reaches_a_later_fit(fresh_pg, live_server_factory):
-    seed_steplaw(fresh_pg)
-    server = live_server_factory(database_url=fresh_pg, worker=True)
+    seed_steplaw(fresh_pg, light=True)
+    server = live_server_factory(database_url=fresh_pg, worker=True, env=LIGHT_FITS_ENV)
     client = HyperlawClient(server.url, server.token)
     query = {"n_params": 5e8, "n_tokens": 5e10}
     before = client.recommend(**query)
@@ -272,6 +289,7 @@ def test_worker_command_fits_and_stops_on_sigterm(make_database, tmp_path):
         **os.environ,
         "HYPERLAW_DATABASE_URL": url,
         "HYPERLAW_WORKER_POLL_S": "0.2",
+        **LIGHT_FITS_ENV,
         "PYTHONPATH": str(REPO_ROOT),
     }
     log_path = tmp_path / "worker.log"
@@ -300,3 +318,18 @@ def test_worker_command_fits_and_stops_on_sigterm(make_database, tmp_path):
         ("bell", "ok"),
         ("cbs", "insufficient_data"),
     }
+    # HYPERLAW_WORKER_N_BOOTSTRAP and HYPERLAW_WORKER_LAW_FORMS reached the worker's fits
+    options = [f.params["options"] for f in fits(url, RECOMMENDER_KIND)]
+    assert {(o["n_bootstrap"], o["law_forms"]) for o in options} == {(0, False)}
+
+
+def test_worker_fits_are_the_defaults_unless_the_settings_say_otherwise():
+    assert worker_fits() == {"options": {}, "estimators": ESTIMATORS}
+    assert worker_fits(law_forms=False)["options"] == {"law_forms": False}
+    light = worker_fits(n_bootstrap=0, law_forms=False)
+    assert light["options"] == {"law_forms": False, "n_bootstrap": 0}
+    assert list(light["estimators"]) == list(ESTIMATORS)
+    for kind, estimator in light["estimators"].items():
+        assert (estimator.kind, estimator.needs_curves) == (kind, ESTIMATORS[kind].needs_curves)
+        assert estimator.fit.func is ESTIMATORS[kind].fit
+        assert (estimator.fit.args, estimator.fit.keywords) == ((), {"n_bootstrap": 0})

@@ -41,6 +41,7 @@ from server.worker.scopes import (
     trained_its_budget,
     trials_to_runs,
 )
+from tests.databases import light_fits
 
 STEP_LAW = family_scope("step-law")
 DEFAULT = family_scope("default")
@@ -163,7 +164,8 @@ def test_recommender_fits_only_the_runs_that_trained_their_budget(fresh_db, data
     early_id, early_ids = _add_early_runs(database)
     early_scope = experiment_scope(early_id)
 
-    outcomes = refit_once(database, kinds=[RECOMMENDER_KIND])
+    # light fits: the two scopes' answers are compared with each other, not with a figure
+    outcomes = refit_once(database, kinds=[RECOMMENDER_KIND], **light_fits())
     assert {o.scope: o.status for o in outcomes} == {
         STEP_LAW: "ok",
         experiment_scope(steplaw_id): "ok",
