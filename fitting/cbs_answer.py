@@ -12,27 +12,30 @@ their sources say why, and a warning says so.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from fitting.intervals import prediction_interval
 from fitting.recommender_state import Recommendation
 from fitting.results import Interval
-from fitting.steps_law import StepsCbsLaw, cbs_law_document
+from fitting.steps_law import StepsCbsLaw
 
 
 def cbs_only_answer(
     law: StepsCbsLaw,
+    law_document: Mapping[str, Any],
     *,
     n_params: float,
     n_tokens: float,
     seq_len: int,
     why: str,
-    overhead: float,
     level: float = 0.9,
 ) -> Recommendation:
     """The :class:`~fitting.recommender_state.Recommendation` of the module docstring at
-    (``n_params``, ``n_tokens``), the CBS at ε = ``overhead``; ``why`` the loss surface is
+    (``n_params``, ``n_tokens``); ``law_document`` is the law as answers show it
+    (:func:`fitting.steps_law.cbs_law_document`), ``why`` says why the loss surface is
     missing."""
     log_n, log_d = math.log(n_params), math.log(n_tokens)
     log_cbs = law.critical_batch_size.log_value(log_n, log_d)
@@ -48,9 +51,8 @@ def cbs_only_answer(
     sources = {
         "learning_rate": unavailable,
         "batch_size_tokens": unavailable,
-        "critical_batch_size_tokens": law.describe(overhead),
+        "critical_batch_size_tokens": law_document["source"],
     }
-    laws = {"critical_batch_size_tokens": law.critical_batch_size.power_law()}
     return Recommendation(
         n_params=n_params,
         n_tokens=n_tokens,
@@ -68,5 +70,5 @@ def cbs_only_answer(
             f"learning_rate and batch_size_tokens are NaN: {why}; the critical batch size "
             "comes from the family's measured steps to target alone"
         ],
-        critical_batch_size_law=cbs_law_document(law, laws, sources),
+        critical_batch_size_law=dict(law_document),
     )

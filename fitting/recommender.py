@@ -184,18 +184,25 @@ class Recommender:
         return self._surface
 
     def power_laws(self) -> dict[str, dict[str, float]]:
-        """The fitted laws as ``value = coefficient · N^n_params_exponent · D^n_tokens_exponent``
-        for learning_rate, batch_size_tokens and critical_batch_size_tokens: the CBS law is the
-        steps-to-target law where the fit has one (as :meth:`recommend` serves it), else the
-        surface's (:func:`fitting.recommender_state.surface_power_laws`). η* and B* are the
-        main law form's: with law forms (:mod:`fitting.extrapolation`) the answer averages
-        them."""
-        if self._surface is None:
-            raise RecommenderUnavailable(f"recommender is {self.status.value}: {self.reason}")
-        laws = surface_power_laws(self._surface, self.overhead)
+        """The laws ``coefficient · N^n_params_exponent · D^n_tokens_exponent`` of learning_rate,
+        batch_size_tokens (the main law form's) and critical_batch_size_tokens (the steps law
+        where the fit has one, else the surface's: ``recommender_state.surface_power_laws``)."""
+        laws = surface_power_laws(self._fitted_surface(), self.overhead)
         if self._cbs_law is not None:
             laws["critical_batch_size_tokens"] = self._cbs_law.critical_batch_size.power_law()
         return laws
+
+    @functools.cached_property
+    def critical_batch_size_law(self) -> dict[str, Any]:
+        """The law every answer's CBS comes from, with its source
+        (:func:`fitting.steps_law.cbs_law_document`): built once, not per query."""
+        law = self._cbs_law
+        if law is None:
+            surface = self.power_laws()["critical_batch_size_tokens"]
+            return cbs_law_document(None, surface, _SOURCE_CBS.format(eps=self.overhead))
+        return cbs_law_document(
+            law, law.critical_batch_size.power_law(), law.describe(self.overhead)
+        )
 
     def recommend(
         self,
@@ -217,7 +224,9 @@ class Recommender:
             batch_size_tokens = check_positive("batch_size_tokens", batch_size_tokens)
         if self.status is FitStatus.OK and self._surface is None and self._cbs_law is not None:
             query: dict[str, Any] = {"n_params": n_params, "n_tokens": n_tokens, "seq_len": seq_len}
-            return cbs_only_answer(self._cbs_law, **query, why=self.reason, overhead=self.overhead)
+            return cbs_only_answer(
+                self._cbs_law, self.critical_batch_size_law, **query, why=self.reason
+            )
         surface = self._fitted_surface()
 
         p, draws, law = surface.params, self._draws, self._cbs_law
@@ -254,13 +263,11 @@ class Recommender:
         sources = {
             "learning_rate": _SOURCE_OPTIMUM,
             "batch_size_tokens": _SOURCE_OPTIMUM,
-            "critical_batch_size_tokens": _SOURCE_CBS.format(eps=self.overhead),
+            "critical_batch_size_tokens": self.critical_batch_size_law["source"],
         }
         if self._forms is not None:
             averaged = f"{_SOURCE_OPTIMUM}, averaged over {self._forms.describe()}"
             sources["learning_rate"] = sources["batch_size_tokens"] = averaged
-        if law is not None:
-            sources["critical_batch_size_tokens"] = law.describe(self.overhead)
         extra: dict[str, Any] = {}
         if batch_size_tokens is not None:
             imposed = imposed_batch(
@@ -292,7 +299,7 @@ class Recommender:
             batch_size_sequences=bs / seq_len,
             batch_size_sequences_interval=seq_iv,
             critical_batch_size_tokens=cbs,
-            critical_batch_size_law=cbs_law_document(law, self.power_laws(), sources),
+            critical_batch_size_law=dict(self.critical_batch_size_law),
             critical_batch_size_tokens_interval=ivs.critical_batch_size_tokens,
             sources=sources,
             warnings=warnings,
@@ -323,16 +330,13 @@ def fit_recommender(
     group's offset from its own family's laws.
 
     ``law_forms``: average the law forms that the data cannot tell apart
-    (:mod:`fitting.extrapolation`; about ten more surface fits).
-
-    ``overhead`` is the CBS's ε; ``window``, ``f_scale`` and ``cubic`` go to
-    :func:`fitting.surface.fit_surface` (and :func:`fitting.group_optima.fit_group_optima`);
-    ``n_bootstrap`` group-bootstrap refits with the groups' offsets give the prediction
-    intervals (0 = no intervals, NaN bounds).
-
-    ``steps``: the family's steps to target per group (:class:`fitting.cbs.StepsTable`, as
-    the worker measures them on its trials), for the CBS law; default: the steps its runs
-    record (``Runs.steps_to_target``, a CSV import).
+    (:mod:`fitting.extrapolation`; about ten more surface fits). ``overhead`` is the CBS's
+    ε; ``window``, ``f_scale`` and ``cubic`` go to :func:`fitting.surface.fit_surface` (and
+    :func:`fitting.group_optima.fit_group_optima`); ``n_bootstrap`` group-bootstrap refits
+    with the groups' offsets give the prediction intervals (0 = no intervals, NaN bounds).
+    ``steps``: the family's steps to target per group for the CBS law
+    (:class:`fitting.cbs.StepsTable`, the worker's; default: those its runs record,
+    ``Runs.steps_to_target`` of a CSV import).
     """
     overhead = check_positive("overhead", overhead)
     if int(n_bootstrap) != n_bootstrap or n_bootstrap < 0:

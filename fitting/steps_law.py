@@ -264,20 +264,19 @@ def fit_steps_cbs_law(
 
 
 def cbs_law_document(
-    law: StepsCbsLaw | None,
-    power_laws: Mapping[str, Mapping[str, float]],
-    sources: Mapping[str, str],
+    law: StepsCbsLaw | None, power_law: Mapping[str, float], source: str
 ) -> dict[str, Any]:
-    """The CBS law a recommendation was evaluated from, B* = c·N^β·D^γ: ``coefficient``,
-    ``n_params_exponent``, ``n_tokens_exponent``, their 90 % bootstrap intervals over groups
-    (``*_interval``; null without draws or for the loss surface's law, whose exponents are
-    B*'s), ``n_groups`` (null for the surface) and ``source``, as in the answer's sources."""
+    """The CBS law a recommendation is evaluated from, B* = c·N^β·D^γ: ``power_law``'s
+    ``coefficient``, ``n_params_exponent`` and ``n_tokens_exponent``, their 90 % bootstrap
+    intervals over groups (``*_interval``; null without draws or for the loss surface's law,
+    whose exponents are B*'s), ``n_groups`` (null for the surface) and ``source``, as the
+    answer's sources name it."""
     doc: dict[str, Any] = {
-        **power_laws["critical_batch_size_tokens"],
+        **power_law,
         "n_params_exponent_interval": None,
         "n_tokens_exponent_interval": None,
         "n_groups": None,
-        "source": sources["critical_batch_size_tokens"],
+        "source": source,
     }
     if law is None:
         return doc

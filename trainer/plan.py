@@ -216,7 +216,7 @@ def register_trials(config: SweepConfig, client: Any, *, resume: bool) -> Regist
     exp_id = int(experiment["id"])
     registration = Registration(exp_id, _existing_trials(client, exp_id), code_version())
     for spec in expand_trials(config, client):
-        attempts = _attempts(config, registration, spec)
+        attempts = _attempts(registration, idempotency_key(config, spec))
         if attempts and not resume:
             raise SweepConfigError(
                 f"experiment {config.experiment!r} already has trial {attempts[0]!r}; "
@@ -229,9 +229,9 @@ def register_trials(config: SweepConfig, client: Any, *, resume: bool) -> Regist
     return registration
 
 
-def _attempts(config: SweepConfig, registration: Registration, spec: dict[str, Any]) -> list[str]:
-    """The keys of the run's trials: its own, then its retries ``#retry<k>``."""
-    key = idempotency_key(config, spec)
+def _attempts(registration: Registration, key: str) -> list[str]:
+    """The keys of the trials of the run with ``key``: its own, then its retries
+    ``#retry<k>``."""
     found = [k for k in registration.existing if k == key or k.startswith(key + "#retry")]
     return sorted(found, key=lambda k: (len(k), k))
 
@@ -244,7 +244,7 @@ def register_run(
     registered with another η (a relative run whose η_ref* changed since: it is marked
     failed, with the reason)."""
     key = idempotency_key(config, spec)
-    attempts = _attempts(config, registration, spec)
+    attempts = _attempts(registration, key)
     latest_key = attempts[-1] if attempts else key
     latest = registration.existing.get(latest_key)
     if latest is not None and latest["status"] == "completed":
