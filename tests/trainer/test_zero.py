@@ -101,6 +101,12 @@ def _worker(rank, world_size, port, raw, results):
     sink = Collect()
     result = train(raw, telemetry=sink)
     results.put((rank, sink.points, result.final_eval_loss))
+    # Leave without running C++ static destructors: at interpreter exit a gloo or DeepSpeed
+    # thread still alive in them can abort the process ("terminate called without an active
+    # exception", exit -6) after its result was delivered.
+    results.close()
+    results.join_thread()
+    os._exit(0)
 
 
 def _train_two_processes(raw):
