@@ -6,6 +6,8 @@ so that a worker need not import ``tests``. A worker that Ray Train restarts sta
 so whatever a hook must remember lives in a file.
 """
 
+import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,3 +30,20 @@ class FailOnce:
         if rank == 0:
             Path(self.marker).touch()
         raise InjectedFailure(f"injected failure after step {step}")
+
+
+@dataclass(frozen=True)
+class KillOnce:
+    """Kills the worker of rank ``rank`` with SIGKILL after optimizer step ``step``, once (the
+    way an out-of-memory killer or a lost node ends a process: no exception, no cleanup).
+    It leaves ``marker`` behind first, so that the restarted run goes on."""
+
+    step: int
+    marker: str
+    rank: int = 1
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step != self.step or rank != self.rank or Path(self.marker).exists():
+            return
+        Path(self.marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,6 +1,7 @@
 """``hyperlaw sweep`` end to end: Ray Tune trials of 2-worker DeepSpeed ZeRO-2 Ray Train runs
-reporting to a live service; resume without duplicates; a failed worker restarted from its
-checkpoint."""
+reporting to a live service; resume without duplicates; a worker killed with SIGKILL
+mid-trial restarted from its checkpoint, or, with no retries left, its trial marked failed
+with the reason (never left running)."""
 
 import math
 import time
@@ -12,7 +13,7 @@ import ray.cloudpickle
 
 import tests.trainer.hooks
 from client import HyperlawClient
-from tests.trainer.hooks import FailOnce
+from tests.trainer.hooks import KillOnce
 from trainer import cli
 from trainer.plan import expand_trials, idempotency_key
 from trainer.sweep import run_sweep
@@ -86,10 +87,11 @@ def _ray_metrics_lines(name: str, timeout_s: float = 30.0) -> list[str]:
         time.sleep(1.0)
 
 
-def test_a_failed_worker_is_restarted_from_its_checkpoint(live_server, sweep_yaml, tmp_path):
-    """FailureConfig(max_failures=1): the 2-worker ZeRO-0 run dies after step 25, Ray Train
-    restarts it, and it continues from the step-20 checkpoint instead of step 0. ZeRO-0 over
-    2 workers also measures b_simple (one worker's gradient vs the all-reduced one)."""
+def test_a_killed_worker_is_restarted_from_its_checkpoint(live_server, sweep_yaml, tmp_path):
+    """FailureConfig(max_failures=1): rank 1 of the 2-worker ZeRO-0 run is killed with SIGKILL
+    after step 25, Ray Train restarts the worker group, and it continues from the step-20
+    checkpoint instead of step 0. ZeRO-0 over 2 workers also measures b_simple (one worker's
+    gradient vs the all-reduced one)."""
     path = sweep_yaml(
         experiment="trainer-test-restart",
         workers_per_trial=2,
@@ -99,7 +101,7 @@ def test_a_failed_worker_is_restarted_from_its_checkpoint(live_server, sweep_yam
         search={"learning_rate": [0.03], "batch_size_tokens": [64]},
         n_tokens=[64 * 40],
     )
-    fail_once = FailOnce(step=25, marker=str(tmp_path / "failed-once"))
+    fail_once = KillOnce(step=25, marker=str(tmp_path / "failed-once"))
     # the hook reaches the workers by value: they need not import the tests
     ray.cloudpickle.register_pickle_by_value(tests.trainer.hooks)
     ray.init(**RAY_INIT)  # a cluster the sweep joins (as with --address) and leaves running
@@ -129,3 +131,33 @@ def test_a_failed_worker_is_restarted_from_its_checkpoint(live_server, sweep_yam
     )
     assert points[-1]["eval_loss"] < 0.6 * points[0]["eval_loss"]
     assert not (tmp_path / "runs" / "checkpoints" / f"trial-{trial['id']}").exists()
+
+
+def test_a_killed_worker_without_retries_fails_its_trial_with_the_reason(
+    live_server, sweep_yaml, tmp_path
+):
+    """max_failures=0: the run whose worker was killed is marked failed, with the reason and
+    stop reason ``failed``, and the sweep counts it; it is never left running."""
+    path = sweep_yaml(
+        experiment="trainer-test-killed",
+        max_failures=0,
+        search={"learning_rate": [0.03], "batch_size_tokens": [64]},
+        n_tokens=[64 * 12],
+    )
+    kill = KillOnce(step=5, marker=str(tmp_path / "killed"))
+    ray.cloudpickle.register_pickle_by_value(tests.trainer.hooks)
+    ray.init(**RAY_INIT)
+    try:
+        summary = run_sweep(
+            load_sweep_config(path), url=live_server.url, token=live_server.token, on_step=kill
+        )
+    finally:
+        ray.shutdown()
+        ray.cloudpickle.unregister_pickle_by_value(tests.trainer.hooks)
+    assert (tmp_path / "killed").exists()
+    assert (summary.completed, summary.failed) == (0, 1)
+    with HyperlawClient(live_server.url, live_server.token) as client:
+        trial = client.get_trial(summary.trial_ids[0])
+    assert trial["status"] == "failed" and trial["stop_reason"] == "failed"
+    # Ray Train's error, with the surviving worker's traceback (its peer closed the connection)
+    assert trial["status_reason"].startswith("WorkerGroupError: Training failed"), trial
