@@ -50,36 +50,22 @@ from typing import Any
 
 import numpy as np
 
+from fitting.csv_rows import (
+    RunsCsvError,
+    StepsCsvError,
+    csv_rows,
+    csv_text,
+    parse_float,
+    positive,
+    positive_int,
+    read_rows,
+)
+
 #: Sequence length of every run in the Step Law sweep (their ``bs`` is in sequences).
 STEPLAW_SEQ_LEN = 2048
 
 _REQUIRED = ("n_params", "n_tokens", "seq_len", "learning_rate", "batch_size_tokens")
 _STEPLAW_COLUMNS = ("lr", "bs", "smooth loss", "D", "N")
-
-
-class RunsCsvError(ValueError):
-    """A CSV of runs has bad rows. ``errors`` lists every one as ``(line_number, reason)``.
-
-    Line numbers count from 1 at the header line, as a text editor shows them.
-    """
-
-    def __init__(self, path: str, errors: list[tuple[int, str]]):
-        self.path = path
-        self.errors = list(errors)
-        shown = "\n".join(f"  line {line}: {reason}" for line, reason in self.errors[:50])
-        more = len(self.errors) - 50
-        if more > 0:
-            shown += f"\n  ... and {more} more"
-        super().__init__(f"{path}: {len(self.errors)} bad row(s), nothing loaded:\n{shown}")
-
-
-class StepsCsvError(ValueError):
-    """Bad rows of a ``n_params,batch_size,steps`` CSV: ``errors`` is [(line, reason)]."""
-
-    def __init__(self, path: str, errors: list[tuple[int, str]]):
-        self.errors = errors
-        shown = "\n".join(f"  line {line}: {reason}" for line, reason in errors[:50])
-        super().__init__(f"{path}: {len(errors)} bad row(s):\n{shown}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -230,66 +216,6 @@ def bundled_steplaw_path() -> Path:
     return Path(str(resources.files("fitting.bundled").joinpath("steplaw_dense_lr_bs_loss.csv")))
 
 
-def _parse_float(text: str | None, name: str, *, allow_nonfinite: bool = False) -> float:
-    if text is None or text.strip() == "":
-        raise ValueError(f"{name} is empty")
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{name} is not a number: {text.strip()!r}") from None
-    if not allow_nonfinite and not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {text.strip()!r}")
-    return value
-
-
-def _positive(text: str | None, name: str) -> float:
-    value = _parse_float(text, name)
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value:g}")
-    return value
-
-
-def _positive_int(text: str | None, name: str) -> int:
-    value = _positive(text, name)
-    if value != int(value):
-        raise ValueError(f"{name} must be an integer, got {value:g}")
-    return int(value)
-
-
-def _read_rows(
-    path: str | Path, required_columns: Iterable[str]
-) -> list[tuple[int, dict[str, str] | None, str | None]]:
-    """``(line_number, row_dict, None)`` per good row, ``(line_number, None, problem)`` per
-    row of the wrong length; raise RunsCsvError if columns are missing."""
-    path = Path(path)
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        missing = [c for c in required_columns if c not in header]
-        if missing:
-            raise RunsCsvError(str(path), [(1, f"missing column(s): {', '.join(missing)}")])
-        rows: list[tuple[int, dict[str, str] | None, str | None]] = []
-        for row in reader:
-            # reader.line_num is the physical line the row ended on.
-            if None in row:
-                rows.append(
-                    (
-                        reader.line_num,
-                        None,
-                        f"{len(header) + len(row[None])} fields, header has {len(header)}",
-                    )
-                )
-                continue
-            if all((v is None or v.strip() == "") for v in row.values()):
-                continue  # blank line
-            if any(v is None for v in row.values()):
-                n_fields = sum(v is not None for v in row.values())
-                rows.append((reader.line_num, None, f"{n_fields} fields, header has {len(header)}"))
-                continue
-            rows.append((reader.line_num, row, None))
-    return rows
-
-
 def _finish(path: str | Path, records: list[dict], errors: list[tuple[int, str]]) -> Runs:
     if errors:
         raise RunsCsvError(str(path), errors)
@@ -306,19 +232,19 @@ def load_steplaw_csv(path: str | Path) -> Runs:
     """
     records: list[dict] = []
     errors: list[tuple[int, str]] = []
-    for line, row, problem in _read_rows(path, _STEPLAW_COLUMNS):
+    for line, row, problem in read_rows(path, _STEPLAW_COLUMNS):
         if row is None:  # a row of the wrong length: ``problem`` says how
             errors.append((line, problem or ""))
             continue
         try:
             records.append(
                 {
-                    "n_params": _positive(row["N"], "N"),
-                    "n_tokens": _positive(row["D"], "D"),
+                    "n_params": positive(row["N"], "N"),
+                    "n_tokens": positive(row["D"], "D"),
                     "seq_len": STEPLAW_SEQ_LEN,
-                    "learning_rate": _positive(row["lr"], "lr"),
-                    "batch_size_tokens": _positive(row["bs"], "bs") * STEPLAW_SEQ_LEN,
-                    "loss": _parse_float(row["smooth loss"], "smooth loss", allow_nonfinite=True),
+                    "learning_rate": positive(row["lr"], "lr"),
+                    "batch_size_tokens": positive(row["bs"], "bs") * STEPLAW_SEQ_LEN,
+                    "loss": parse_float(row["smooth loss"], "smooth loss", allow_nonfinite=True),
                 }
             )
         except ValueError as exc:
@@ -334,23 +260,19 @@ def load_runs_csv(path: str | Path) -> Runs:
     records: list[dict] = []
     lines: list[int] = []
     errors: list[tuple[int, str]] = []
-    for line, row, problem in _read_rows(path, (*_REQUIRED, "final_loss")):
+    for line, row, problem in read_rows(path, (*_REQUIRED, "final_loss")):
         if row is None:  # a row of the wrong length: ``problem`` says how
             errors.append((line, problem or ""))
             continue
         reasons = []
         rec: dict[str, object] = {}
-        for name in ("n_params", "n_tokens", "learning_rate", "batch_size_tokens"):
+        for name in _REQUIRED:
             try:
-                rec[name] = _positive(row[name], name)
+                rec[name] = (positive_int if name == "seq_len" else positive)(row[name], name)
             except ValueError as exc:
                 reasons.append(str(exc))
         try:
-            rec["seq_len"] = _positive_int(row["seq_len"], "seq_len")
-        except ValueError as exc:
-            reasons.append(str(exc))
-        try:
-            rec["loss"] = _parse_float(
+            rec["loss"] = parse_float(
                 row["final_loss"], "final_loss (write nan for a diverged run)", allow_nonfinite=True
             )
         except ValueError as exc:
@@ -360,7 +282,7 @@ def load_runs_csv(path: str | Path) -> Runs:
             if text is None or text.strip() == "":
                 continue
             try:
-                value = _parse_float(text, name, allow_nonfinite=(name == "steps_to_target"))
+                value = parse_float(text, name, allow_nonfinite=(name == "steps_to_target"))
                 if name == "steps_to_target" and (math.isnan(value) or value <= 0):
                     raise ValueError(f"{name} must be > 0 (or inf when never reached)")
                 rec[name] = value
@@ -369,7 +291,7 @@ def load_runs_csv(path: str | Path) -> Runs:
         text = row.get("trial_id")
         if text is not None and text.strip() != "":
             try:
-                rec["trial_id"] = _positive_int(text, "trial_id")
+                rec["trial_id"] = positive_int(text, "trial_id")
             except ValueError as exc:
                 reasons.append(str(exc))
         if reasons:
@@ -394,7 +316,7 @@ def read_steps_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray
     An empty, ``inf`` or ``nan`` steps cell is a censored run (kept, as +inf). Every bad
     row is reported with its line number (header = line 1) in one :class:`StepsCsvError`.
     """
-    with open(path, newline="") as fh:
+    with csv_text(Path(path), StepsCsvError) as fh:
         reader = csv.DictReader(fh)
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [c for c in ("n_params", "batch_size", "steps") if c not in header]
@@ -402,7 +324,7 @@ def read_steps_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray
             raise StepsCsvError(str(path), [(1, f"missing column(s): {', '.join(missing)}")])
         reader.fieldnames = header
         rows, errors = [], []
-        for line, row in enumerate(reader, start=2):
+        for line, row in enumerate(csv_rows(reader, Path(path), StepsCsvError), start=2):
             try:
                 n = float(row["n_params"])
                 b = float(row["batch_size"])

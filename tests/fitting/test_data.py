@@ -194,3 +194,44 @@ def test_steps_csv_keeps_censored_runs_and_reports_every_bad_row(tmp_path):
         read_steps_csv(write(tmp_path, "n_params,batch_size\n1,2\n", "missing.csv"))
     with pytest.raises(StepsCsvError, match="no data rows"):
         read_steps_csv(write(tmp_path, "n_params,batch_size,steps\n", "empty.csv"))
+
+
+GOOD_ROW = "1e8,2e9,2048,0.001,524288,3.1"
+
+
+@pytest.mark.parametrize(
+    ("body", "line", "problem"),
+    [
+        (b"\xff\xfe garbage\n", 3, "not UTF-8 text"),  # a binary file
+        (b"1e8,2e9,2048,0.001,524288,3.1\x00\n", 3, "holds a NUL byte"),
+        (b"1e8,2e9,2048,0.001,524288,1e400\n", 3, "final_loss (write nan for a diverged run) "),
+        (b"1e8,2e9,2048,1e-400,524288,3.1\n", 3, "learning_rate is below a float's range"),
+        (b"1e8,2e9,2048,0.001,524288,3.1e-400\n", 3, "below a float's range"),
+        (b'1e8,2e9,2048,0.001,524288,"' + b"9" * 200_000 + b'"\n', 3, "not a CSV row"),
+    ],
+)
+def test_hostile_files_are_refused_whole_with_the_line(tmp_path, body, line, problem):
+    """Bytes that are not UTF-8, a NUL byte, a number beyond or below a float's range (which
+    would have become inf or 0) and a line the csv module cannot read are errors of their
+    line, in the one RunsCsvError, never a traceback or a changed value."""
+    path = tmp_path / "hostile.csv"
+    path.write_bytes((HEADER + "\n" + GOOD_ROW + "\n").encode() + body)
+    with pytest.raises(RunsCsvError) as info:
+        load_runs_csv(path)
+    [(at, reason)] = info.value.errors
+    assert at == line and problem in reason, info.value.errors
+    if "1e400" in body.decode(errors="replace"):
+        assert "beyond a float's range: '1e400'" in reason
+    steps = tmp_path / "steps.csv"  # the steps CSV of `hyperlaw cbs` reads through the same
+    steps.write_bytes(b"n_params,batch_size,steps\n1e8,64,100\n" + b"\xff\n")
+    with pytest.raises(StepsCsvError, match="line 3: not UTF-8"):
+        read_steps_csv(steps)
+
+
+def test_written_infinities_and_zero_still_parse(tmp_path):
+    """The range checks leave what is written on purpose alone: nan/inf/-Infinity losses of
+    diverged runs, and a loss written as 0."""
+    rows = [f"1e8,2e9,2048,0.001,524288,{loss}" for loss in ("nan", "inf", "-Infinity", "0.0")]
+    runs = load_runs_csv(write(tmp_path, "\n".join([HEADER, *rows]) + "\n"))
+    assert np.isnan(runs.loss[0]) and runs.loss[1] == math.inf and runs.loss[2] == -math.inf
+    assert runs.loss[3] == 0.0
