@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pytest
 import sqlalchemy as sa
@@ -34,6 +35,7 @@ from server.core.errors import SchemaOutdatedError
 from server.main import create_app
 from server.models import Base, FaithfulFloat
 from tests.conftest import REPO_ROOT
+from tests.databases import add_completed_trial
 
 ALL_TABLES = {"experiments", "trials", "points", "fits", "api_tokens"}
 
@@ -413,3 +415,241 @@ def test_db_and_token_commands(make_database):
     assert _cli(url, "token", "revoke", "--name", "nobody").returncode == 1
     assert _cli(url, "db", "downgrade", "base").returncode == 0
     assert _tables(url) == set()
+
+
+# --- from the first revision to head, with a store written as 0001 wrote it ----------------
+
+TS = sa.DateTime(timezone=True)
+#: 0001's tables, frozen here with their types (migrations/versions/0001_*.py)
+EXPERIMENTS_0001 = sa.table(
+    "experiments",
+    sa.column("id", sa.BigInteger),
+    sa.column("name", sa.String),
+    sa.column("description", sa.Text),
+    sa.column("created_at", TS),
+)
+TRIALS_0001 = sa.table(
+    "trials",
+    sa.column("id", sa.BigInteger),
+    sa.column("experiment_id", sa.BigInteger),
+    *(sa.column(c, sa.BigInteger) for c in ("n_params", "n_tokens", "batch_size_tokens")),
+    *(sa.column(c, sa.Integer) for c in ("seq_len", "zero_stage", "world_size")),
+    *(
+        sa.column(c, FaithfulFloat)
+        for c in (
+            "learning_rate",
+            "adam_beta1",
+            "adam_beta2",
+            "adam_eps",
+            "weight_decay",
+            "grad_clip",
+            "warmup_fraction",
+            "final_loss",
+            "final_eval_loss",
+        )
+    ),
+    sa.column("model_shape", sa.JSON),
+    sa.column("config", sa.JSON),
+    *(sa.column(c, sa.String) for c in ("schedule", "status", "source", "idempotency_key")),
+    sa.column("status_reason", sa.Text),
+    *(sa.column(c, sa.BigInteger) for c in ("seed", "steps_done", "tokens_done")),
+    sa.column("diverged", sa.Boolean),
+    *(sa.column(c, TS) for c in ("heartbeat_at", "created_at", "updated_at", "completed_at")),
+)
+POINTS_0001 = sa.table(
+    "points",
+    sa.column("trial_id", sa.BigInteger),
+    sa.column("step", sa.BigInteger),
+    sa.column("tokens", sa.BigInteger),
+    *(
+        sa.column(c, FaithfulFloat)
+        for c in (
+            "train_loss",
+            "eval_loss",
+            "ewa_eval_loss",
+            "lr",
+            "grad_norm",
+            "b_simple",
+            "tokens_per_s",
+            "wall_time_s",
+        )
+    ),
+)
+TABLES_0001 = (EXPERIMENTS_0001, TRIALS_0001, POINTS_0001)
+T0 = dt.datetime(2026, 11, 24, 12, 0, 0, 123456, tzinfo=dt.timezone.utc)
+# the team sweep's trials: (status, diverged, tokens_done, final_loss, config) and what
+# head derives for each: (stop_reason, target_loss, steps_to_target, reached_target)
+SWEEP_0001 = [
+    ("completed", False, 2_000, 3.25, {"steps_to_target": 120.5, "target_loss": 3.3}),
+    ("completed", True, 700, float("nan"), {"steps_to_target": "Infinity", "target_loss": 3.3}),
+    ("failed", None, 300, None, {"dataset": "web-en"}),
+    ("running", None, 900, None, None),
+]
+SWEEP_AT_HEAD = [
+    ("budget", 3.3, 120.5, True),
+    ("diverged", 3.3, None, False),
+    ("failed", None, None, None),
+    (None, None, None, None),
+]
+# the first trial's loss curve: (step, train_loss, eval_loss, b_simple)
+CURVE_0001 = [
+    (s, 10.0 / (1 + s), float("inf") if s == 5 else 4.0 - s / 100, 1000.0 + 7.0 * s)
+    for s in range(0, 200, 5)
+] + [(200, float("nan"), None, float("nan"))]
+
+
+def _store_at_0001(url: str) -> dict[str, list[int]]:
+    """A Step Law import and a team sweep with its curves, inserted as 0001's schema has
+    them (ids from the database, as the service got them); returns the ids per table."""
+    ids: dict[str, list[int]] = {"experiments": [], "trials": []}
+    with open_database(url) as database, database.engine.begin() as conn:
+
+        def insert(table: sa.TableClause, **values) -> int:
+            return conn.execute(table.insert().values(**values).returning(table.c.id)).scalar_one()
+
+        for name, description in (("steplaw", None), ("team-sweep", "lr sweep, ünïcode")):
+            ids["experiments"].append(
+                insert(EXPERIMENTS_0001, name=name, description=description, created_at=T0)
+            )
+        common = dict(n_tokens=2_000, seq_len=128, batch_size_tokens=100, created_at=T0)
+        for i, n_params in enumerate((10**6, 10**7)):  # the import: keyed steplaw:<sha>:<row>
+            ids["trials"].append(
+                insert(
+                    TRIALS_0001,
+                    experiment_id=ids["experiments"][0],
+                    n_params=n_params,
+                    learning_rate=2.0 ** -(10 + i),
+                    status="completed",
+                    source="imported",
+                    idempotency_key=f"steplaw:0123456789abcdef:{i}",
+                    final_loss=2.5 + i,
+                    updated_at=T0,
+                    **common,
+                )
+            )
+        for i, (status, diverged, tokens_done, final_loss, config) in enumerate(SWEEP_0001):
+            ids["trials"].append(
+                insert(
+                    TRIALS_0001,
+                    experiment_id=ids["experiments"][1],
+                    n_params=3 * 10**6,
+                    learning_rate=1e-3,
+                    model_shape={"n_layer": 4, "d_model": 256},
+                    adam_beta1=0.9,
+                    adam_beta2=0.95,
+                    adam_eps=1e-8,
+                    weight_decay=0.1,
+                    grad_clip=1.0,
+                    schedule="cosine",
+                    warmup_fraction=0.01,
+                    zero_stage=1,
+                    world_size=2,
+                    seed=2**40 + 1,
+                    status=status,
+                    status_reason="CUDA out of memory" if status == "failed" else None,
+                    heartbeat_at=T0 + dt.timedelta(minutes=5),
+                    source="trained",
+                    idempotency_key=f"N3e6-{i}",
+                    final_loss=final_loss,
+                    final_eval_loss=final_loss,
+                    steps_done=tokens_done // 100,
+                    tokens_done=tokens_done,
+                    diverged=diverged,
+                    config=config,
+                    updated_at=T0 + dt.timedelta(hours=1),
+                    completed_at=T0 + dt.timedelta(hours=1) if status == "completed" else None,
+                    **common,
+                )
+            )
+        first = ids["trials"][2]
+        for step, train, evaluation, b_simple in CURVE_0001:
+            conn.execute(
+                POINTS_0001.insert().values(
+                    trial_id=first,
+                    step=step,
+                    tokens=100 * step,
+                    train_loss=train,
+                    eval_loss=evaluation,
+                    lr=1e-3,
+                    b_simple=b_simple,
+                    wall_time_s=0.5 * step,
+                )
+            )
+        conn.execute(POINTS_0001.insert().values(trial_id=ids["trials"][3], step=0, train_loss=9.0))
+    return ids
+
+
+def _rows_0001(url: str) -> dict[str, str]:
+    """Every row of 0001's tables, 0001's columns only, in key order, as text."""
+    with open_database(url) as database, database.engine.connect() as conn:
+        return {
+            table.name: repr(
+                conn.execute(
+                    sa.select(table).order_by(
+                        *(table.c[k] for k in ("id", "trial_id", "step") if k in table.c)
+                    )
+                ).all()
+            )
+            for table in TABLES_0001
+        }
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_a_store_from_the_first_revision_reaches_head_with_every_row(
+    make_database, live_server_factory, backend
+):
+    url = make_database(backend)
+    first = _revisions()[0]
+    upgrade(url, first)
+    ids = _store_at_0001(url)
+    before = _rows_0001(url)
+    assert "nan" in before["points"] and "inf" in before["points"]  # stored as such
+    upgrade(url)
+    with open_database(url) as database:
+        assert schema_is_current(database.engine)
+        with database.engine.connect() as conn:
+            counts = {
+                t: conn.scalar(sa.text(f"SELECT count(*) FROM {t}")) for t in sorted(ALL_TABLES)
+            }
+            assert counts == {
+                "api_tokens": 0,
+                "experiments": 2,
+                "fits": 0,
+                "points": len(CURVE_0001) + 1,
+                "trials": 2 + len(SWEEP_0001),
+            }
+            families = conn.execute(sa.text("SELECT id, family FROM experiments ORDER BY id"))
+            steplaw, sweep = ids["experiments"]
+            assert families.all() == [(steplaw, "step-law"), (sweep, f"experiment-{sweep}")]
+            derived = conn.execute(
+                sa.text(
+                    "SELECT stop_reason, target_loss, steps_to_target, reached_target,"
+                    " parametrization FROM trials ORDER BY id"
+                )
+            ).all()
+        reached = [None if row[3] is None else bool(row[3]) for row in derived]  # SQLite: 0/1
+        assert [(*row[:3], r, row[4]) for row, r in zip(derived, reached, strict=True)] == [
+            ("budget", None, None, None, "standard"),
+            ("budget", None, None, None, "standard"),
+            *((*want, "standard") for want in SWEEP_AT_HEAD),
+        ]
+    assert _rows_0001(url) == before  # every column 0001 wrote, as it wrote it
+
+    # the service serves the old rows, with the summary 0005 computed from their points
+    curve = [(s, b) for s, *_, b in CURVE_0001]
+    server = live_server_factory(database_url=url)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        trial = client.get(f"/v1/trials/{ids['trials'][2]}").json()
+        assert trial["stop_reason"] == "budget" and trial["model_shape"]["n_layer"] == 4
+        want = _late_quartiles(curve)
+        assert [trial["b_simple_q25"], trial["b_simple"], trial["b_simple_q75"]] == want
+        assert client.get(f"/v1/trials/{ids['trials'][3]}").json()["b_simple"] is None
+        body = client.get(f"/v1/trials/{ids['trials'][2]}/points", params={"limit": 1000}).json()
+        got = [(p["step"], p["train_loss"], p["eval_loss"], p["b_simple"]) for p in body["data"]]
+        assert dumps(got) == dumps(CURVE_0001)
+        listed = client.get("/v1/trials", params={"experiment_id": ids["experiments"][1]})
+        assert listed.json()["count"] == len(SWEEP_0001)
+    # and new rows follow the old ones (their ids continue after them)
+    add_completed_trial(url, experiment="team-sweep")
+    with open_database(url) as database, database.engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT max(id) FROM trials")) == ids["trials"][-1] + 1
