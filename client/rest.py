@@ -7,12 +7,22 @@
 
 Contract:
 - Every method returns the parsed JSON body as a dict.
-- Connection errors, 5xx and 429 are retried with exponential backoff
-  (``backoff_s · 2^attempt``, capped at 10 s, honouring ``Retry-After``) up to
-  ``max_retries`` times, then ``HyperlawUnavailable`` is raised. Any other 4xx raises
-  ``HyperlawAPIError(status_code, detail)`` at once.
-- Retries are safe: point ingest is an upsert, experiments are get-or-create by name and
-  ``create_trial`` sends an ``idempotency_key`` (a random one if the caller gives none).
+- Retries are bounded by time, not by count: a failed attempt is retried with exponential
+  backoff and full jitter (a uniform draw in ``[0, min(2 s, backoff_s · 2^attempt)]``, at
+  least ``Retry-After`` when the service sends one) until ``retry_for_s`` seconds have passed
+  since the first attempt (default 60 s, or ``$HYPERLAW_CLIENT_RETRY_S``), which outlasts a
+  restart of the service or of its database; then ``HyperlawUnavailable`` is raised.
+  ``max_retries``, when given, also caps the number of retries.
+- What is retried is what is safe to send again. Any request: a connection that could not
+  be opened (nothing was sent), 429 and 503 (the service refused or rolled the request back).
+  Idempotent requests also: a timeout or a connection lost after sending, 502 and 504 (the
+  request may have been carried out). Every method of this client is idempotent: GET and
+  PATCH are; point ingest is an upsert on (trial, step), experiments are get-or-create by
+  name, ``create_trial`` sends an ``idempotency_key`` (a random one if the caller gives
+  none) and a heartbeat only moves a timestamp. A plain ``request("POST", ...)`` is not,
+  unless called with ``idempotent=True``.
+- Any other answer of 400 or above raises ``HyperlawAPIError(status_code, detail)`` at once
+  (a 500 is a fault that sending the request again will not mend).
 - Non-finite floats travel as the strings "NaN", "Infinity", "-Infinity" (the API's
   encoding); this client writes and reads them as Python floats.
 - One instance may be shared by threads (``httpx.Client`` pools connections safely).
@@ -26,8 +36,11 @@ import random
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -38,11 +51,26 @@ log = logging.getLogger(__name__)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 POST_CONCURRENCY = 2
-_MAX_SLEEP_S = 10.0
+#: how long a call keeps retrying unless told otherwise: longer than a restart of the service
+#: (seconds: its start-up) or of its PostgreSQL (tests/server/test_faults.py)
+DEFAULT_RETRY_S = 60.0
+RETRY_ENV = "HYPERLAW_CLIENT_RETRY_S"
+MAX_BACKOFF_S = 2.0  # cap of one backoff draw (Retry-After may ask for longer)
+
+_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "PATCH", "DELETE"})
+# answers that say the request was not carried out: safe to send again whatever it was
+_RETRY_ANY = frozenset({429, 503})
+# answers of a proxy or a gateway after which the request may have been carried out
+_RETRY_IDEMPOTENT = frozenset({502, 504})
+# transport failures before anything was sent: the connection could not be opened or pooled
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# transport failures after which the request may have been carried out
+_MAYBE_SENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
 
 class HyperlawAPIError(Exception):
-    """The API refused the request (a 4xx other than 429)."""
+    """The API answered with an error that sending the request again will not mend (a 4xx
+    other than 429, a 500, or a 502/504 to a request that is not idempotent)."""
 
     def __init__(self, status_code: int, detail: Any) -> None:
         super().__init__(f"HTTP {status_code}: {detail}")
@@ -51,15 +79,52 @@ class HyperlawAPIError(Exception):
 
 
 class HyperlawUnavailable(Exception):
-    """The API could not be reached (or kept answering 5xx/429) after all retries."""
+    """The API could not be reached (or kept answering 429/502/503/504) for the whole retry
+    budget, or a connection failed in a way that is not safe to retry."""
 
 
 def _dumps(body: Any) -> bytes:
     return dumps(body).encode()
 
 
+def _retry_budget(retry_for_s: float | None) -> float:
+    """``retry_for_s``, else ``$HYPERLAW_CLIENT_RETRY_S``, else ``DEFAULT_RETRY_S``."""
+    if retry_for_s is None:
+        raw = os.environ.get(RETRY_ENV, "").strip()
+        try:
+            retry_for_s = float(raw) if raw else DEFAULT_RETRY_S
+        except ValueError:
+            raise ValueError(f"{RETRY_ENV} must be a number of seconds (got {raw!r})") from None
+    if not retry_for_s >= 0:  # also refuses NaN
+        raise ValueError(f"retry_for_s must be >= 0 seconds (got {retry_for_s})")
+    return retry_for_s
+
+
+def _retry_after_s(value: str | None) -> float:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date); 0 if none."""
+    if not value:
+        return 0.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return 0.0
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
 class HyperlawClient:
-    """Client for ``/v1``; see the module docstring for retries, errors and encodings."""
+    """Client for ``/v1``; see the module docstring for retries, errors and encodings.
+
+    ``timeout``: seconds of one attempt's connect/read/write; ``retry_for_s``: seconds from
+    the first attempt after which no retry starts (None: ``$HYPERLAW_CLIENT_RETRY_S``, else
+    60; 0: no retry); ``max_retries``: optional cap on retries per call besides the time;
+    ``backoff_s``: the first backoff's upper bound, doubling per retry up to ``MAX_BACKOFF_S``.
+    """
 
     def __init__(
         self,
@@ -67,7 +132,8 @@ class HyperlawClient:
         token: str | None = None,
         *,
         timeout: float = 10.0,
-        max_retries: int = 5,
+        retry_for_s: float | None = None,
+        max_retries: int | None = None,
         backoff_s: float = 0.2,
     ) -> None:
         self.base_url = (base_url or os.environ.get("HYPERLAW_URL") or DEFAULT_URL).rstrip("/")
@@ -75,12 +141,14 @@ class HyperlawClient:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        self.retry_for_s = _retry_budget(retry_for_s)
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         self._rng = random.Random()
         self._lock = threading.Lock()
         self.retries = 0  # retried attempts so far, all threads together
+        self.retry_causes: Counter[str] = Counter()  # why: "HTTP 503", "ConnectError", ...
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -93,17 +161,13 @@ class HyperlawClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _sleep(self, attempt: int, retry_after: str | None) -> None:
-        delay = self.backoff_s * (2**attempt)
-        if retry_after is not None:
-            try:
-                delay = max(delay, float(retry_after))
-            except ValueError:
-                pass
+    def _backoff(self, attempt: int, retry_after: float) -> float:
+        """Full jitter: uniform in [0, min(MAX_BACKOFF_S, backoff_s · 2^attempt)], at least
+        what the service asked for."""
+        ceiling = min(MAX_BACKOFF_S, self.backoff_s * 2.0 ** min(attempt, 30))
         with self._lock:
-            jitter = self._rng.uniform(0.5, 1.0)
-            self.retries += 1
-        time.sleep(min(delay, _MAX_SLEEP_S) * jitter)
+            draw = self._rng.uniform(0.0, ceiling)
+        return max(draw, retry_after)
 
     def request(
         self,
@@ -112,37 +176,61 @@ class HyperlawClient:
         *,
         json_body: Any = None,
         params: Mapping[str, Any] | None = None,
+        idempotent: bool | None = None,
+        retry_for_s: float | None = None,
     ) -> dict[str, Any]:
-        """One API call with retries; returns the decoded JSON body."""
+        """One API call with retries; returns the decoded JSON body.
+
+        ``idempotent``: whether sending the request twice does what sending it once does
+        (None: by method, GET/HEAD/OPTIONS/PUT/PATCH/DELETE); ``retry_for_s``: this call's
+        retry budget instead of the client's."""
+        method = method.upper()
+        if idempotent is None:
+            idempotent = method in _IDEMPOTENT_METHODS
+        budget = self.retry_for_s if retry_for_s is None else retry_for_s
         content = _dumps(json_body) if json_body is not None else None
         if params is not None:
             params = {k: v for k, v in params.items() if v is not None}
-        last_problem = "no attempt made"
-        for attempt in range(self.max_retries + 1):
-            retry_after = None
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            retry_after = 0.0
             try:
                 response = self._http.request(method, path, content=content, params=params)
             except httpx.TransportError as exc:
-                last_problem = f"{type(exc).__name__}: {exc}"
+                cause, problem = type(exc).__name__, f"{type(exc).__name__}: {exc}"
+                safe = isinstance(exc, _NOT_SENT) or (idempotent and isinstance(exc, _MAYBE_SENT))
+                if not safe:
+                    raise HyperlawUnavailable(
+                        f"{method} {self.base_url}{path} failed and is not safe to retry: {problem}"
+                    ) from exc
             else:
                 status = response.status_code
                 if status < 400:
                     return decode_nonfinite(response.json())
                 try:
                     detail = response.json().get("detail")
-                except ValueError:
+                except (ValueError, AttributeError):
                     detail = response.text
-                if status != 429 and status < 500:
+                if not (status in _RETRY_ANY or (idempotent and status in _RETRY_IDEMPOTENT)):
                     raise HyperlawAPIError(status, detail)
-                retry_after = response.headers.get("Retry-After")
-                last_problem = f"HTTP {status}: {detail}"
-            if attempt < self.max_retries:
-                log.debug("%s %s failed (%s); retry %d", method, path, last_problem, attempt + 1)
-                self._sleep(attempt, retry_after)
-        raise HyperlawUnavailable(
-            f"{method} {self.base_url}{path} failed after {self.max_retries + 1} attempts: "
-            f"{last_problem}"
-        )
+                retry_after = _retry_after_s(response.headers.get("Retry-After"))
+                cause, problem = f"HTTP {status}", f"HTTP {status}: {detail}"
+            elapsed = time.monotonic() - start
+            if elapsed >= budget or (self.max_retries is not None and attempt >= self.max_retries):
+                raise HyperlawUnavailable(
+                    f"{method} {self.base_url}{path} failed after {attempt + 1} attempts in "
+                    f"{elapsed:.1f} s: {problem}"
+                )
+            delay = min(self._backoff(attempt, retry_after), budget - elapsed)
+            log.debug(
+                "%s %s failed (%s); retry %d in %.2f s", method, path, problem, attempt + 1, delay
+            )
+            with self._lock:
+                self.retries += 1
+                self.retry_causes[cause] += 1
+            time.sleep(delay)
+            attempt += 1
 
     # -- experiments ------------------------------------------------------------------------
 
@@ -156,7 +244,7 @@ class HyperlawClient:
         body: dict[str, Any] = {"name": name, "description": description}
         if family is not None:
             body["family"] = family
-        return self.request("POST", "/v1/experiments", json_body=body)
+        return self.request("POST", "/v1/experiments", json_body=body, idempotent=True)
 
     def update_experiment(self, experiment_id: int, **fields: Any) -> dict[str, Any]:
         """``PATCH /v1/experiments/{id}``, e.g. ``family="team-a"`` to move it."""
@@ -174,7 +262,8 @@ class HyperlawClient:
         """Create a trial; with the same ``idempotency_key`` in the same experiment the
         existing trial comes back. Without a key a random one is sent so retries are safe."""
         fields.setdefault("idempotency_key", f"client-{uuid.uuid4().hex}")
-        return self.request("POST", "/v1/trials", json_body=fields)
+        keyed = fields["idempotency_key"] is not None
+        return self.request("POST", "/v1/trials", json_body=fields, idempotent=keyed)
 
     def get_trial(self, trial_id: int) -> dict[str, Any]:
         return self.request("GET", f"/v1/trials/{trial_id}")
@@ -188,7 +277,7 @@ class HyperlawClient:
         return self.request("PATCH", f"/v1/trials/{trial_id}", json_body=fields)
 
     def heartbeat(self, trial_id: int) -> dict[str, Any]:
-        return self.request("POST", f"/v1/trials/{trial_id}/heartbeat")
+        return self.request("POST", f"/v1/trials/{trial_id}/heartbeat", idempotent=True)
 
     # -- points -----------------------------------------------------------------------------
 
@@ -211,7 +300,9 @@ class HyperlawClient:
             self.request(
                 "POST",
                 f"/v1/trials/{trial_id}/points",
-                json_body={"points": [dict(p) for p in batch]},
+                # dicts as they are (a copy of each cost 15 % of the encoding)
+                json_body={"points": [p if type(p) is dict else dict(p) for p in batch]},
+                idempotent=True,  # an upsert on (trial, step)
             )
 
         if len(batches) > 1 and len(steps) == len(points):

@@ -71,7 +71,7 @@ def test_5xx_and_429_are_retried_with_the_same_body():
     _Scripted.script = [
         (503, {}, {"detail": "database unavailable"}),
         (429, {"Retry-After": "0"}, {"detail": "slow down"}),
-        (500, {}, {"detail": "internal error"}),
+        (504, {}, {"detail": "gateway timeout"}),
         (200, {}, {"trial_id": 5, "count": 1}),
     ]
     _Scripted.seen = []
