@@ -19,7 +19,7 @@ from sqlalchemy import Select, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from server.core.errors import ConflictError, NotFoundError
+from server.core.errors import ConflictError, FieldError, InputError, NotFoundError
 from server.models import (
     FINISHED_STATUSES,
     ApiToken,
@@ -343,7 +343,12 @@ def hash_token(secret: str) -> str:
 
 
 def create_token(*, session: Session, name: str, scope: TokenScope) -> tuple[ApiToken, str]:
-    """Create a named token; returns (row, secret). Only the hash is stored."""
+    """Create a named token; returns (row, secret). Only the hash is stored. A blank name,
+    or one holding NUL, is an ``InputError`` (the rules of ``server.schemas``' names)."""
+    if "\x00" in name:
+        raise InputError([FieldError("name", "no_nul", "name must not contain NUL characters")])
+    if not name.strip():
+        raise InputError([FieldError("name", "blank", "name must not be blank (whitespace only)")])
     if session.scalar(select(ApiToken).where(ApiToken.name == name)) is not None:
         raise ConflictError(f"a token named {name!r} already exists")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)

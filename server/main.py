@@ -3,13 +3,18 @@
 ``create_app(settings, background=...)`` opens the database (``app.state.database``, a
 ``server.core.db.Database`` disposed at shutdown), refuses to start when its schema is not
 at the head revision (``SchemaOutdatedError``, naming ``hyperlaw db upgrade``), mounts the
-``/v1`` routers and maps errors to JSON bodies:
+``/v1`` routers behind the body-size limit (``server.api.limits``) and maps errors to JSON
+bodies:
 
 - 422: ``{"detail": [{"field": "batch_size_tokens", "rule": "gt",
   "message": "batch_size_tokens must be > 0"}]}`` -- one entry per violated rule, ``field``
   a dotted path into the body or the query parameter's name (``points.3.step``);
-- 401/403/404/409/503: ``{"detail": "trial 17 not found"}``;
+- 401/403/404/409/413/503: ``{"detail": "trial 17 not found"}``, one sentence; a 409 from
+  a database constraint and a 503 never repeat the driver's text (it goes to the log);
 - 500: ``{"detail": "internal error: <exception type>"}`` (details go to the log).
+
+The OpenAPI document states these bodies for every ``/v1`` operation (``ValidationErrorPublic``
+for 422, ``ErrorPublic`` for the rest; ``document_errors``).
 
 Each background starter is called with the settings at startup and returns a stop
 function called at shutdown (the stale-trial reaper, the fitting worker).
@@ -24,15 +29,17 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 
 from client.wire import dumps
+from server.api.limits import BodySizeLimit
 from server.api.routes import experiments, families, fits, recommendations, trials
 from server.core.config import Settings, get_settings
 from server.core.db import Database, require_current_schema
 from server.core.errors import HyperlawError, InputError
-from server.schemas import NONFINITE_NOTE
+from server.schemas import NONFINITE_NOTE, ErrorPublic, ValidationErrorPublic
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +83,27 @@ _RULE_TEXT = {
     "literal_error": lambda ctx: f"must be one of {ctx.get('expected')}",
     "json_invalid": lambda ctx: f"must be valid JSON ({ctx.get('error')})",
     "family_name": lambda ctx: str(ctx.get("problem")),
+    "no_nul": lambda ctx: (
+        "must not contain NUL (\\u0000) characters"
+        + (f" (at {ctx['at']})" if ctx.get("at") else "")
+    ),
+    "blank": lambda ctx: "must not be blank (whitespace only)",
+    "float_range": lambda ctx: (
+        "must be within a 64-bit float's range (0, or a magnitude "
+        f"from 5e-324 to 1.8e308): got {_abridged(str(ctx.get('literal')))}"
+    ),
+    "max_depth": lambda ctx: (
+        f"must nest at most {ctx['max_depth']} levels of objects and lists"
+        if "max_depth" in ctx
+        else "nests too deeply to be parsed"
+    ),
+    "max_size": lambda ctx: f"must take at most {ctx.get('max_chars')} characters as JSON",
 }
+
+
+def _abridged(literal: str) -> str:
+    """A number literal short enough for a message (a 5,000-digit one is not)."""
+    return literal if len(literal) <= 40 else f"{literal[:20]}...({len(literal)} characters)"
 
 
 def validation_details(errors: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
@@ -112,9 +139,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(IntegrityError)
-    async def _integrity(_request: Request, exc: IntegrityError):
+    async def _integrity(request: Request, exc: IntegrityError):
+        log.warning("constraint violated on %s %s: %s", request.method, request.url.path, exc.orig)
         return HyperlawJSONResponse(
-            {"detail": f"conflicts with stored data: {exc.orig}"}, status_code=409
+            {"detail": "the request conflicts with stored data (a uniqueness or reference rule)"},
+            status_code=409,
         )
 
     @app.exception_handler(Exception)
@@ -123,6 +152,61 @@ def _install_error_handlers(app: FastAPI) -> None:
         return HyperlawJSONResponse(
             {"detail": f"internal error: {type(exc).__name__}"}, status_code=500
         )
+
+
+# --- the error bodies in the OpenAPI document ---------------------------------------------
+
+_ERROR_TEXT = {
+    "401": "no bearer token, or a bad or revoked one",
+    "403": "the token lacks the scope this route needs",
+    "404": "an object the request names does not exist",
+    "409": "the request conflicts with the stored state",
+    "413": "the body exceeds HYPERLAW_MAX_BODY_BYTES",
+    "422": "a parameter or a body field breaks a rule: one entry per rule",
+    "503": "the database is unavailable; retry (Retry-After)",
+}
+_READ_AUTH = " (only when the service runs with HYPERLAW_READ_REQUIRES_TOKEN=true)"
+
+
+def _error_statuses(path: str, method: str) -> dict[str, str]:
+    """The errors any ``/v1`` operation can answer, by how it is called; a route declares
+    its own beyond these (404 for a missing object named in a body or query)."""
+    write = method != "get"
+    codes = ["401", "403", "422", "503"] + (["409", "413"] if write else [])
+    codes += ["404"] if "{" in path else []
+    return {
+        code: _ERROR_TEXT[code] + (_READ_AUTH if code in {"401", "403"} and not write else "")
+        for code in codes
+    }
+
+
+def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
+    """Give every ``/v1`` operation of the OpenAPI document ``spec`` its error responses
+    with the service's bodies: ``ValidationErrorPublic`` for 422 (replacing FastAPI's
+    ``HTTPValidationError``, a shape this service never sends), ``ErrorPublic`` for every
+    other 4xx and 5xx, those a route declares itself included."""
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    for model in (ErrorPublic, ValidationErrorPublic):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    for path, operations in spec.get("paths", {}).items():
+        if not path.startswith("/v1/"):
+            continue
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            for status, text in _error_statuses(path, method).items():
+                responses.setdefault(status, {"description": text})
+            if responses["422"].get("description") == "Validation Error":  # FastAPI's
+                responses["422"]["description"] = _ERROR_TEXT["422"]
+            for status, response in responses.items():
+                if status.isdigit() and int(status) >= 400:
+                    body = "ValidationErrorPublic" if status == "422" else "ErrorPublic"
+                    ref = {"$ref": f"#/components/schemas/{body}"}
+                    response["content"] = {"application/json": {"schema": ref}}
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    return spec
 
 
 DESCRIPTION = f"""
@@ -137,7 +221,9 @@ the scope.
 `{{"detail": [{{"field": "batch_size_tokens", "rule": "greater_than",
 "message": "batch_size_tokens must be > 0"}}]}}`. Other errors:
 `{{"detail": "trial 17 not found"}}`. One transaction per request: a rejected request
-writes nothing.
+writes nothing. Text never holds NUL (rule `no_nul`), names are never blank (`blank`), booleans
+are `true`/`false` only, numbers stay within a 64-bit float (`float_range`) and integers
+within 2**63 - 1; a body over `HYPERLAW_MAX_BODY_BYTES` gets 413 before anything else.
 
 **Lists** answer `{{"data": [...], "count": N}}` (N = all matches), paged by `limit`/`offset`.
 
@@ -186,8 +272,24 @@ def create_app(
     app.state.settings = settings
     app.state.database = database
     _install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:  # off unless configured; outermost, so errors carry it too
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     for module in (experiments, families, trials, fits, recommendations):
         app.include_router(module.router, prefix="/v1")
+    build_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_errors(build_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -21,7 +21,10 @@ known families); when it is the default family, 503 says so and how to get a fit
 The API keeps the loaded recommender of each scope in memory (:class:`RecommenderCache`):
 at most once per check interval a request asks the database for the id of the newest ok fit
 and reloads only when it changed, so a query costs no database round trip and no refit,
-only the recommender's closed forms.
+only the recommender's closed forms, and those once per fit: each :class:`ServedFit` keeps
+the encoded bodies of its last :data:`ANSWERS_PER_FIT` distinct queries
+(:meth:`ServedFit.answer`). A new fit is a new ``ServedFit`` with none, so it answers from
+the first request after the check that found it.
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ import datetime as dt
 import math
 import threading
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from client.wire import dumps
+from fitting.results import ParameterError
 from server import crud
 from server.core.config import STEP_LAW_FAMILY
 from server.core.db import Database
@@ -59,6 +65,8 @@ HOW_TO_FIT = (
     "or run a sweep (`hyperlaw sweep CONFIG.yaml`); a running worker (`hyperlaw serve` or "
     "`hyperlaw worker`) fits new completed trials by itself"
 )
+#: Encoded answers one served fit keeps, least recently used dropped first (~2 kB each).
+ANSWERS_PER_FIT = 1024
 
 
 def recommendation_body(
@@ -160,7 +168,8 @@ def _no_fit(session: Session, scope: str, *, by_default: bool = False) -> Hyperl
 
 @dataclass(frozen=True)
 class ServedFit:
-    """The recommender of one ok fit, ready to answer queries."""
+    """The recommender of one ok fit, ready to answer queries. ``answer`` (its cache) is
+    for one thread at a time: the API calls it on the event loop."""
 
     fit_id: int
     scope: str
@@ -168,6 +177,42 @@ class ServedFit:
     fitted_at: str  # ISO 8601, UTC
     n_trials: int
     fit_key: str | None = None
+    # (n_params, n_tokens, seq_len, batch_size_tokens) -> encoded body, least recent first
+    _answers: OrderedDict[tuple, bytes] = field(
+        default_factory=OrderedDict, init=False, repr=False, compare=False
+    )
+
+    def answer(
+        self,
+        n_params: float,
+        n_tokens: float,
+        *,
+        seq_len: int = 2048,
+        batch_size_tokens: float | None = None,
+    ) -> bytes:
+        """The body of :meth:`recommend`, JSON-encoded (``client.wire.dumps``, UTF-8):
+        computed once per distinct query and kept (:data:`ANSWERS_PER_FIT`). Raises as
+        :meth:`recommend` does; errors are not kept."""
+        key = (n_params, n_tokens, seq_len, batch_size_tokens)
+        body = self._answers.get(key)
+        if body is not None:
+            self._answers.move_to_end(key)
+            return body
+        body = dumps(
+            self.recommend(n_params, n_tokens, seq_len=seq_len, batch_size_tokens=batch_size_tokens)
+        ).encode()
+        self._answers[key] = body
+        if len(self._answers) > ANSWERS_PER_FIT:
+            self._answers.popitem(last=False)
+        return body
+
+    def kept_answer(self, key: tuple) -> bytes | None:
+        """The body :meth:`answer` keeps for ``key`` (its arguments in order), or None;
+        computes nothing."""
+        body = self._answers.get(key)
+        if body is not None:
+            self._answers.move_to_end(key)
+        return body
 
     def recommend(
         self,
@@ -178,10 +223,14 @@ class ServedFit:
         batch_size_tokens: float | None = None,
     ) -> dict[str, Any]:
         """The recommendation body for (N, D[, seq_len][, imposed B in tokens]); raises
-        ``fitting.results.ParameterError`` (naming the field and the rule) for bad input."""
-        answer = self.recommender.recommend(
-            n_params, n_tokens, seq_len=seq_len, batch_size_tokens=batch_size_tokens
-        )
+        ``fitting.results.ParameterError`` (naming the field and the rule) for bad input,
+        and for input so far from the fit that its laws overflow (rule ``evaluable``)."""
+        try:
+            answer = self.recommender.recommend(
+                n_params, n_tokens, seq_len=seq_len, batch_size_tokens=batch_size_tokens
+            )
+        except ArithmeticError as exc:  # OverflowError, ZeroDivisionError
+            raise self._not_evaluable(n_params, n_tokens, seq_len, batch_size_tokens) from exc
         return recommendation_body(
             answer,
             fit_id=self.fit_id,
@@ -190,6 +239,29 @@ class ServedFit:
             scope=self.scope,
             fit_key=self.fit_key,
         )
+
+    def _not_evaluable(
+        self, n_params: float, n_tokens: float, seq_len: int, batch_size_tokens: float | None
+    ) -> ParameterError:
+        """The error for a query whose answer overflows: the imposed batch size when the
+        answer without it is fine, else (N, D)."""
+        if batch_size_tokens is not None:
+            try:
+                best = self.recommender.recommend(n_params, n_tokens, seq_len=seq_len)
+            except ArithmeticError:
+                pass
+            else:
+                message = (
+                    f"batch_size_tokens={batch_size_tokens:g} is too far from this fit's "
+                    f"B* = {best.batch_size_tokens:.4g} tokens for its laws to be evaluated "
+                    "(they overflow); impose a batch size closer to it"
+                )
+                return ParameterError("batch_size_tokens", "evaluable", message)
+        message = (
+            f"n_params={n_params:g} with n_tokens={n_tokens:g} is too far from the fitted "
+            "range for this fit's laws to be evaluated (they overflow)"
+        )
+        return ParameterError("n_params", "evaluable", message)
 
 
 def load_served_fit(session: Session, scope: str, *, by_default: bool = False) -> ServedFit:
@@ -266,6 +338,17 @@ class RecommenderCache:
         self._entries: dict[str, ServedFit] = {}
         self._checked: dict[str, float] = {}
         self._lock = threading.Lock()
+
+    def peek(self, scope: str) -> ServedFit | None:
+        """The entry while it is fresh, else None; unlike :meth:`get` it never claims the
+        check, so a caller that gets None must go on to ``get``."""
+        entry = self._entries.get(scope)
+        if (
+            entry is None
+            or time.monotonic() - self._checked.get(scope, -math.inf) >= self._interval
+        ):
+            return None
+        return entry
 
     def get(self, scope: str) -> ServedFit | None:
         """The entry while it is fresh; None when the caller must ``refresh``. A stale

@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, WithJsonSchema
 
-from server.schemas import AnyFloat, OutModel
+from server.schemas import NONFINITE_NOTE, OutModel
+
+#: A float the body may hold as NaN or ±inf, written "NaN"/"Infinity"/"-Infinity"
+#: (NONFINITE_NOTE): the document says so, so that a body with one matches its schema.
+WireFloat = Annotated[
+    float,
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "number"}, {"enum": ["NaN", "Infinity", "-Infinity"]}],
+            "description": NONFINITE_NOTE,
+        }
+    ),
+]
 
 
 class IntervalPublic(OutModel):
@@ -14,8 +27,8 @@ class IntervalPublic(OutModel):
     bootstrap over groups plus the groups' own scatter about the laws
     (``fitting.intervals``)."""
 
-    low: AnyFloat = Field(description="lower end; NaN when the fit kept no bootstrap draws")
-    high: AnyFloat = Field(description="upper end; NaN when the fit kept no bootstrap draws")
+    low: WireFloat = Field(description="lower end; NaN when the fit kept no bootstrap draws")
+    high: WireFloat = Field(description="upper end; NaN when the fit kept no bootstrap draws")
     level: float = Field(
         description="the probability that a new group's optimum lies in [low, high], e.g. 0.9"
     )
@@ -24,9 +37,9 @@ class IntervalPublic(OutModel):
 class CbsLawPublic(OutModel):
     """The law the critical batch size was evaluated from, B* = c·N^β·D^γ (tokens)."""
 
-    coefficient: AnyFloat = Field(description="c, tokens at N = D = 1")
-    n_params_exponent: AnyFloat = Field(description="β; 0 when the law is in D alone")
-    n_tokens_exponent: AnyFloat = Field(description="γ")
+    coefficient: WireFloat = Field(description="c, tokens at N = D = 1")
+    n_params_exponent: WireFloat = Field(description="β; 0 when the law is in D alone")
+    n_tokens_exponent: WireFloat = Field(description="γ")
     n_params_exponent_interval: IntervalPublic | None = Field(
         description="90 % bootstrap interval of β over the groups; null for the loss "
         "surface's law (whose exponents are B*'s) or without draws"
@@ -59,7 +72,7 @@ class RecommendationPublic(OutModel):
     batch_size_sequences_interval: IntervalPublic = Field(
         description="interval of batch_size_sequences, sequences"
     )
-    critical_batch_size_tokens: AnyFloat = Field(
+    critical_batch_size_tokens: WireFloat = Field(
         description="critical batch size (Zhang et al., ε = 0.2), tokens: the largest B whose "
         "tokens to reach the loss of (η*, B*) at D are at most 1.2 times those of B*; "
         "Infinity when undefined for the fit (a warning says so)"
@@ -89,12 +102,12 @@ class RecommendationPublic(OutModel):
     learning_rate_for_batch_interval: IntervalPublic | None = Field(
         default=None, description="interval of learning_rate_for_batch; null without one"
     )
-    step_overhead: AnyFloat | None = Field(
+    step_overhead: WireFloat | None = Field(
         default=None,
         description="extra optimizer steps at the imposed batch size versus the critical "
         "batch size, as a fraction (0.3 = 30 % more; paid below the CBS); null without one",
     )
-    token_overhead: AnyFloat | None = Field(
+    token_overhead: WireFloat | None = Field(
         default=None,
         description="extra training tokens at the imposed batch size versus the critical "
         "batch size, as a fraction (paid above the CBS); null without one",

@@ -6,6 +6,15 @@ matches, not the page length). The bodies of ``/v1/families`` are in
 ``server.family_schemas``, that of ``/v1/recommendations`` in
 ``server.recommendation_schemas``.
 
+Rules every request body follows (``InModel``): unknown fields are an error; text never
+holds NUL (``\\u0000``, rule ``no_nul``: PostgreSQL's text cannot) and names are never blank
+(rule ``blank``); booleans are ``true`` or ``false`` only (not ``0``, ``1`` or ``"true"``);
+integers that reach a BIGINT column are at most 2**63 - 1; a free-form JSON object (a trial's
+``config`` and ``model_shape``) nests at most ``MAX_JSON_DEPTH`` levels (rule ``max_depth``)
+and serialises to at most ``MAX_JSON_CHARS`` characters (rule ``max_size``). Numbers beyond a
+64-bit float and body size are checked before the models see the body
+(``server.api.limits``).
+
 Non-finite floats on the wire: JSON has no NaN or infinity, so the API writes them as the
 strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` and accepts those strings (and the
 bare tokens ``NaN``/``Infinity``/``-Infinity`` that Python's ``json`` emits) wherever a
@@ -19,12 +28,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, StrictBool
 from pydantic_core import PydanticCustomError
 
 from client.wire import (
     DEFAULT_FAMILY,
     MAX_POINTS_PER_REQUEST,
+    dumps,
     encode_nonfinite,
     family_name_problem,
 )
@@ -68,6 +78,69 @@ PARAMETRIZATION_NOTE = (
 )
 
 
+#: How deep a free-form JSON object (a trial's config or model_shape) may nest, and how many
+#: characters it may take as JSON: room for any resolved training config, while keeping
+#: recursive encoders (and the database's JSON functions) far from their limits.
+MAX_JSON_DEPTH = 32
+MAX_JSON_CHARS = 65_536
+
+
+def _no_nul(text: str | None) -> str | None:
+    """PostgreSQL's text types cannot hold NUL (U+0000): a 422 naming the field here, rather
+    than the driver's error (a 500) at the insert or the query."""
+    if text is not None and "\x00" in text:
+        raise PydanticCustomError("no_nul", "must not contain NUL (\\u0000) characters")
+    return text
+
+
+def _not_blank(text: str) -> str:
+    """A name made of whitespace only names nothing anyone can tell apart or type."""
+    if not text.strip():
+        raise PydanticCustomError("blank", "must not be blank (whitespace only)")
+    return text
+
+
+#: Metadata of every text field and text query parameter (``Annotated[str, ..., NoNul]``),
+#: and of every name.
+NoNul = AfterValidator(_no_nul)
+NotBlank = AfterValidator(_not_blank)
+
+
+def _json_object(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A free-form JSON object's rules (module docstring): checked depth-first without
+    recursion, so the depth rule holds before anything recursive touches the value."""
+    if value is None:
+        return None
+    stack: list[tuple[Any, int, str]] = [(value, 1, "")]
+    while stack:
+        node, depth, path = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise PydanticCustomError(
+                "max_depth",
+                "must nest at most {max_depth} levels of objects and lists",
+                {"max_depth": MAX_JSON_DEPTH},
+            )
+        for key, child in node.items() if isinstance(node, dict) else enumerate(node):
+            at = f"{path}.{key}" if path else str(key)
+            if (isinstance(key, str) and "\x00" in key) or (
+                isinstance(child, str) and "\x00" in child
+            ):
+                raise PydanticCustomError(
+                    "no_nul",
+                    "must not contain NUL (\\u0000) characters (at {at})",
+                    {"at": at.replace("\x00", "\\u0000")},
+                )
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1, at))
+    if len(dumps(value)) > MAX_JSON_CHARS:
+        raise PydanticCustomError(
+            "max_size",
+            "must take at most {max_chars} characters as JSON",
+            {"max_chars": MAX_JSON_CHARS},
+        )
+    return value
+
+
 def _family_name(name: str) -> str:
     """The family rule (``client.wire.FAMILY_NAME_PATTERN``) as a 422 entry whose rule is
     ``family_name``."""
@@ -78,7 +151,11 @@ def _family_name(name: str) -> str:
 
 
 FamilyName = Annotated[
-    str, Field(min_length=1, max_length=100, description=FAMILY_NOTE), AfterValidator(_family_name)
+    str,
+    Field(min_length=1, max_length=100, description=FAMILY_NOTE),
+    NoNul,
+    NotBlank,
+    AfterValidator(_family_name),
 ]
 PositiveInt = Annotated[int, Field(gt=0, le=INT64_MAX)]
 NonNegativeInt = Annotated[int, Field(ge=0, le=INT64_MAX)]
@@ -90,7 +167,9 @@ TargetLoss = Annotated[float | None, Field(allow_inf_nan=False, description=TARG
 StepsToTarget = Annotated[
     float | None, Field(ge=0, allow_inf_nan=False, description=STEPS_TO_TARGET_NOTE)
 ]
-ReachedTarget = Annotated[bool | None, Field(description=REACHED_TARGET_NOTE)]
+ReachedTarget = Annotated[StrictBool | None, Field(description=REACHED_TARGET_NOTE)]
+# Free-form JSON objects in: the rules of _json_object.
+JsonObjectIn = Annotated[dict[str, Any] | None, AfterValidator(_json_object)]
 # Free-form JSON objects out: non-finite floats inside become "NaN"/"Infinity" strings
 # (pydantic would otherwise write null for floats it only sees as Any).
 JsonObjectOut = Annotated[
@@ -99,7 +178,8 @@ JsonObjectOut = Annotated[
 
 
 class InModel(BaseModel):
-    """Base of request bodies: unknown fields are an error, not silently dropped."""
+    """Base of request bodies: unknown fields are an error, not silently dropped. Its
+    fields follow the rules of the module docstring (``NoNul`` on text, ``StrictBool``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -115,8 +195,8 @@ class ExperimentCreate(InModel):
     """POST body: get or create the experiment ``name``; a ``family`` given explicitly must
     match the stored experiment's (move one with ``PATCH``)."""
 
-    name: Annotated[str, Field(min_length=1, max_length=200)]
-    description: Annotated[str | None, Field(max_length=10_000)] = None
+    name: Annotated[str, Field(min_length=1, max_length=200), NoNul, NotBlank]
+    description: Annotated[str, Field(max_length=10_000), NoNul] | None = None
     family: FamilyName = DEFAULT_FAMILY
 
 
@@ -151,15 +231,13 @@ class TrialCreate(InModel):
     seq_len: Annotated[int, Field(gt=0, le=2**31 - 1, description="tokens per sequence")]
     learning_rate: Annotated[PositiveFinite, Field(description="peak learning rate")]
     batch_size_tokens: Annotated[PositiveInt, Field(description="global batch size in tokens")]
-    model_shape: dict[str, Any] | None = Field(
-        default=None, description="n_layer, n_head, d_model, ..."
-    )
+    model_shape: JsonObjectIn = Field(default=None, description="n_layer, n_head, d_model, ...")
     adam_beta1: Beta | None = None
     adam_beta2: Beta | None = None
     adam_eps: PositiveFinite | None = None
     weight_decay: NonNegativeFinite | None = None
     grad_clip: NonNegativeFinite | None = None
-    schedule: Annotated[str | None, Field(max_length=50)] = None
+    schedule: Annotated[str, Field(max_length=50), NoNul] | None = None
     parametrization: Annotated[Parametrization, Field(description=PARAMETRIZATION_NOTE)] = (
         Parametrization.STANDARD
     )
@@ -168,7 +246,7 @@ class TrialCreate(InModel):
     world_size: Annotated[int | None, Field(gt=0, le=2**31 - 1)] = None
     seed: Annotated[int | None, Field(ge=-INT64_MAX, le=INT64_MAX)] = None
     status: TrialStatus = TrialStatus.QUEUED
-    status_reason: Annotated[str | None, Field(max_length=10_000)] = None
+    status_reason: Annotated[str, Field(max_length=10_000), NoNul] | None = None
     source: TrialSource = TrialSource.TRAINED
     idempotency_key: Annotated[
         str | None,
@@ -177,17 +255,18 @@ class TrialCreate(InModel):
             max_length=200,
             description="re-posting the same key in the same experiment returns that trial",
         ),
+        NoNul,
     ] = None
     final_loss: AnyFloat | None = None
     final_eval_loss: AnyFloat | None = None
     steps_done: NonNegativeInt | None = None
     tokens_done: Annotated[NonNegativeInt | None, Field(description=TOKENS_DONE_NOTE)] = None
-    diverged: bool | None = None
+    diverged: StrictBool | None = None
     stop_reason: Annotated[StopReason | None, Field(description=STOP_REASON_NOTE)] = None
     target_loss: TargetLoss = None
     steps_to_target: StepsToTarget = None
     reached_target: ReachedTarget = None
-    config: dict[str, Any] | None = Field(
+    config: JsonObjectIn = Field(
         default=None, description="everything else: resolved config, code version, data hash"
     )
 
@@ -196,18 +275,18 @@ class TrialUpdate(InModel):
     """PATCH body. A finished trial (completed/failed/pruned) cannot change status."""
 
     status: TrialStatus | None = None
-    status_reason: Annotated[str | None, Field(max_length=10_000)] = None
+    status_reason: Annotated[str, Field(max_length=10_000), NoNul] | None = None
     final_loss: AnyFloat | None = None
     final_eval_loss: AnyFloat | None = None
     steps_done: NonNegativeInt | None = None
     tokens_done: Annotated[NonNegativeInt | None, Field(description=TOKENS_DONE_NOTE)] = None
-    diverged: bool | None = None
+    diverged: StrictBool | None = None
     stop_reason: Annotated[StopReason | None, Field(description=STOP_REASON_NOTE)] = None
     target_loss: TargetLoss = None
     steps_to_target: StepsToTarget = None
     reached_target: ReachedTarget = None
-    model_shape: dict[str, Any] | None = None
-    config: dict[str, Any] | None = Field(
+    model_shape: JsonObjectIn = None
+    config: JsonObjectIn = Field(
         default=None, description="merged key by key into the stored config"
     )
 
@@ -342,3 +421,26 @@ class TokenPublic(OutModel):
     created_at: dt.datetime
     revoked_at: dt.datetime | None
     last_used_at: dt.datetime | None
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+class FieldErrorPublic(OutModel):
+    """One violated rule of a 422 body."""
+
+    field: str = Field(description="dotted path into the body, or the parameter's name")
+    rule: str = Field(description="the rule's name: gt, missing, no_nul, float_range, ...")
+    message: str = Field(description="a sentence naming the field and the rule")
+
+
+class ValidationErrorPublic(OutModel):
+    """The body of every 422: one entry per violated rule."""
+
+    detail: list[FieldErrorPublic]
+
+
+class ErrorPublic(OutModel):
+    """The body of every other error: one sentence naming the object or field and the rule."""
+
+    detail: str

@@ -62,7 +62,11 @@ def b_simple_summary(steps: ArrayLike, values: ArrayLike) -> BSimpleSummary | No
     if not finite.any():
         return None
     step, value = step[finite], value[finite]
-    late = step * LATE_FRACTION.denominator >= LATE_FRACTION.numerator * step.max()
+    # in Python integers: a step near 2**63 times 10 would wrap around in int64
+    wide = step.astype(object)
+    late = (wide * LATE_FRACTION.denominator >= LATE_FRACTION.numerator * int(step.max())).astype(
+        bool
+    )
     q25, median, q75 = np.percentile(value[late], [25, 50, 75])
     return BSimpleSummary(median=float(median), q25=float(q25), q75=float(q75))
 

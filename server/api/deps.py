@@ -1,9 +1,15 @@
-"""Request dependencies: the per-request session and bearer-token scopes.
+"""Request dependencies: the per-request session, bearer-token scopes and the parameter
+types the routes share.
 
 ``SessionDep`` opens one session per request from the app's ``Database`` (its
 ``session()``, i.e. ``session_scope``) and closes it when
 the route function returns (dependency scope ``function``), so the commit -- and any error
 it raises -- happens before the response is sent. Auth shares that session.
+
+Parameters that reach SQL are bounded to what their column holds (``Offset``, ``ObjectId``,
+``IdFilter``, ``CountFilter``: at most 2**63 - 1, a 422 beyond rather than the driver's
+overflow error, a 500), and text filters (``TextFilter``) reject NUL as the bodies do
+(``server.schemas.NoNul``).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -19,6 +25,14 @@ from server import crud
 from server.core.config import Settings
 from server.core.db import Database
 from server.models import ApiToken, TokenScope, utcnow
+from server.schemas import INT64_MAX, NoNul
+
+Offset = Annotated[int, Query(ge=0, le=INT64_MAX, description="matches to skip")]
+Limit = Annotated[int, Query(ge=1, le=1000, description="matches to return")]
+ObjectId = Annotated[int, Path(ge=1, le=INT64_MAX)]
+IdFilter = Annotated[int | None, Query(ge=1, le=INT64_MAX)]
+CountFilter = Annotated[int | None, Query(ge=0, le=INT64_MAX)]
+TextFilter = Annotated[str | None, Query(), NoNul]
 
 bearer_scheme = HTTPBearer(auto_error=False, description="API token: `hyperlaw token create`")
 

@@ -40,6 +40,19 @@ class Settings(BaseSettings):
     read_requires_token: bool = Field(
         default=False, description="when true, GET routes need a token with read scope"
     )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="browser origins allowed to call the API (CORS), as a JSON list, e.g. "
+        '["https://dash.example"]; empty (the default): no CORS headers at all',
+    )
+    max_body_bytes: int = Field(
+        default=8 * 2**20,
+        gt=0,
+        description="the largest request body, in bytes (413 beyond it, before parsing or "
+        "auth). 8 MiB: a full points batch (10,000 points, every value column, 19-digit "
+        "steps and 17-digit floats) is 3.6 MB as client.wire writes it and 4.5 MB "
+        "pretty-printed; every other body is a few KB",
+    )
     heartbeat_grace_s: float = Field(
         default=300.0, gt=0, description="a running trial silent this long is marked failed"
     )

@@ -37,6 +37,9 @@ from server.core.errors import SchemaOutdatedError, StorageUnavailableError
 
 log = logging.getLogger(__name__)
 
+#: What a client is told when the database fails at the connection level (503).
+STORAGE_UNAVAILABLE = "the database is unavailable; retry"
+
 
 @lru_cache(maxsize=1)
 def migrations_dir() -> Path:
@@ -109,7 +112,9 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session that commits on success, rolls back on any exception, always closes.
 
     Raises ``StorageUnavailableError`` for connection-level database failures (lost
-    connection, lock timeout), which the API answers with 503 so clients retry.
+    connection, lock timeout), which the API answers with 503 so clients retry. Its message
+    is the fixed :data:`STORAGE_UNAVAILABLE`: the driver's text (host names, database and
+    role names) goes to the log, never to a client.
     """
     session = factory()
     try:
@@ -118,11 +123,12 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     except OperationalError as exc:
         session.rollback()
         log.warning("database unavailable: %s", exc.orig)
-        raise StorageUnavailableError(f"database unavailable: {exc.orig}") from exc
+        raise StorageUnavailableError(STORAGE_UNAVAILABLE) from exc
     except DBAPIError as exc:
         session.rollback()
         if exc.connection_invalidated:
-            raise StorageUnavailableError(f"database connection lost: {exc.orig}") from exc
+            log.warning("database connection lost: %s", exc.orig)
+            raise StorageUnavailableError(STORAGE_UNAVAILABLE) from exc
         raise
     except BaseException:
         session.rollback()

@@ -36,7 +36,9 @@ class ConflictError(HyperlawError):
 
 
 class StorageUnavailableError(HyperlawError):
-    """The database could not serve the request (503; clients retry)."""
+    """The database could not serve the request (503; clients retry). Its message is a
+    fixed sentence (``server.core.db.STORAGE_UNAVAILABLE``): the driver's text, which names
+    hosts, databases and roles, goes to the log only."""
 
     status_code = 503
 

@@ -128,14 +128,19 @@ def test_experiment_by_name_and_id(server):
     [
         ({"n_tokens": "1e11"}, "n_params", "is required"),
         ({"n_params": "1e9"}, "n_tokens", "is required"),
-        ({"n_params": "0", "n_tokens": "1e11"}, "n_params", "must be > 0"),
-        ({"n_params": "-1e9", "n_tokens": "1e11"}, "n_params", "must be > 0"),
+        ({"n_params": "0", "n_tokens": "1e11"}, "n_params", "must be >= 1000"),
+        ({"n_params": "-1e9", "n_tokens": "1e11"}, "n_params", "must be >= 1000"),
+        ({"n_params": "5e-324", "n_tokens": "1e11"}, "n_params", "must be >= 1000"),
+        ({"n_params": "1e16", "n_tokens": "1e11"}, "n_params", "must be <="),
+        ({"n_params": "1e9", "n_tokens": "1e300"}, "n_tokens", "must be <="),
+        ({"n_params": "1e9", "n_tokens": "1e-400"}, "n_tokens", "must be >= 1000"),
         ({"n_params": "nan", "n_tokens": "1e11"}, "n_params", "must be finite"),
         ({"n_params": "1e9", "n_tokens": "inf"}, "n_tokens", "must be finite"),
         ({"n_params": "many", "n_tokens": "1e11"}, "n_params", "must be a number"),
         ({**QUERY, "seq_len": "0"}, "seq_len", "must be > 0"),
         ({**QUERY, "seq_len": "2048.5"}, "seq_len", "must be an integer"),
-        ({**QUERY, "batch_size_tokens": "-4"}, "batch_size_tokens", "must be > 0"),
+        ({**QUERY, "batch_size_tokens": "-4"}, "batch_size_tokens", "must be >= 1"),
+        ({**QUERY, "batch_size_tokens": "1e13"}, "batch_size_tokens", "must be <="),
         ({**QUERY, "batch_size_tokens": "-inf"}, "batch_size_tokens", "must be finite"),
         ({**QUERY, "experiment": ""}, "experiment", "at least 1"),
         ({**QUERY, "family": ""}, "family", "at least 1"),
@@ -173,6 +178,9 @@ def test_read_token_required_when_configured(seeded_pg, live_server_factory):
         headers={"Authorization": f"Bearer {live.token}"},
     )
     assert ok.status_code == 200 and math.isfinite(ok.json()["learning_rate"])
+    # an answer known from the request before is still not given without a token
+    assert get(live, **QUERY).status_code == 401
+    assert get(live, **QUERY, family="step-law").status_code == 401
 
 
 def test_fit_from_another_recommender_version_is_503_not_500(make_database, live_server_factory):
@@ -195,3 +203,66 @@ def test_fit_from_another_recommender_version_is_503_not_500(make_database, live
         )
     answer = get(live_server_factory(database_url=url), **QUERY)
     assert answer.status_code == 503 and "cannot be loaded" in answer.json()["detail"]
+
+
+def test_a_new_fit_answers_within_the_check_interval(seeded_pg, make_database, live_server_factory):
+    """The served answers are kept per fit (``ServedFit.answer``) and known query strings are
+    answered before parsing: a newer ok fit still answers from the first check after it."""
+    import time
+
+    from server.api.routes.recommendations import CHECK_INTERVAL_S
+    from server.core.db import open_database, upgrade
+    from server.models import Experiment, Fit
+    from server.recommend import load_served_fit
+
+    with open_database(seeded_pg) as seeded, seeded.session() as session:
+        fit = load_served_fit(session, "family:step-law")
+        params = session.get(Fit, fit.fit_id).params
+    url = make_database("sqlite")
+    upgrade(url)
+
+    def store_fit(watermark: str) -> int:
+        with open_database(url) as database, database.session() as session:
+            row = Fit(kind="recommender", scope="family:step-law", status="ok", params=params)
+            row.n_trials, row.data_watermark = 1911, watermark
+            session.add(row)
+            session.flush()
+            return row.id
+
+    with open_database(url) as database, database.session() as session:
+        session.add(Experiment(name="steplaw", family="step-law"))
+    first = store_fit("first")
+    live = live_server_factory(database_url=url)
+    answers = [get(live, **QUERY) for _ in range(3)]  # computed once, then known
+    assert [a.json()["fit_ids"] for a in answers] == [[first]] * 3
+    assert answers[0].content == answers[2].content
+    second = store_fit("second")
+    deadline = time.monotonic() + CHECK_INTERVAL_S + 2  # 2 s: the requests themselves
+    while (now := get(live, **QUERY).json())["fit_ids"] != [second]:
+        assert time.monotonic() < deadline, "the new fit was not picked up"
+        time.sleep(0.1)
+    assert {k: v for k, v in now.items() if k not in ("fit_ids", "fitted_at")} == {
+        k: v for k, v in answers[0].json().items() if k not in ("fit_ids", "fitted_at")
+    }
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"n_params": "1e3", "n_tokens": "1e3"},
+        {"n_params": "1e15", "n_tokens": "1e16", "seq_len": "1"},
+        {"n_params": "1e3", "n_tokens": "1e16", "batch_size_tokens": "1"},
+        {"n_params": "1e15", "n_tokens": "1e3", "batch_size_tokens": "1e12"},
+        {"n_params": "1e3", "n_tokens": "8771329.77", "batch_size_tokens": "1014.09"},
+        {"n_params": "1e9", "n_tokens": "1e11", "seq_len": str(2**31 - 1)},
+    ],
+)
+def test_queries_at_the_edges_of_the_ranges_answer_or_name_the_rule(server, params):
+    """Within the bounds, laws evaluated far from the fitted range may overflow: a 422
+    naming the field and rule ``evaluable``, never a 500."""
+    answer = get(server, **params)
+    assert answer.status_code in (200, 422), answer.text
+    if answer.status_code == 422:
+        (detail,) = answer.json()["detail"]
+        assert detail["rule"] == "evaluable" and detail["field"] in params
+        assert detail["message"].startswith(detail["field"])

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 
 from server import crud, families
-from server.api.deps import ReadAuth, SessionDep, WriteAuth
+from server.api.deps import Limit, ObjectId, Offset, ReadAuth, SessionDep, TextFilter, WriteAuth
+from server.api.limits import JsonLimitsRoute
 from server.schemas import (
     ExperimentCreate,
     ExperimentPublic,
@@ -15,7 +14,7 @@ from server.schemas import (
     ExperimentUpdate,
 )
 
-router = APIRouter(prefix="/experiments", tags=["experiments"])
+router = APIRouter(prefix="/experiments", tags=["experiments"], route_class=JsonLimitsRoute)
 
 
 @router.post(
@@ -42,10 +41,10 @@ def create_experiment(
 @router.get("", response_model=ExperimentsPublic, dependencies=[ReadAuth])
 def list_experiments(
     session: SessionDep,
-    name: str | None = None,
-    family: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    name: TextFilter = None,
+    family: TextFilter = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> ExperimentsPublic:
     rows, count = crud.list_experiments(
         session=session, name=name, family=family, limit=limit, offset=offset
@@ -54,7 +53,7 @@ def list_experiments(
 
 
 @router.get("/{experiment_id}", response_model=ExperimentPublic, dependencies=[ReadAuth])
-def get_experiment(experiment_id: int, session: SessionDep) -> ExperimentPublic:
+def get_experiment(experiment_id: ObjectId, session: SessionDep) -> ExperimentPublic:
     return ExperimentPublic.model_validate(
         crud.get_experiment(session=session, experiment_id=experiment_id)
     )
@@ -62,7 +61,7 @@ def get_experiment(experiment_id: int, session: SessionDep) -> ExperimentPublic:
 
 @router.patch("/{experiment_id}", response_model=ExperimentPublic, dependencies=[WriteAuth])
 def update_experiment(
-    experiment_id: int, experiment_in: ExperimentUpdate, session: SessionDep
+    experiment_id: ObjectId, experiment_in: ExperimentUpdate, session: SessionDep
 ) -> ExperimentPublic:
     """Move the experiment, with all its trials, to another family; the fitting worker then
     refits every family."""

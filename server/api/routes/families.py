@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 
 from server import families
-from server.api.deps import ReadAuth, SessionDep
+from server.api.deps import Limit, Offset, ReadAuth, SessionDep
 from server.family_schemas import FamiliesPublic, FamilyPublic
 
 router = APIRouter(prefix="/families", tags=["families"], dependencies=[ReadAuth])
@@ -16,8 +14,8 @@ router = APIRouter(prefix="/families", tags=["families"], dependencies=[ReadAuth
 @router.get("", response_model=FamiliesPublic)
 def list_families(
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> FamiliesPublic:
     """Every family (an experiment's ``family``), by name: its experiments, completed
     trials, (N, D) groups and ranges, fit keys and the newest recommender fit of its

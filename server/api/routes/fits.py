@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 
 from server import crud
-from server.api.deps import ReadAuth, SessionDep
+from server.api.deps import Limit, ObjectId, Offset, ReadAuth, SessionDep, TextFilter
 from server.schemas import FitPublic, FitsPublic
 
 router = APIRouter(prefix="/fits", tags=["fits"], dependencies=[ReadAuth])
@@ -18,11 +18,11 @@ FitStatusParam = Literal["ok", "insufficient_data", "failed"]
 @router.get("", response_model=FitsPublic)
 def list_fits(
     session: SessionDep,
-    kind: str | None = None,
-    scope: str | None = None,
+    kind: TextFilter = None,
+    scope: TextFilter = None,
     status: FitStatusParam | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> FitsPublic:
     """Fits, newest first."""
     rows, count = crud.list_fits(
@@ -31,11 +31,11 @@ def list_fits(
     return FitsPublic(data=[FitPublic.model_validate(r) for r in rows], count=count)
 
 
-@router.get("/latest", response_model=FitPublic)
+@router.get("/latest", response_model=FitPublic, responses={404: {"description": "no fit matches"}})
 def latest_fit(
     session: SessionDep,
-    kind: str | None = None,
-    scope: str | None = None,
+    kind: TextFilter = None,
+    scope: TextFilter = None,
     status: FitStatusParam | None = None,
 ) -> FitPublic:
     """The newest fit matching the filters (404 when there is none)."""
@@ -45,5 +45,5 @@ def latest_fit(
 
 
 @router.get("/{fit_id}", response_model=FitPublic)
-def get_fit(fit_id: int, session: SessionDep) -> FitPublic:
+def get_fit(fit_id: ObjectId, session: SessionDep) -> FitPublic:
     return FitPublic.model_validate(crud.get_fit(session=session, fit_id=fit_id))
