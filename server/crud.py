@@ -31,7 +31,7 @@ from server.models import (
     TrialStatus,
     utcnow,
 )
-from server.schemas import ExperimentCreate, TrialCreate, TrialUpdate
+from server.schemas import BLANK_TEXT, NO_NUL_TEXT, ExperimentCreate, TrialCreate, TrialUpdate
 from server.trial_results import check_target, store_b_simple_summary
 
 log = logging.getLogger(__name__)
@@ -346,9 +346,9 @@ def create_token(*, session: Session, name: str, scope: TokenScope) -> tuple[Api
     """Create a named token; returns (row, secret). Only the hash is stored. A blank name,
     or one holding NUL, is an ``InputError`` (the rules of ``server.schemas``' names)."""
     if "\x00" in name:
-        raise InputError([FieldError("name", "no_nul", "name must not contain NUL characters")])
+        raise InputError([FieldError("name", "no_nul", f"name {NO_NUL_TEXT}")])
     if not name.strip():
-        raise InputError([FieldError("name", "blank", "name must not be blank (whitespace only)")])
+        raise InputError([FieldError("name", "blank", f"name {BLANK_TEXT}")])
     if session.scalar(select(ApiToken).where(ApiToken.name == name)) is not None:
         raise ConflictError(f"a token named {name!r} already exists")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)

@@ -39,7 +39,13 @@ from server.api.routes import experiments, families, fits, recommendations, tria
 from server.core.config import Settings, get_settings
 from server.core.db import Database, require_current_schema
 from server.core.errors import HyperlawError, InputError
-from server.schemas import NONFINITE_NOTE, ErrorPublic, ValidationErrorPublic
+from server.schemas import (
+    BLANK_TEXT,
+    NO_NUL_TEXT,
+    NONFINITE_NOTE,
+    ErrorPublic,
+    ValidationErrorPublic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +89,8 @@ _RULE_TEXT = {
     "literal_error": lambda ctx: f"must be one of {ctx.get('expected')}",
     "json_invalid": lambda ctx: f"must be valid JSON ({ctx.get('error')})",
     "family_name": lambda ctx: str(ctx.get("problem")),
-    "no_nul": lambda ctx: (
-        "must not contain NUL (\\u0000) characters"
-        + (f" (at {ctx['at']})" if ctx.get("at") else "")
-    ),
-    "blank": lambda ctx: "must not be blank (whitespace only)",
+    "no_nul": lambda ctx: NO_NUL_TEXT + (f" (at {ctx['at']})" if ctx.get("at") else ""),
+    "blank": lambda ctx: BLANK_TEXT,
     "float_range": lambda ctx: (
         "must be within a 64-bit float's range (0, or a magnitude "
         f"from 5e-324 to 1.8e308): got {_abridged(str(ctx.get('literal')))}"

@@ -166,6 +166,13 @@ def _no_fit(session: Session, scope: str, *, by_default: bool = False) -> Hyperl
 # --- the fit that serves -------------------------------------------------------------------
 
 
+def answer_key(
+    n_params: float, n_tokens: float, seq_len: int, batch_size_tokens: float | None
+) -> tuple[float, float, int, float | None]:
+    """The key :meth:`ServedFit.answer` keeps a query's body under."""
+    return (n_params, n_tokens, seq_len, batch_size_tokens)
+
+
 @dataclass(frozen=True)
 class ServedFit:
     """The recommender of one ok fit, ready to answer queries. ``answer`` (its cache) is
@@ -193,10 +200,9 @@ class ServedFit:
         """The body of :meth:`recommend`, JSON-encoded (``client.wire.dumps``, UTF-8):
         computed once per distinct query and kept (:data:`ANSWERS_PER_FIT`). Raises as
         :meth:`recommend` does; errors are not kept."""
-        key = (n_params, n_tokens, seq_len, batch_size_tokens)
-        body = self._answers.get(key)
+        key = answer_key(n_params, n_tokens, seq_len, batch_size_tokens)
+        body = self.kept_answer(key)
         if body is not None:
-            self._answers.move_to_end(key)
             return body
         body = dumps(
             self.recommend(n_params, n_tokens, seq_len=seq_len, batch_size_tokens=batch_size_tokens)
@@ -207,7 +213,7 @@ class ServedFit:
         return body
 
     def kept_answer(self, key: tuple) -> bytes | None:
-        """The body :meth:`answer` keeps for ``key`` (its arguments in order), or None;
+        """The body :meth:`answer` keeps for ``key`` (:func:`answer_key`), or None;
         computes nothing."""
         body = self._answers.get(key)
         if body is not None:
@@ -343,12 +349,11 @@ class RecommenderCache:
         """The entry while it is fresh, else None; unlike :meth:`get` it never claims the
         check, so a caller that gets None must go on to ``get``."""
         entry = self._entries.get(scope)
-        if (
-            entry is None
-            or time.monotonic() - self._checked.get(scope, -math.inf) >= self._interval
-        ):
-            return None
-        return entry
+        return entry if entry is not None and self._fresh(scope, time.monotonic()) else None
+
+    def _fresh(self, scope: str, now: float) -> bool:
+        """Whether ``scope`` was checked against the database within the interval."""
+        return now - self._checked.get(scope, -math.inf) < self._interval
 
     def get(self, scope: str) -> ServedFit | None:
         """The entry while it is fresh; None when the caller must ``refresh``. A stale
@@ -358,7 +363,7 @@ class RecommenderCache:
         if entry is None:
             return None
         now = time.monotonic()
-        if now - self._checked.get(scope, -math.inf) < self._interval:
+        if self._fresh(scope, now):
             return entry
         self._checked[scope] = now  # claimed: this caller checks, the others serve
         return None

@@ -85,23 +85,27 @@ MAX_JSON_DEPTH = 32
 MAX_JSON_CHARS = 65_536
 
 
+#: The sentences of the text rules, shared by the 422 (server.main) and token names (crud).
+NO_NUL_TEXT = "must not contain NUL (\\u0000) characters"
+BLANK_TEXT = "must not be blank (whitespace only)"
+
+
 def _no_nul(text: str | None) -> str | None:
     """PostgreSQL's text types cannot hold NUL (U+0000): a 422 naming the field here, rather
     than the driver's error (a 500) at the insert or the query."""
     if text is not None and "\x00" in text:
-        raise PydanticCustomError("no_nul", "must not contain NUL (\\u0000) characters")
+        raise PydanticCustomError("no_nul", NO_NUL_TEXT)
     return text
 
 
 def _not_blank(text: str) -> str:
     """A name made of whitespace only names nothing anyone can tell apart or type."""
     if not text.strip():
-        raise PydanticCustomError("blank", "must not be blank (whitespace only)")
+        raise PydanticCustomError("blank", BLANK_TEXT)
     return text
 
 
-#: Metadata of every text field and text query parameter (``Annotated[str, ..., NoNul]``),
-#: and of every name.
+#: Metadata of every text field and text query parameter, and of every name.
 NoNul = AfterValidator(_no_nul)
 NotBlank = AfterValidator(_not_blank)
 

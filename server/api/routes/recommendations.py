@@ -34,7 +34,7 @@ from server.api.deps import authorize, bearer_scheme
 from server.core.db import Database
 from server.core.errors import FieldError, InputError
 from server.models import TokenScope
-from server.recommend import RecommenderCache, ServedFit, resolve_scope
+from server.recommend import RecommenderCache, ServedFit, answer_key, resolve_scope
 from server.recommendation_schemas import RecommendationPublic
 from server.schemas import NoNul
 
@@ -199,7 +199,7 @@ async def get_recommendation(
         known: _Known = request.app.state.recommendation_queries
         known[request.scope["query_string"]] = (
             scope,
-            (n_params, n_tokens, seq_len, batch_size_tokens),  # as ServedFit.answer keys it
+            answer_key(n_params, n_tokens, seq_len, batch_size_tokens),
         )
         known.move_to_end(request.scope["query_string"])
         if len(known) > KNOWN_QUERIES:
