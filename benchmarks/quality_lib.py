@@ -23,7 +23,7 @@ import numpy as np
 from benchmarks.quality_scores import Scorer, nearest_regret, own_optima
 from fitting.bell import fit_bell_surface
 from fitting.data import Runs
-from fitting.near_optimal import fit_near_optimal
+from fitting.near_optimal import fit_near_optimal, published_step_law
 from fitting.recommender import fit_recommender
 
 logger = logging.getLogger("recommend_quality")
@@ -35,7 +35,7 @@ Excluded = frozenset[int]
 
 def steplaw_published(_: Runs) -> Predictor:
     """Li et al. 2025, eq. (published fit): η = 1.79·N^-0.713·D^0.307, B = 0.58·D^0.571."""
-    return lambda n, d: (1.79 * n**-0.713 * d**0.307, 0.58 * d**0.571)
+    return lambda n, d: tuple(float(v) for v in published_step_law(n, d))  # type: ignore[return-value]
 
 
 def deepseek_published(_: Runs) -> Predictor:

@@ -31,6 +31,14 @@ from fitting.results import FitStatus
 _NAMES_LR = ("n_params", "n_tokens")
 
 
+def published_step_law(n_params, n_tokens):
+    """Li et al. 2025's published formula (the Step Law): η = 1.79·N^-0.713·D^0.307 and
+    B = 0.58·D^0.571 tokens, for floats or arrays; returns (η, B)."""
+    n = np.asarray(n_params, dtype=float)
+    d = np.asarray(n_tokens, dtype=float)
+    return 1.79 * n**-0.713 * d**0.307, 0.58 * d**0.571
+
+
 @dataclass(frozen=True)
 class NearOptimalFit:
     """The two laws of the near-optimal regression and what they were fitted on.

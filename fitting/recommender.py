@@ -55,9 +55,9 @@ from fitting.cbs import StepsTable
 from fitting.cbs_answer import cbs_only_answer
 from fitting.data import Runs
 from fitting.extrapolation import LawForms, fit_law_forms
-from fitting.group_optima import fit_group_optima
 from fitting.imposed_batch import imposed_batch
 from fitting.intervals import GroupScatter
+from fitting.lenders import pooled_fit
 from fitting.recommender_state import (
     Recommendation,
     RecommenderUnavailable,
@@ -327,7 +327,9 @@ def fit_recommender(
     exponents shrunk towards the shared ones) and the recommender is ``family``'s: its laws,
     the fitted range, the steps-to-target CBS law and the counts are those of its own runs;
     the bootstrap draws each family's groups from that family; the groups' scatter is every
-    group's offset from its own family's laws.
+    group's offset from its own family's laws. A family whose own runs cannot be fitted is
+    not borrowed from, nor are the others when the joint fit fails (:mod:`fitting.lenders`):
+    ``quality["families_left_out"]`` names each with why, and the counts are those pooled.
 
     ``law_forms``: average the law forms that the data cannot tell apart
     (:mod:`fitting.extrapolation`; about ten more surface fits). ``overhead`` is the CBS's
@@ -358,14 +360,12 @@ def fit_recommender(
         raise ValueError(f"runs of families {runs.families()}: name the one to fit (family=)")
     options["family"] = family
     own = runs if runs.family is None else runs.subset(runs.family == family)
-    groups = runs.groups() if len(runs) else []
-    own_groups = [g for g in groups if g.family == family]
     fitted_range = fitted_range_of(own if len(own) else runs) if len(runs) else {}
 
     result = functools.partial(  # every answer below, ok or not, with these
         Recommender,
         n_runs=len(own),
-        n_groups=len(own_groups),
+        n_groups=len(own.groups()),
         fitted_range=fitted_range,
         options=options,
     )
@@ -384,18 +384,19 @@ def fit_recommender(
             return cbs_only(reason=f"no loss surface: {no_runs}")
         return result(status=FitStatus.INSUFFICIENT_DATA, reason=no_runs, quality={})
     valley: dict[str, Any] = {"window": window, "f_scale": f_scale, "cubic": cubic}  # every fit
-    fit = surf.fit_surface(runs, **valley, family=family)
+    pool = pooled_fit(runs, family, **valley, need_optima=bool(n_bootstrap or law_forms))
+    runs, fit, optima, left_out = pool.runs, pool.fit, pool.optima, pool.left_out
     if fit.status is not FitStatus.OK or fit.params is None:
         if cbs_law is not None:
             return cbs_only(reason=f"no loss surface: {fit.reason}")
-        return result(status=fit.status, reason=fit.reason, quality={})
+        return result(status=fit.status, reason=fit.reason, quality={"families_left_out": left_out})
     surface = SurfacePoint.from_params(fit.params, overhead)
     reason = ""
     if not math.isfinite(surface.cbs_offset):
         reason = "critical batch size undefined: the loss at the optimum does not fall with D"
-    rng = np.random.default_rng(seed)
-    draws = []
+    rng, draws = np.random.default_rng(seed), []
     names: list[str | None] = [*runs.families()] or [None]
+    groups = runs.groups()  # those pooled: without any family left out
     strata = [[g for g in groups if g.family == name] for name in names]
     for _ in range(int(n_bootstrap)):  # a group drawn k times counts k times
         resample = [  # within each family: every family keeps its number of groups
@@ -406,8 +407,6 @@ def fit_recommender(
         boot = surf.fit_surface(runs, **valley, groups=resample, family=family)
         if boot.status is FitStatus.OK and boot.params is not None:
             draws.append(SurfacePoint.from_params(boot.params, overhead))
-    # each group's own optimum, for the scatter and for weighing the law forms: fitted once
-    optima = fit_group_optima(runs, **valley) if n_bootstrap or law_forms else None
     scatter = GroupScatter.empty()
     if n_bootstrap:  # no draws, no intervals: the groups' scatter is only needed with them
         logger.info("recommender bootstrap: %d of %d draws fitted", len(draws), n_bootstrap)
@@ -421,6 +420,7 @@ def fit_recommender(
         "n_scatter_groups": scatter.size,
         "n_families_pooled": max(len(runs.families()), 1),
         "n_groups_pooled": len(groups),
+        "families_left_out": left_out,
     }
     quality["cbs_law"] = "steps_to_target" if cbs_law is not None else f"loss_surface: {why}"
     if cbs_law is None and steps is not None:

@@ -19,7 +19,8 @@ best (at least ``min_runs_per_group`` of its best runs), diverged runs excluded;
 squares on ln L with a soft-L1 robust loss (scale ``f_scale`` in ln L) and weights that give
 every group about the same total weight (a group listed k times, as in a bootstrap resample,
 weighs k times as much). The window and the robust loss were chosen by leave-one-group-out
-regret on the Step Law sweep (see ``benchmarks/recommend_quality.py``).
+regret on the Step Law sweep (see ``benchmarks/recommend_quality.py``). The solve has an
+exact Jacobian and a bounded number of evaluations (:mod:`fitting.valley_fit`).
 
 With ``cubic=False`` the cubic terms are held at 0 (a quadratic valley); the default keeps
 them, also a leave-one-group-out choice (the benchmark's nested row re-makes it per fold).
@@ -44,6 +45,7 @@ import numpy as np
 
 from fitting.data import Runs
 from fitting.results import FitStatus
+from fitting.valley_fit import curvature, solve, valley, valley_terms
 
 logger = logging.getLogger(__name__)
 
@@ -120,24 +122,9 @@ def optimum_log(p, log_n, log_d):
     return (p.eta_0 + p.eta_n * n + p.eta_d * d, p.batch_0 + p.batch_n * n + p.batch_d * d)
 
 
-def _valley(shape, u, v):
-    """Q(u, v) of the module docstring from its six shape parameters, ``shape`` =
-    (log_curv_eta, log_curv_batch, coupling, cubic_eta, cubic_batch, cubic_mixed), the last
-    six of ``PARAM_NAMES``."""
-    log_curv_eta, log_curv_batch, coupling, cubic_eta, cubic_batch, cubic_mixed = shape
-    return (
-        np.exp(log_curv_eta) * u * u
-        + np.exp(log_curv_batch) * v * v
-        + coupling * u * v
-        + cubic_eta * u**3
-        + cubic_batch * v**3
-        + cubic_mixed * u * u * v
-    )
-
-
 def excess_log_loss(p, u, v):
     """Q(u, v): ln L above the group's optimum at ln η offset u and ln B offset v."""
-    return _valley([getattr(p, name) for name in _QUADRATIC_NAMES + _CUBIC_NAMES], u, v)
+    return valley([getattr(p, name) for name in _QUADRATIC_NAMES + _CUBIC_NAMES], u, v)
 
 
 def best_eta_offset(p, v):
@@ -148,7 +135,7 @@ def best_eta_offset(p, v):
     is used.
     """
     a2 = 3.0 * p.cubic_eta
-    b1 = 2.0 * np.exp(p.log_curv_eta) + 2.0 * p.cubic_mixed * v
+    b1 = 2.0 * curvature(p.log_curv_eta) + 2.0 * p.cubic_mixed * v
     c0 = p.coupling * v
     disc = b1 * b1 - 4.0 * a2 * c0
     root = np.sqrt(np.maximum(disc, 0.0))
@@ -267,6 +254,30 @@ def _loss_laws(offsets, fam, n, d) -> list[dict[str, float]]:
     return out
 
 
+def _layout(n_fam: int, cubic: bool, zero: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """How the fit's parameters after the groups' offsets make every family's twelve (in
+    the order of ``PARAM_NAMES``): ``own[f] = layout[f] @ theta``. First the shared
+    exponents, then per family its level (eta_0, batch_0), its valley shape and, with
+    several families, its exponents' deviations from the shared ones, whose positions are
+    returned beside (the prior's residuals). Held parameters (``zero``, the cubic terms
+    without ``cubic``) have no column: 0 for every family."""
+    held = set(zero) | (set() if cubic else set(_CUBIC_NAMES))
+    exponents = [i for i in (1, 2, 4, 5) if PARAM_NAMES[i] not in held]
+    own = [i for i in (0, 3, *range(6, 12)) if PARAM_NAMES[i] not in held]
+    per_family = len(own) + (len(exponents) if n_fam > 1 else 0)
+    layout = np.zeros((n_fam, len(PARAM_NAMES), len(exponents) + n_fam * per_family))
+    layout[:, exponents, np.arange(len(exponents))] = 1.0
+    deviation: list[int] = []
+    for f in range(n_fam):
+        col = len(exponents) + f * per_family
+        layout[f, own, col + np.arange(len(own))] = 1.0
+        if n_fam > 1:
+            cols = col + len(own) + np.arange(len(exponents))
+            layout[f, exponents, cols] = 1.0
+            deviation.extend(cols)
+    return layout, np.array(deviation, dtype=np.int64)
+
+
 def fit_surface(
     runs: Runs,
     *,
@@ -285,22 +296,27 @@ def fit_surface(
     (default its groups); one listed k times is k groups, each with its own c_g.
 
     Families (runs with ``family`` labels from more than one family among the usable groups):
-    one joint fit in which every family f has its own intercepts eta_0 + a_f, batch_0 + b_f
-    (its level) and its own valley shape, and exponents eta_n + α_f, … that are shrunk
-    towards the shared ones: each exponent's deviation α_f enters as a prior residual
-    α_f / ``exponent_sd`` weighing as much as ``prior_groups`` groups of runs. A family with
-    few groups, or groups that cannot tell its exponents apart, keeps the shared exponents
-    and gets its own level; one with many groups gets its own exponents. The loss offsets
+    one joint fit in which every family f has its own level (eta_0, batch_0) and its own
+    valley shape, free, and exponents eta_n + α_f, … that are shrunk towards the shared
+    ones: each exponent's deviation α_f enters as a prior residual α_f / ``exponent_sd``
+    weighing as much as ``prior_groups`` groups of runs. A family with few groups, or
+    groups that cannot tell its exponents apart, keeps the shared exponents and gets its
+    own level; one with many groups gets its own exponents. Each family's laws are fitted
+    about its own groups' mean ln N and ln D (the same laws; an intercept far from a
+    family's runs would be all but collinear with its exponents, and the solve would crawl)
+    and reported about (n_ref, d_ref), the mean over all usable groups. The loss offsets
     c_g stay per group; the loss-level law is the family's own where its groups determine
     it, else its own intercept with shared slopes (:func:`_loss_laws`). ``params`` is
     ``family``'s, ``by_family`` every family's. With one family this is exactly the fit
-    without labels.
+    without labels. The families share one solve: one whose runs pin down no valley can
+    stop it converging for all (:mod:`fitting.lenders` decides whom to pool).
+
+    FAILED, with the reason, when the bounded solve does not converge
+    (:func:`fitting.valley_fit.solve`) or ``family``'s valley has no minimum.
 
     ``zero`` names exponents held at 0 for every family (another law form, e.g.
     ``("batch_n",)``: B* in D alone).
     """
-    from scipy.optimize import least_squares
-
     _check_options(window, f_scale)
     chosen = _select(runs, window, min_runs_per_group, groups)
 
@@ -333,87 +349,78 @@ def fit_surface(
 
     sel = np.concatenate(good)
     gi = np.concatenate([np.full(g.size, k) for k, g in enumerate(good)])
-    ng = len(good)
+    ng, rows = len(good), np.arange(sel.size)
     log_n_g = np.log(runs.n_params[first])
     log_d_g = np.log(runs.n_tokens[first])
     n_ref, d_ref = float(log_n_g.mean()), float(log_d_g.mean())
-    n = np.log(runs.n_params[sel]) - n_ref
-    d = np.log(runs.n_tokens[sel]) - d_ref
+    # each family's laws are centred on its own groups (an intercept far from a family's
+    # runs would be all but collinear with its exponents), and reported at (n_ref, d_ref)
+    centre = np.array([[log_n_g[fam == f].mean(), log_d_g[fam == f].mean()] for f in range(n_fam)])
+    fi = fam[gi]
+    n = np.log(runs.n_params[sel]) - centre[fi, 0]
+    d = np.log(runs.n_tokens[sel]) - centre[fi, 1]
     x = np.log(runs.learning_rate[sel])
     y = np.log(runs.batch_size_tokens[sel])
     t = np.log(runs.loss[sel])
-    fi = fam[gi]
     counts = np.bincount(gi)
     weights = 1.0 / np.sqrt(counts[gi] / counts.mean())  # each group weighs about the same
-    # Deviations per family of the six optimum laws' coefficients (eta_0, eta_n, eta_d,
-    # batch_0, batch_n, batch_d) and of the six valley shape parameters: the levels and the
-    # shape nearly free (a weak prior only fixes the split between shared and own), the
-    # exponents shrunk (docstring). None with a single family.
-    n_par = len(PARAM_NAMES)
-    n_dev = n_par * n_fam if n_fam > 1 else 0
-    prior_scale = f_scale * math.sqrt(prior_groups * counts.mean())
-    prior_sd = np.tile([100.0, exponent_sd, exponent_sd] * 2 + [100.0] * 6, n_fam)
+    prior = f_scale * math.sqrt(prior_groups * counts.mean()) / exponent_sd
+    layout, deviation = _layout(n_fam, cubic, zero)
+    by_family_rows = [np.flatnonzero(fi == f) for f in range(n_fam)]
 
-    free = np.arange(len(PARAM_NAMES)) if cubic else np.arange(9)  # cubic terms last
-    free = free[[PARAM_NAMES[i] not in zero for i in free]]
-    n_q = free.size
-    varies = np.isin(np.arange(n_par), free).astype(float)
+    def unpack(theta):
+        """The groups' offsets c_g and every family's twelve parameters (centred)."""
+        return theta[:ng], np.einsum("fpk,k->fp", layout, theta[ng:])
 
-    def expand(theta):
-        q = np.zeros(len(PARAM_NAMES))
-        q[free] = theta[ng : ng + n_q]
-        return np.concatenate([theta[:ng], q])
-
-    def deviations(theta):
-        if not n_dev:
-            return np.zeros((n_fam, n_par))
-        return theta[ng + n_q :].reshape(n_fam, n_par) * varies
+    def offsets(own):
+        k = own[fi]  # each run's family's laws and valley
+        u = x - (k[:, 0] + k[:, 1] * n + k[:, 2] * d)
+        return k, u, y - (k[:, 3] + k[:, 4] * n + k[:, 5] * d)
 
     def residuals(theta):
-        full = expand(theta)
-        c, q = full[:ng], full[ng:]
-        k = q + deviations(theta)[fi]  # each run's family's laws and valley
-        u = x - (k[:, 0] + k[:, 1] * n + k[:, 2] * d)
-        v = y - (k[:, 3] + k[:, 4] * n + k[:, 5] * d)
-        data = (c[gi] + _valley(k[:, 6:].T, u, v) - t) * weights
-        if not n_dev:
-            return data
-        return np.concatenate([data, prior_scale * theta[ng + n_q :] / prior_sd])
+        c, own = unpack(theta)
+        k, u, v = offsets(own)
+        data = (c[gi] + valley(k[:, 6:].T, u, v) - t) * weights
+        return np.concatenate([data, prior * theta[ng:][deviation]])
 
-    best = [g[np.argmin(runs.loss[g])] for g in good]
-    q0 = np.zeros(len(PARAM_NAMES))
-    q0[0] = np.mean(np.log(runs.learning_rate[best]))
-    q0[3] = np.mean(np.log(runs.batch_size_tokens[best]))
-    q0[6] = q0[7] = math.log(0.005)
-    c0 = np.log(runs.loss[best])
-    try:
-        sol = least_squares(
-            residuals,
-            np.concatenate([c0, q0[free], np.zeros(n_dev)]),
-            loss="soft_l1",
-            f_scale=f_scale,
-            x_scale="jac",
-        )
-    except (ValueError, np.linalg.LinAlgError) as exc:
-        return _surface_not_ok(
-            FitStatus.FAILED, f"optimiser failed: {exc}", n_runs_used=sel.size, n_groups=ng
-        )
-    theta = expand(sol.x)
-    dev = deviations(sol.x)
-    own = theta[ng:] + dev  # each family's laws and valley, one row per family
+    def jacobian(theta):
+        k, u, v = offsets(unpack(theta)[1])
+        _, du, dv, dshape = valley_terms(k[:, 6:].T, u, v)
+        by_law = np.column_stack([-du, -du * n, -du * d, -dv, -dv * n, -dv * d, dshape])
+        by_law *= weights[:, None]
+        jac = np.zeros((sel.size + deviation.size, theta.size))
+        jac[rows, gi] = weights
+        for f, mine in enumerate(by_family_rows):
+            jac[mine, ng:] = by_law[mine] @ layout[f]
+        jac[sel.size + np.arange(deviation.size), ng + deviation] = prior
+        return jac
+
+    best = np.array([g[np.argmin(runs.loss[g])] for g in good])
+    start = np.zeros((n_fam, len(PARAM_NAMES)))  # each family at its own groups' best runs
+    for f in range(n_fam):
+        start[f, 0] = np.mean(np.log(runs.learning_rate[best[fam == f]]))
+        start[f, 3] = np.mean(np.log(runs.batch_size_tokens[best[fam == f]]))
+    start[:, 6] = start[:, 7] = math.log(0.005)
+    theta0 = np.concatenate([np.log(runs.loss[best]), np.einsum("fpk,fp->k", layout, start)])
+    solution, why = solve(residuals, jacobian, theta0, f_scale=f_scale)
+    if solution is None:
+        return _surface_not_ok(FitStatus.FAILED, why, n_runs_used=sel.size, n_groups=ng)
+    offset, own = unpack(solution)
+    shift = np.array([n_ref, d_ref]) - centre  # from each family's centre to (n_ref, d_ref)
+    own[:, 0] += np.sum(own[:, 1:3] * shift, axis=1)
+    own[:, 3] += np.sum(own[:, 4:6] * shift, axis=1)
     # the target family's valley must have a minimum; another family's only lends exponents
-    a, b, coupling = np.exp(own[:, 6]), np.exp(own[:, 7]), own[:, 8]
+    a, b, coupling = curvature(own[:, 6]), curvature(own[:, 7]), own[:, 8]
     mine = names.index(target)
-    minimum = 4 * a[mine] * b[mine] > coupling[mine] ** 2
-    if not sol.success or not np.all(np.isfinite(sol.x)) or not minimum:
+    if not 4 * a[mine] * b[mine] > coupling[mine] ** 2:
         return _surface_not_ok(
             FitStatus.FAILED,
-            f"fit did not converge to a minimum (success={sol.success}, "
-            f"4·A·B − C² = {4 * a[mine] * b[mine] - coupling[mine] ** 2:.3g})",
+            f"the fitted valley has no minimum (4·A·B − C² = "
+            f"{4 * a[mine] * b[mine] - coupling[mine] ** 2:.3g})",
             n_runs_used=sel.size,
             n_groups=ng,
         )
-    loss_laws = _loss_laws(theta[:ng], fam, log_n_g - n_ref, log_d_g - d_ref)
+    loss_laws = _loss_laws(offset, fam, log_n_g - n_ref, log_d_g - d_ref)
     by_family = {
         name: SurfaceParams(
             n_ref=n_ref,
@@ -423,7 +430,7 @@ def fit_surface(
         )
         for f, name in enumerate(names)
     }
-    rms = float(np.sqrt(np.mean((residuals(sol.x)[: sel.size] / weights) ** 2)))
+    rms = float(np.sqrt(np.mean((residuals(solution)[: sel.size] / weights) ** 2)))
     return SurfaceFit(
         status=FitStatus.OK,
         reason="",

@@ -6,15 +6,11 @@ family's answer where it was."""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import math
-import pickle
 import time
 import uuid
 
 import httpx
-import numpy as np
 import pytest
 
 from client import HyperlawAPIError, HyperlawClient
@@ -22,8 +18,9 @@ from server import crud
 from server.core.db import open_database, upgrade
 from server.importers import import_steplaw
 from server.schemas import ExperimentCreate
-from server.worker.fits import RECOMMENDER_KIND, default_fitter
+from server.worker.fits import RECOMMENDER_KIND
 from server.worker.loop import refit_once
+from tests.databases import shared_fitter
 
 QUERY = {"n_params": 1e9, "n_tokens": 1e11}
 ANSWER_KEYS = ("learning_rate", "batch_size_tokens", "critical_batch_size_tokens")
@@ -153,26 +150,6 @@ def _post_synthetic_sweep(client: HyperlawClient) -> list[int]:
 #: The test's fits: no bootstrap draws and no averaging over law forms (used outside the
 #: fitted range), which leave the answer at (1e9, 1e11) as it is and the test short.
 OPTIONS = {"n_bootstrap": 0, "law_forms": False}
-
-_FITTED: dict[str, object] = {}
-
-
-def shared_fitter(runs, **options):
-    """``default_fitter``, run once per distinct input (every field of the runs, and the
-    options) in this test process: the test's two backends hold the same trials, so the second
-    backend's refits get the recommenders fitted for the first (a fit is a deterministic
-    function of its input), the slow pooled fit included. Load, store and serve still run on
-    each backend; a backend whose runs differ in any value fits afresh."""
-    digest = hashlib.sha256(pickle.dumps(sorted(options.items())))
-    for field in dataclasses.fields(runs):
-        value = getattr(runs, field.name)
-        digest.update(
-            field.name.encode() + pickle.dumps(None if value is None else np.asarray(value))
-        )
-    key = digest.hexdigest()
-    if key not in _FITTED:
-        _FITTED[key] = default_fitter(runs, **options)
-    return _FITTED[key]
 
 
 def test_another_family_leaves_the_step_law_answer_alone(
