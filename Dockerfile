@@ -14,6 +14,6 @@ COPY trainer ./trainer
 COPY migrations ./migrations
 RUN pip install --no-cache-dir torch==2.13.0 --index-url "$TORCH_INDEX" \
     && DS_BUILD_OPS=0 pip install --no-cache-dir --no-build-isolation "deepspeed>=0.15,<0.20" \
-    && pip install --no-cache-dir .
+    && pip install --no-cache-dir ".[all]"
 EXPOSE 8000 8265
 CMD ["hyperlaw", "serve", "--host", "0.0.0.0"]

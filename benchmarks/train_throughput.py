@@ -28,7 +28,12 @@ The last line is machine-readable: ``ratio_zero0=<float> ratio_zero2=<float>`` (
 tokens/s divided by plain PyTorch tokens/s; goal ≥ 0.9). On a CUDA machine it also prints the
 model FLOPs utilisation, with 6·N·tokens + 12·n_layer·d_model·seq_len·tokens FLOPs per
 training step (Kaplan et al. 2020; attention included) against the GPU's peak given by
-``--peak-tflops``: the trainer computes in fp32, so the default is an H100 SXM's fp32 peak.
+``--peak-tflops``, by default an H100 SXM's dense peak in the run's ``--precision``: 67
+TFLOP/s in fp32 (no tensor cores), 989 in bf16.
+
+``--precision bf16`` trains the DeepSpeed variants through the trainer's ``precision: bf16``
+(bf16 module parameters, fp32 master weights in the optimizer) and runs the plain loop under
+``torch.autocast`` in bf16 with fp32 weights, the way a PyTorch user writes mixed precision.
 """
 
 from __future__ import annotations
@@ -67,6 +72,10 @@ def make_corpus(directory: Path) -> Path:
     return directory / "corpus"
 
 
+#: dense peaks of an H100 SXM, TFLOP/s, by precision (NVIDIA's data sheet, without sparsity)
+PEAK_TFLOPS = {"fp32": 67.0, "bf16": 989.4}
+
+
 def plain_pytorch(config: TrainConfig, device: str) -> float:
     """tokens/s of a textbook loop: no DeepSpeed, no process group. It does what the trainer
     does every step for the same run: the same parameter groups and AdamW, clipping, and the
@@ -91,6 +100,7 @@ def plain_pytorch(config: TrainConfig, device: str) -> float:
     ewa = [torch.zeros_like(p) for p in params] if use_ewa else []
     n_seq = config.batch_size_tokens // config.seq_len
     total = config.steps
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     _sync(device)
     start = time.perf_counter()
     for step in range(total):
@@ -99,7 +109,8 @@ def plain_pytorch(config: TrainConfig, device: str) -> float:
         x, y = corpus.batch(
             "train", n_seq, config.seq_len, batch_generator(config.seed, step, 0, 0)
         )
-        _, loss = model(x.to(device), y.to(device))
+        with autocast:
+            _, loss = model(x.to(device), y.to(device))
         loss.backward()
         if opt.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, opt.grad_clip)
@@ -130,12 +141,13 @@ def main() -> int:
     parser.add_argument("--batch-sequences", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved repetitions")
+    parser.add_argument("--precision", choices=sorted(PEAK_TFLOPS), default="fp32")
     parser.add_argument(
         "--peak-tflops",
         type=float,
-        default=67.0,
-        help="GPU peak for MFU in the trainer's precision, fp32 (default: "
-        "H100 SXM, 67 TFLOP/s without tensor cores)",
+        default=None,
+        help="GPU peak for MFU (default: an H100 SXM's dense peak in --precision, "
+        "67 TFLOP/s in fp32, 989 in bf16)",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -155,6 +167,7 @@ def main() -> int:
             "n_tokens": args.steps * args.batch_sequences * args.seq_len,
             "threads_per_worker": args.threads,
             "eval": {"batches": 1},
+            "precision": args.precision,
         }
         config = TrainConfig.from_dict(raw)
         # warm-up of the allocator and kernels, then interleaved rounds so that load from
@@ -173,16 +186,17 @@ def main() -> int:
     print(
         f"GPT n_layer={args.n_layer} d_model={args.d_model} seq_len={args.seq_len} "
         f"batch={args.batch_sequences * args.seq_len} tokens, N={n_params}, {args.steps} steps, "
-        f"best of {args.rounds} interleaved rounds, device={device}"
+        f"best of {args.rounds} interleaved rounds, device={device}, precision={args.precision}"
     )
     for name, value in results.items():
         each = ", ".join(f"{v:,.0f}" for v in rounds[name])
         print(f"{name:6s} tokens/s = {value:,.0f}  (rounds: {each})")
     if device == "cuda":
+        peak = args.peak_tflops or PEAK_TFLOPS[args.precision]
         flops_per_token = 6 * n_params + 12 * args.n_layer * args.d_model * args.seq_len
         for name, value in results.items():
-            mfu = value * flops_per_token / (args.peak_tflops * 1e12)
-            print(f"{name:6s} MFU = {100 * mfu:.2f} % of {args.peak_tflops:g} TFLOP/s")
+            mfu = value * flops_per_token / (peak * 1e12)
+            print(f"{name:6s} MFU = {100 * mfu:.2f} % of {peak:g} TFLOP/s ({args.precision} peak)")
     r0 = results["zero0"] / results["plain"]
     r2 = results["zero2"] / results["plain"]
     if not (math.isfinite(r0) and math.isfinite(r2)):

@@ -4,8 +4,9 @@
   the rows are counted (``--snapshot``), so the summary is what the file holds; restored with
   ``pg_restore --clean --if-exists --no-owner`` in one transaction (``--single-transaction
   --exit-on-error``): a restore that fails changes nothing. The connection goes to the tools
-  as a libpq URL without its password (``--dbname``) and the password in ``PGPASSWORD``, so
-  it shows in no process list and no message.
+  as a libpq URL without its driver and its password (``--dbname``) and the password in
+  ``PGPASSWORD``, so it shows in no process list and no message; the database URL may name
+  its driver (``postgresql+psycopg2://``) or not (``postgresql://``, ``postgres://``).
 - SQLite: a copy through SQLite's online backup API (consistent while a writer is active,
   unlike a copy of the file), made self-contained (rollback journal, no ``-wal`` beside it);
   restored through the same API, in one step: the database is replaced whole or not at all.
@@ -36,12 +37,11 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from alembic.script import ScriptDirectory
 from sqlalchemy import URL, Connection, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from server.core.db import alembic_config, open_database
+from server.core.db import engine_url, known_revisions, open_database
 
 PG_MAGIC = b"PGDMP"  # pg_dump's custom format
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -77,6 +77,7 @@ class BackupSummary:
 def backup(url: str, path: str | os.PathLike[str], *, overwrite: bool = False) -> BackupSummary:
     """Write a backup of the database at ``url`` to ``path`` (a failed backup leaves no
     partial file); ``overwrite`` replaces an existing file."""
+    url = engine_url(url)  # a plain postgres:// URL too (pg_connection drops the driver)
     target = Path(path)
     _check_writable(target, overwrite=overwrite)
     backend = _backend(url)
@@ -101,6 +102,7 @@ def backup(url: str, path: str | os.PathLike[str], *, overwrite: bool = False) -
 def restore(url: str, path: str | os.PathLike[str]) -> BackupSummary:
     """Replace the database at ``url`` with the backup at ``path`` (checked first; see the
     module docstring). Returns what the database holds afterwards."""
+    url = engine_url(url)
     source = Path(path)
     backend = _backend(url)
     found = file_backend(source)
@@ -174,12 +176,6 @@ def _check_writable(target: Path, *, overwrite: bool) -> None:
         raise BackupInputError(f"cannot write {target}: {target.parent} is not writable")
 
 
-def known_revisions() -> list[str]:
-    """This version's migrations, oldest first."""
-    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    return [rev.revision for rev in reversed(list(script.walk_revisions()))]
-
-
 def _check_revisions(source: Path, backup_at: str | None, database_at: str | None) -> None:
     """Refuse a backup this version cannot use, or one older than the database's schema."""
     known = known_revisions()
@@ -221,7 +217,7 @@ def _revision_and_rows(conn: Connection) -> tuple[str | None, dict[str, int]]:
 def pg_connection(url: str) -> tuple[str, dict[str, str]]:
     """``--dbname`` for libpq (the URL without its driver suffix and its password) and the
     environment that carries the password (``PGPASSWORD``), for the PostgreSQL tools."""
-    parsed: URL = make_url(url)
+    parsed: URL = make_url(engine_url(url))
     env = dict(os.environ)
     if parsed.password is not None:
         env["PGPASSWORD"] = str(parsed.password)

@@ -7,6 +7,8 @@
 - ``seed_steplaw(url)``: the bundled Step Law sweep imported and fitted;
 - ``light_fits()`` / ``LIGHT_FITS_ENV``: the worker's fits without bootstrap draws or
   law-form averaging, in process and for a ``hyperlaw`` process;
+- ``shared_fitter``: the recommender's ``default_fitter``, run once per distinct input in
+  the test process (tests that fit the same trials on both backends);
 - ``add_completed_trial(url)``: one completed trained trial, created as the API creates it;
 - ``hyperlaw_command(url, *args)`` / ``run_hyperlaw(url, *args)``: the ``hyperlaw`` command
   of this checkout on a database, as a user types it (``python -m hyperlaw``).
@@ -16,7 +18,10 @@ The benchmarks import this module too (they put the repository root on ``sys.pat
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
+import pickle
 import subprocess
 import sys
 import uuid
@@ -92,6 +97,31 @@ def light_fits() -> dict[str, Any]:
     from server.worker.loop import worker_fits
 
     return worker_fits(n_bootstrap=0, law_forms=False)
+
+
+_FITTED: dict[str, Any] = {}
+
+
+def shared_fitter(runs: Any, **options: Any) -> Any:
+    """``default_fitter``, run once per distinct input (every field of the runs, and the
+    options) in this test process: a test whose two backends hold the same trials gets, on
+    the second backend, the recommenders fitted for the first (a fit is a deterministic
+    function of its input). Load, store and serve still run on each backend; a backend whose
+    runs differ in any value fits afresh."""
+    import numpy as np
+
+    from server.worker.fits import default_fitter
+
+    digest = hashlib.sha256(pickle.dumps(sorted(options.items())))
+    for field in dataclasses.fields(runs):
+        value = getattr(runs, field.name)
+        digest.update(
+            field.name.encode() + pickle.dumps(None if value is None else np.asarray(value))
+        )
+    key = digest.hexdigest()
+    if key not in _FITTED:
+        _FITTED[key] = default_fitter(runs, **options)
+    return _FITTED[key]
 
 
 def seed_steplaw(

@@ -1,5 +1,6 @@
-"""Trainer commands: ``hyperlaw sweep`` (``--schema``: the sweep file's JSON Schema) and
-``hyperlaw corpus build``.
+"""Trainer commands: ``hyperlaw sweep`` (``--schema``: the sweep file's JSON Schema; an
+http(s) ``--address`` submits it as a Ray Job: ``trainer.ray_job``) and ``hyperlaw corpus
+build``.
 
 Registration is cheap: torch, DeepSpeed and Ray are imported inside the handlers.
 """
@@ -10,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep.add_argument(
         "--address",
         default=None,
-        help="address of an existing Ray cluster (default: start a local one)",
+        help="an existing Ray cluster: 'auto' or ray://HEAD:10001 runs the sweep's driver "
+        "here; the head's dashboard, http://HEAD:8265, submits the sweep as a Ray Job that "
+        "runs it there (default: start a local cluster)",
+    )
+    sweep.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="with --address http://HEAD:8265: print the job's id and return instead of "
+        "following its logs to its end",
     )
     sweep.add_argument(
         "--url",
@@ -54,6 +64,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--output-dir",
         default=None,
         help="where Ray keeps trial results and checkpoints (default: output_dir in the YAML)",
+    )
+    sweep.add_argument(
+        "--storage",
+        default=None,
+        help="instead of --output-dir for Ray's results and the checkpoints: a path every node "
+        "mounts or a URI such as s3://bucket/prefix (credentials from AWS_* in the "
+        "environment); default: storage in the YAML",
     )
     sweep.set_defaults(func=_sweep)
 
@@ -100,6 +117,30 @@ def _sweep(args: argparse.Namespace) -> int:
         return 2
     if args.output_dir:
         config = config.with_output_dir(args.output_dir)
+    if args.storage:
+        try:
+            config = config.with_storage(args.storage)
+        except SweepConfigError as exc:
+            logger.error("--storage: %s", exc)
+            return 2
+    from trainer.ray_job import is_job_address, run_sweep_job
+
+    if is_job_address(args.address):
+        return run_sweep_job(
+            args.address,
+            Path(args.config),
+            config,
+            url=args.url or os.environ.get("HYPERLAW_URL"),
+            resume=args.resume,
+            output_dir=args.output_dir,
+            storage=args.storage,
+            log_level=getattr(args, "log_level", "INFO"),
+            environ=os.environ,
+            wait=not args.no_wait,
+        )
+    if args.no_wait:
+        logger.error("hyperlaw sweep: --no-wait is for a Ray Job (--address http://HEAD:8265)")
+        return 2
     from client import HyperlawAPIError, HyperlawUnavailable
     from trainer.sweep import run_sweep
 

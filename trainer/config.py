@@ -10,6 +10,11 @@ Errors name the field and the rule, e.g. "schedule.warmup_fraction must be in [0
 (``TrainConfigError``). The rule is read from the field's declaration, the same one that
 validates it and that the JSON Schema publishes, so the message cannot drift from either.
 
+Precision (``precision``, default fp32): bf16 runs on the CPU and on CUDA; fp16 only on CUDA,
+since DeepSpeed 0.19's CPU accelerator refuses it: the engine refuses fp16 on the CPU when it
+starts (``trainer.engine.deepspeed_config``), and a sweep file with ``use_gpu: false`` when it
+is read, naming the field and the rule.
+
 Batch arithmetic (asserted exactly, in tokens):
     batch_size_tokens = micro_batch_size_sequences × seq_len × gradient_accumulation × world_size
 and the number of optimizer steps is steps = ⌊n_tokens / batch_size_tokens⌋, so the run
@@ -27,6 +32,7 @@ from annotated_types import Gt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Task = Literal["synthetic", "gpt"]
+Precision = Literal["fp32", "bf16", "fp16"]
 PositiveInt = Annotated[int, Gt(0)]
 
 
@@ -97,7 +103,8 @@ class RunSettings(FrozenConfig):
     synthetic: dict[str, Any] = Field(default_factory=dict)
     """the synthetic task: dim, capacity_exponent, source_exponent, noise_std, task_seed"""
     corpus_dir: str | None = None
-    """gpt: the token corpus (hyperlaw corpus build)"""
+    """gpt: the token corpus (hyperlaw corpus build): a path, or a URI (s3://bucket/corpus)
+    that each node copies once into its cache (trainer.storage)"""
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     eval: EvalConfig = EvalConfig()
@@ -107,6 +114,10 @@ class RunSettings(FrozenConfig):
     """a train loss above this many times the first one ends the run as diverged"""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage"""
+    precision: Precision = "fp32"
+    """parameters, activations and gradients: 'fp32'; or 'bf16' / 'fp16' (dynamic loss
+    scaling) through DeepSpeed's own config, its optimizer keeping fp32 master weights; losses
+    are computed and reported in fp32. fp16 needs CUDA: DeepSpeed's CPU accelerator has none"""
     checkpoint_every: int = Field(0, ge=0)
     """optimizer steps between checkpoints; 0: none"""
 
@@ -169,6 +180,9 @@ class TrainConfig(RunSettings):
     seed: int = 0
     threads_per_worker: PositiveInt = 1
     checkpoint_dir: str | None = None
+    """checkpoints in this directory, which every worker writes (trainer.checkpoints)"""
+    ray_checkpoints: bool = False
+    """checkpoints through Ray Train's storage instead (a sweep with storage)"""
     trial_id: int | None = None
     service_url: str | None = None
     service_token: str | None = None

@@ -13,6 +13,15 @@ partitions); under ZeRO-0 the trainer clips the all-reduced gradient itself with
 computes anyway for grad_norm and b_simple, one fused norm instead of a second per-parameter
 one (and a collective) inside DeepSpeed's step.
 
+Precision (``TrainConfig.precision``): bf16 and fp16 are DeepSpeed's own (its ``bf16`` /
+``fp16`` sections, fp16 with dynamic loss scaling); the engine's module holds bf16/fp16
+parameters and its optimizer the fp32 master weights. Floating inputs are cast to the
+parameters' dtype and the loss is computed in fp32 (``fp32_loss``); gradient norms are taken
+in fp32 and, under fp16, divided by the loss scale. fp16 needs CUDA (DeepSpeed's CPU
+accelerator refuses it): ``deepspeed_config`` refuses it on the CPU, naming the field. Under
+fp16 DeepSpeed clips at every ZeRO stage, since it unscales the gradients and skips the steps
+that overflow (a skipped step still counts as a step).
+
 Checkpoints: every worker saves its shard, then all meet at a barrier, so that once
 ``save_checkpoint`` returns the checkpoint is complete and may be reported (save → barrier →
 report).
@@ -31,12 +40,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from fitting.noise_scale import GradientNoiseScale
-from trainer.config import BatchLayout, TrainConfig
+from trainer.config import BatchLayout, TrainConfig, TrainConfigError
 from trainer.model import GPT, LinearRegression
 
 # DeepSpeed is imported where it is used: importing it probes the accelerator (seconds).
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FP16_INITIAL_SCALE_POWER = 16  # the first dynamic loss scale, 2**16 (DeepSpeed's default)
 
 
 def _free_port() -> int:
@@ -79,20 +92,36 @@ def deepspeed_config(
     reduction itself is the same all-reduce of the same bucket either way, so this holds at
     every world size (benchmarks/train_throughput.py has the numbers). Stage 3 manages its
     gradients itself and keeps DeepSpeed's defaults, as do GPUs. Under ZeRO-0 the trainer
-    clips, not DeepSpeed (module docstring)."""
+    clips, not DeepSpeed, but for fp16 (module docstring). ``precision`` 'fp16' on the CPU
+    raises ``TrainConfigError``: DeepSpeed's CPU accelerator does not support it."""
     zero: dict[str, Any] = {"stage": config.zero_stage}
     if accelerator == "cpu" and config.zero_stage in (1, 2):
         zero["contiguous_gradients"] = False
-    return {
+    deepspeed_clips = config.zero_stage > 0 or config.precision == "fp16"
+    ds_config: dict[str, Any] = {
         "train_batch_size": layout.batch_size_sequences,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size_sequences,
         "gradient_accumulation_steps": layout.gradient_accumulation_steps,
-        "gradient_clipping": config.optimizer.grad_clip if config.zero_stage > 0 else 0.0,
+        "gradient_clipping": config.optimizer.grad_clip if deepspeed_clips else 0.0,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+    if config.precision == "bf16":
+        ds_config["bf16"] = {"enabled": True}
+    elif config.precision == "fp16":
+        if accelerator == "cpu":
+            raise TrainConfigError(
+                "precision 'fp16' needs a CUDA accelerator: DeepSpeed's CPU accelerator "
+                "supports 'fp32' and 'bf16' only"
+            )
+        ds_config["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": FP16_INITIAL_SCALE_POWER,
+        }
+    return ds_config
 
 
 def merge_equal_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -153,14 +182,37 @@ def mean_over_workers(value: float, world_size: int, device: torch.device) -> fl
     return float(t.item()) / world_size
 
 
+def fp32_loss(
+    forward: Any, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The model's loss on one batch, in fp32 whatever the parameters' ``dtype``. ``forward``
+    runs ``module`` (the DeepSpeed engine in training, the module itself to evaluate).
+    Floating inputs are cast to ``dtype``, targets are not: the synthetic task's fp32 targets
+    promote its bf16/fp16 predictions, so its squared error is fp32 as it stands; the GPT's
+    cross-entropy (``GPT.forward``'s) is taken of its logits cast to fp32. In fp32 runs, the
+    models' own losses."""
+    if dtype == torch.float32:
+        return forward(x, y)[1]
+    if x.is_floating_point():
+        x = x.to(dtype)
+    if isinstance(module, GPT):
+        logits, _ = forward(x)
+        return F.cross_entropy(logits.float().flatten(0, -2), y.flatten())
+    return forward(x, y)[1]
+
+
 def grad_sq_norm(params: list[torch.nn.Parameter], clip_to: float = 0.0) -> float:
-    """Σ over parameters of |grad|² (one fused norm over all gradients), before clipping;
-    with ``clip_to`` > 0 the gradients are then scaled by min(1, clip_to / (|grad| + 1e-6)),
-    as torch and DeepSpeed clip."""
+    """Σ over parameters of |grad|² (one fused norm over all gradients, in fp32), before
+    clipping; with ``clip_to`` > 0 the gradients are then scaled by
+    min(1, clip_to / (|grad| + 1e-6)), as torch and DeepSpeed clip."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if all(g.dtype == torch.float32 for g in grads):
+        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    else:  # bf16/fp16 gradients: a norm in their dtype keeps 3 significant digits
+        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+        total = torch.linalg.vector_norm(torch.stack(list(norms)))
     if clip_to > 0:
         torch.nn.utils.clip_grads_with_norm_(params, clip_to, total)
     return float(total) ** 2
@@ -188,9 +240,12 @@ class GradientStep:
     def __init__(self, engine: Any, config: TrainConfig, layout: BatchLayout) -> None:
         self.engine = engine
         self.params = list(engine.module.parameters())
+        self.dtype = DTYPES[config.precision]
         self.gas = layout.gradient_accumulation_steps
         self.world_size = layout.world_size
-        self.trainer_clips = config.zero_stage == 0  # DeepSpeed clips under ZeRO 1–3
+        self.measures = config.zero_stage == 0  # the global norm, before DeepSpeed's step
+        # DeepSpeed clips under ZeRO 1–3, and under fp16 (it unscales, skips overflows)
+        self.trainer_clips = self.measures and config.precision != "fp16"
         self.grad_clip = config.optimizer.grad_clip
         self.noise = None  # b_simple needs a smaller batch's gradient: ZeRO-0 only
         if config.zero_stage == 0 and (self.world_size > 1 or self.gas > 1):
@@ -208,23 +263,27 @@ class GradientStep:
         loss_sum = 0.0
         small_sq = big_sq = None  # |g_small|², |g_big|²
         for micro, (x, y) in enumerate(micro_batches):
-            _, loss = engine(x.to(device), y.to(device))
+            loss = fp32_loss(engine, engine.module, x.to(device), y.to(device), self.dtype)
             loss_sum += float(loss.detach())
             boundary = micro == self.gas - 1
+            # fp16: the gradients carry DeepSpeed's loss scale s (1 otherwise), norms s·|g|
+            scale = float(getattr(engine.optimizer, "loss_scale", 1.0)) if self.measures else 1.0
             if boundary and self.noise is not None and self.world_size > 1:
                 # this worker's gradient before the all-reduce, then the all-reduce by hand
                 engine.enable_backward_allreduce = False
                 engine.backward(loss)
                 engine.enable_backward_allreduce = True
-                small_sq = mean_over_workers(grad_sq_norm(self.params), self.world_size, device)
+                own_sq = grad_sq_norm(self.params) / scale**2
+                small_sq = mean_over_workers(own_sq, self.world_size, device)
                 engine.allreduce_gradients()
             else:
                 engine.backward(loss)
             if micro == 0 and self.noise is not None and self.world_size == 1 and self.gas > 1:
                 # DeepSpeed scaled the loss by 1/gas: undo it for one micro batch's gradient
-                small_sq = grad_sq_norm(self.params) * self.gas * self.gas
-            if boundary and self.trainer_clips:
-                big_sq = grad_sq_norm(self.params, clip_to=self.grad_clip)
+                small_sq = grad_sq_norm(self.params) * self.gas * self.gas / scale**2
+            if boundary and self.measures:
+                clip_to = self.grad_clip if self.trainer_clips else 0.0
+                big_sq = grad_sq_norm(self.params, clip_to=clip_to) / scale**2
             engine.step()  # DeepSpeed updates at the accumulation boundary only
         loss_mean = mean_over_workers(loss_sum / self.gas, self.world_size, device)
         grad_norm: float | None
@@ -234,7 +293,12 @@ class GradientStep:
             norm = engine.get_global_grad_norm()
             grad_norm = None if norm is None else float(norm)
         b_simple = None
-        if self.noise is not None and small_sq is not None and big_sq is not None:
+        if (
+            self.noise is not None
+            and small_sq is not None
+            and big_sq is not None
+            and math.isfinite(small_sq + big_sq)  # not an fp16 overflow
+        ):
             b_simple = finite_or_none(self.noise.update(small_sq, big_sq, self.b_small, self.b_big))
         return StepStats(loss_mean, grad_norm, b_simple)
 

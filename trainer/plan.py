@@ -13,8 +13,9 @@ run (parametrization ``mup`` when the model is µP); a run's
 repeatable. The service is the record of what is finished: with ``resume`` (``hyperlaw sweep
 --resume``) completed trials are skipped, a trial left ``running`` by an interrupted sweep
 keeps its record and continues from its last DeepSpeed checkpoint
-(``output_dir/checkpoints/trial-<id>``), and a failed trial is run again as a new trial record
-(key suffix ``#retry<k>``) so that its failure stays in the history. Without ``resume`` a
+(``output_dir/checkpoints/trial-<id>``, or with ``storage`` Ray Train's: ``trainer.sweep``),
+and a failed trial is run again as a new trial record (key suffix ``#retry<k>``) so that its
+failure stays in the history. Without ``resume`` a
 sweep whose trials already exist refuses to start.
 
 The runs of a ``cbs:`` relative η grid (``learning_rate`` None) are known by their rule (the
@@ -37,6 +38,7 @@ from typing import Any
 from trainer.config import TrainConfig
 from trainer.data import SyntheticRegressionConfig
 from trainer.model import GPTConfig, gpt_non_embedding_params
+from trainer.storage import basename, corpus_meta
 from trainer.sweep_config import SweepConfig, SweepConfigError
 
 
@@ -172,10 +174,9 @@ def _data_description(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["task"] == "synthetic":
         task = SyntheticRegressionConfig(**spec["synthetic"])
         return {"synthetic": task.as_dict(), "fingerprint": task.fingerprint}
-    meta_path = Path(spec["corpus_dir"]) / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = corpus_meta(spec["corpus_dir"])  # a path or a URI
     return {
-        "corpus": Path(spec["corpus_dir"]).name,
+        "corpus": basename(spec["corpus_dir"]),
         "fingerprint": meta.get("fingerprint"),
         "tokenizer": meta.get("tokenizer"),
     }

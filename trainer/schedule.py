@@ -84,8 +84,11 @@ class EWA:
 
     @torch.no_grad()
     def update(self) -> None:
-        """ξ ← τ·ξ + (1 − τ)·θ = lerp(ξ, θ, 1 − τ), one fused op over all parameters."""
-        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.decay)
+        """ξ ← τ·ξ + (1 − τ)·θ = lerp(ξ, θ, 1 − τ), one fused op over all parameters; bf16 or
+        fp16 parameters are folded into the fp32 average as fp32 (``float()`` of an fp32
+        tensor is the tensor itself: no copy)."""
+        params = [p.detach().float() for p in self.params]
+        torch._foreach_lerp_(self.average, params, 1.0 - self.decay)
         self.count += 1
 
     def weights(self) -> list[torch.Tensor]:

@@ -12,19 +12,33 @@ fails is marked failed (stop reason ``failed``), the runs after it going on in a
 group. A ``cbs:`` sweep runs this twice (``trainer.cbs_protocol``): the reference runs, then
 the runs to the targets they set.
 
-Nothing reaches a worker but its config: ``run_sweep`` hands each trial driver its training
-config and the run settings through Tune's ``param_space``, and the driver hands the workers
-theirs through the TorchTrainer's ``train_loop_config``.
+Where things go: without ``storage`` (the sweep file's, or ``--storage``), under
+``output_dir``: Ray Tune's results in ``ray_tune/``, Ray Train's in ``ray_train/``, and the
+DeepSpeed checkpoints that the workers write in ``checkpoints/trial-<id>/`` (a path every node
+must share for a run to resume on another one). With ``storage`` (a shared path or a URI such
+as ``s3://bucket/prefix``, ``trainer.storage``), under ``STORAGE/<experiment>/``: Tune's and
+Train's ``storage_path`` are ``ray_tune/`` and ``ray_train/`` there, and the checkpoints go
+through Ray Train (``trainer.checkpoints``): into ``ray_train/<Tune trial>/trial-<id>-step<N>/``,
+one kept per Ray Train run and deleted with the run's folder once its runs are done (failed
+or not; an interrupted sweep keeps it, and ``--resume`` starts the same Ray Train run again,
+which resumes from it: always with ``runs_per_trial: 1``, with more when the Tune trial packs
+the same runs again). The spool stays in ``output_dir/spool/`` on the node of each run's rank 0.
+
+Nothing reaches a worker but its config and the service: ``run_sweep`` hands each trial driver
+its training config and the run settings through Tune's ``param_space``, and the driver hands
+the workers theirs through the TorchTrainer's ``train_loop_config``; the service's URL and
+token never go there (Tune writes param_space to disk): a trial takes them from its own
+environment, else from the driver through Ray's object store (``trainer.ray_cluster``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +46,12 @@ from typing import Any
 from client import HyperlawClient
 from trainer import cbs_protocol
 from trainer.plan import Registration, register_run, register_trials
-from trainer.sweep_config import SweepConfig
+from trainer.progress import progress_callback
+from trainer.ray_cluster import ServiceAccess, log_trial_service, ray_cluster
+from trainer.storage import child, delete, is_uri, resolve
+from trainer.sweep_config import SweepConfig, SweepConfigError
 
 logger = logging.getLogger(__name__)
-RAY_TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-RAY_TRAIN_POLL_S = 0.25  # telemetry.REPORT_INTERVAL_S stays above it
 
 
 @dataclass
@@ -60,43 +75,47 @@ class SweepSummary:
         )
 
 
-def _ray_worker(loop_config: dict[str, Any]) -> None:
+def _ray_worker(loop_config: dict[str, Any], driver: ServiceAccess) -> None:
     """Per-worker function of the TorchTrainer: one DeepSpeed worker of one Tune trial, which
     trains its ``runs`` (training configs) one after the other in this process. A run the
     service already shows completed is skipped (a worker group restarted by Ray Train goes
     on where it failed, from that run's checkpoint). ``on_step`` is the hook that tests use
-    to inject failures (None otherwise)."""
+    to inject failures (None otherwise). The service: ``driver.in_trial()``."""
     import ray.train
     import torch.distributed as dist
 
     from trainer.train import train
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
+    service = driver.in_trial()
     for run in loop_config["runs"]:
-        with HyperlawClient(run["service_url"], run["service_token"]) as client:
+        with HyperlawClient(service.url, service.token) as client:
             if client.get_trial(run["trial_id"])["status"] == "completed":
                 continue
+        run = {**run, "service_url": service.url, "service_token": service.token}
         train(run, report=ray.train.report, mark_failed=False, on_step=loop_config["on_step"])
         if dist.is_initialized():
             dist.barrier()  # every worker sees the run completed before the next one's check
 
 
-def _trial_driver(tune_config: dict[str, Any]) -> None:
+def _trial_driver(tune_config: dict[str, Any], driver: ServiceAccess) -> None:
     """Tune function trainable: trains the Tune trial's runs (``specs``, one or more service
     trials) in a TorchTrainer. When training fails after its retries, the first run not
     completed is marked failed in the service and the runs after it get a new TorchTrainer;
-    the trial then ends with the failure."""
+    the trial then ends with the failure. ``driver``: the service as the driver reaches it,
+    from ``tune.with_parameters`` (``trainer.ray_cluster``)."""
     specs, run = tune_config["specs"], tune_config["run"]
+    service = driver.in_trial()
     remaining, failure = list(specs), None
     while remaining:
         try:
-            _fit(remaining, run)
+            _fit(remaining, run, driver)
             break
         except Exception as exc:  # noqa: BLE001 - raised once the runs after it have run
             failure = exc
             ids = [s["trial_id"] for s in remaining]
             logger.error("trials %s: training failed: %s: %s", ids, type(exc).__name__, exc)
-            with HyperlawClient(run["url"], run["token"]) as client:
+            with HyperlawClient(service.url, service.token) as client:
                 unfinished = [i for i in ids if client.get_trial(i)["status"] != "completed"]
                 if not unfinished:
                     break
@@ -106,42 +125,68 @@ def _trial_driver(tune_config: dict[str, Any]) -> None:
         raise failure
 
 
-def _fit(specs: list[dict[str, Any]], run: dict[str, Any]) -> None:
+def _fit(specs: list[dict[str, Any]], run: dict[str, Any], driver: ServiceAccess) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    out = Path(run["output_dir"])
+    out, storage = Path(run["output_dir"]), run["storage"]
     runs = [
         {
             **spec,
-            "service_url": run["url"],
-            "service_token": run["token"],
-            "checkpoint_dir": str(out / "checkpoints" / f"trial-{spec['trial_id']}"),
+            **(
+                {"ray_checkpoints": True}  # in Ray Train's storage: resumable on any node
+                if storage
+                else {"checkpoint_dir": str(out / "checkpoints" / f"trial-{spec['trial_id']}")}
+            ),
             "spool_dir": str(out / "spool"),
         }
         for spec in specs
     ]
+    name = _pack_name(specs)
+    train_root = child(storage, "ray_train") if storage else str(out / "ray_train")
+    filesystem, path = resolve(train_root)
     resources = {"CPU": run["cpus_per_worker"]}
     if run["use_gpu"]:
         resources["GPU"] = 1
     trainer = TorchTrainer(
-        _ray_worker,
+        functools.partial(_ray_worker, driver=driver),  # the token: not in train_loop_config
         train_loop_config={"runs": runs, "on_step": run["on_step"]},
         scaling_config=ray.train.ScalingConfig(
             num_workers=run["workers_per_trial"],
             use_gpu=run["use_gpu"],
             resources_per_worker=resources,
+            placement_strategy=run["placement_strategy"],
         ),
         run_config=ray.train.RunConfig(
-            name=_pack_name(specs),
-            storage_path=str(out / "ray_train"),
+            name=name,
+            storage_path=path,
+            storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=run["max_failures"]),
+            # the latest checkpoint only: the one a restarted worker group resumes from
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             # Ray's annotations name Train V1's Callback; V2 (the default) takes UserCallback
             callbacks=[TuneReportCallback()],  # type: ignore[list-item]
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception:
+        if storage:  # the failed run is marked failed: no run resumes from it
+            _delete_train_run(child(train_root, name))
+        raise
+    if storage:
+        _delete_train_run(child(train_root, name))
+
+
+def _delete_train_run(location: str) -> None:
+    """A Ray Train run's folder in storage, its checkpoint with it, once its runs are done.
+    (An interrupted sweep keeps it: ``--resume`` starts the same Ray Train run again, which
+    resumes from it.)"""
+    try:
+        delete(location)
+    except OSError as exc:
+        logger.warning("could not delete %s: %s", location, exc)
 
 
 def _mark_failed(client: HyperlawClient, trial_id: int, reason: str) -> None:
@@ -159,67 +204,6 @@ def _pack_name(specs: list[dict[str, Any]]) -> str:
     return f"trial-{ids[0]}" + (f"-{ids[-1]}" if len(ids) > 1 else "")
 
 
-def _progress_callback(total: int, skipped: int) -> Any:
-    from ray import tune
-
-    class SweepProgress(tune.Callback):
-        """Logs runs done, Tune trials running and failed, and the best final evaluation loss
-        so far (a Tune trial trains ``runs_per_trial`` runs)."""
-
-        def __init__(self) -> None:
-            self.total, self.skipped = total, skipped  # a cbs: sweep adds its relative runs
-            self.done = self.failed = 0
-            self.running: set[str] = set()
-            self.best: tuple[float, str] | None = None
-
-        def _log(self) -> None:
-            best = (
-                f"best final_eval_loss {self.best[0]:.5g} ({self.best[1]})"
-                if self.best
-                else "no result yet"
-            )
-            logger.info(
-                "sweep progress: %d/%d runs done (%d skipped), %d trials running, %d failed; %s",
-                self.done + self.skipped,
-                self.total + self.skipped,
-                self.skipped,
-                len(self.running),
-                self.failed,
-                best,
-            )
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self.running.add(trial.trial_id)
-            self._log()
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if not result.get("finished"):
-                return
-            self.done += 1
-            loss = result.get("final_eval_loss")
-            spec = next(
-                s for s in trial.config["specs"] if s["trial_id"] == result["hyperlaw_trial_id"]
-            )
-            if (
-                loss is not None
-                and math.isfinite(loss)
-                and (self.best is None or loss < self.best[0])
-            ):
-                where = f"lr={spec['learning_rate']:.4g}, B={spec['batch_size_tokens']}"
-                self.best = (loss, f"{where}, trial {spec['trial_id']}")
-            self._log()
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.running.discard(trial.trial_id)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.running.discard(trial.trial_id)
-            self.failed += 1
-            self._log()
-
-    return SweepProgress()
-
-
 def run_sweep(
     config: SweepConfig,
     *,
@@ -231,10 +215,13 @@ def run_sweep(
     on_step: Callable[[int, int], None] | None = None,
 ) -> SweepSummary:
     """Run the sweep end to end; returns what happened (the service holds the details).
-    ``ray_init`` adds keyword arguments to ``ray.init`` for a local cluster (tests use
-    ``num_cpus=2, include_dashboard=False``). ``on_step(step, rank)`` is passed to every
-    worker's ``train`` (tests inject failures with it): it must pickle with Ray's cloudpickle
-    and keep across a worker restart whatever state it needs in files.
+    ``url`` and ``token`` are the service as this process reaches it; trials prefer
+    ``HYPERLAW_URL`` / ``HYPERLAW_TOKEN`` set on the nodes of a cluster the sweep joins
+    (``trainer.ray_cluster``). ``ray_init`` adds keyword arguments to ``ray.init`` for a
+    local cluster (tests use ``num_cpus=2, include_dashboard=False``). ``on_step(step,
+    rank)`` is passed to every worker's ``train`` (tests inject failures with it): it must
+    pickle with Ray's cloudpickle and keep across a worker restart whatever state it needs in
+    files.
 
     With a ``cbs:`` section the runs go in two phases (``trainer.cbs_protocol``): the
     reference runs, then, with each (N, D) group's target read back from the service, the
@@ -258,14 +245,17 @@ def run_sweep(
         settings: dict[str, Any] = {}
 
         def cluster() -> dict[str, Any]:
-            """The run settings, the Ray cluster started on first use (a --resume with
-            nothing left to run starts none)."""
+            """The run settings and, under "driver", the service as the driver reaches it; the
+            Ray cluster started on first use (a --resume with nothing left to run starts
+            none)."""
             if not settings:
-                stack.enter_context(_ray_cluster(address, ray_init))
-                settings.update(_run_settings(config, url, token, out, on_step))
+                started = stack.enter_context(ray_cluster(address, ray_init))
+                driver = ServiceAccess(url, token, trial_environment_wins=not started)
+                log_trial_service(driver)
+                settings.update(_run_settings(config, out, on_step), driver=driver)
             return settings
 
-        progress = _progress_callback(len(registration.pending), len(registration.skipped))
+        progress = progress_callback(len(registration.pending), len(registration.skipped))
         if config.cbs is None:
             _tune(config, registration.pending, cluster, [progress])
         else:  # registers the runs of relative η grids on the way
@@ -323,40 +313,11 @@ def _run_cbs(
     _tune(config, runnable, cluster, callbacks, phase="to-target")
 
 
-@contextmanager
-def _ray_cluster(address: str | None, ray_init: dict[str, Any] | None) -> Iterator[None]:
-    """Join the cluster at ``address``, or the one already initialised, or start a local one
-    (shut down on leaving)."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    if address:
-        ray.init(address=address)
-    else:
-        # Ray Train's controller takes in one report per poll (2 s by default): a run that
-        # lasts seconds (a packed one) would mostly wait for it. The local cluster's workers
-        # inherit this process's environment.
-        os.environ.setdefault(RAY_TRAIN_POLL_ENV, str(RAY_TRAIN_POLL_S))
-        kwargs = {"include_dashboard": True, **(ray_init or {})}
-        context = ray.init(**kwargs)
-        if kwargs.get("include_dashboard") and getattr(context, "dashboard_url", None):
-            logger.info("Ray dashboard: http://%s", context.dashboard_url)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def _run_settings(
-    config: SweepConfig,
-    url: str,
-    token: str | None,
-    out: Path,
-    on_step: Callable[[int, int], None] | None,
+    config: SweepConfig, out: Path, on_step: Callable[[int, int], None] | None
 ) -> dict[str, Any]:
-    """What every trial driver needs besides its runs; trials per phase from the cluster."""
+    """What every trial driver needs besides its runs (the service aside); trials per phase
+    from the cluster."""
     import ray
 
     resources = ray.cluster_resources()
@@ -364,6 +325,11 @@ def _run_settings(
         use_gpu = resources.get("GPU", 0) > 0
     else:
         use_gpu = bool(config.use_gpu)
+    if config.precision == "fp16" and not use_gpu:
+        raise SweepConfigError(
+            "precision 'fp16' needs GPUs and the Ray cluster has none: DeepSpeed's CPU "
+            "accelerator supports 'fp32' and 'bf16' only"
+        )
     per_trial = config.workers_per_trial * config.cpus_per_worker
     if config.max_concurrent_trials == "auto":
         concurrent = max(1, int(resources.get("CPU", 1) // per_trial))
@@ -379,14 +345,28 @@ def _run_settings(
         ", GPUs" if use_gpu else "",
         config.runs_per_trial,
     )
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    if config.placement_strategy == "STRICT_SPREAD" and nodes < config.workers_per_trial:
+        logger.warning(
+            "placement_strategy STRICT_SPREAD puts each of a trial's %d workers on a node of "
+            "its own; the cluster has %d node(s): trials wait for more",
+            config.workers_per_trial,
+            nodes,
+        )
+    storage = config.storage
+    if storage is not None:
+        if not is_uri(storage):
+            storage = str(Path(storage).resolve())
+        storage = child(storage, _slug(config.experiment))  # a folder per sweep
+        logger.info("Ray's results and the checkpoints go to %s", storage)
     return {
-        "url": url,
-        "token": token,
         "output_dir": str(out),
+        "storage": storage,
         "workers_per_trial": config.workers_per_trial,
         "cpus_per_worker": config.cpus_per_worker,
         "use_gpu": use_gpu,
         "max_failures": config.max_failures,
+        "placement_strategy": config.placement_strategy,
         "on_step": on_step,
         "concurrent": concurrent,
     }
@@ -400,18 +380,25 @@ def _tune(
     phase: str = "",
 ) -> None:
     """One Tune experiment over ``specs``: Tune trials of ``runs_per_trial`` runs each, on
-    the cluster that ``cluster`` gives with its run settings (none without specs)."""
+    the cluster that ``cluster`` gives with its run settings (none without specs). The
+    service goes to the trial drivers through ``tune.with_parameters`` (Ray's object store;
+    Ray is up, so it is put there at once), not in ``param_space``."""
     from ray import tune
 
     if not specs:
         return
-    run = cluster()
+    run = dict(cluster())
+    driver = run.pop("driver")
     k = config.runs_per_trial
     packs = [specs[i : i + k] for i in range(0, len(specs), k)]
+    trainable = tune.with_parameters(_trial_driver, driver=driver)
+    storage = run["storage"]
+    tune_root = child(storage, "ray_tune") if storage else str(Path(run["output_dir"]) / "ray_tune")
+    filesystem, path = resolve(tune_root)
     tuner = tune.Tuner(
         # the driver only waits on its TorchTrainer: it holds no CPU (a token of memory
         # keeps its placement bundle non-empty), so the workers get all the cores
-        tune.with_resources(_trial_driver, {"cpu": 0, "memory": 16 * 2**20}),
+        tune.with_resources(trainable, {"cpu": 0, "memory": 16 * 2**20}),
         param_space={"specs": tune.grid_search(packs), "run": run},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=run["concurrent"],
@@ -420,7 +407,8 @@ def _tune(
         ),
         run_config=tune.RunConfig(
             name=_slug(config.experiment + (f"-{phase}" if phase else "")),
-            storage_path=str(Path(run["output_dir"]) / "ray_tune"),
+            storage_path=path,
+            storage_filesystem=filesystem,
             callbacks=callbacks,
             verbose=0,
         ),

@@ -8,7 +8,8 @@ the learning rates and batch sizes; adaptive search places them around the servi
 recommendation (``trainer.plan``). A ``cbs:`` section replaces the search with Zhang et al.'s
 critical-batch-size protocol (``CBSConfig``; run by ``trainer.cbs_protocol``). Every run is
 checked to be valid when the file is read (batch arithmetic included), so a bad file fails at
-once, not inside Ray.
+once, not inside Ray; so is ``precision`` (the training config's): 'fp16' with
+``use_gpu: false`` is refused, DeepSpeed's CPU accelerator having no fp16.
 
 ``hyperlaw sweep --schema`` prints the JSON Schema (``sweep_json_schema``), committed as
 ``examples/sweep.schema.json``; a sweep file whose first line is
@@ -44,6 +45,7 @@ from trainer.config import (
     batch_layout,
     describe_errors,
 )
+from trainer.storage import is_uri, location_problem
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -204,12 +206,23 @@ class SweepConfig(RunSettings):
     """auto: as many as the cluster's CPUs (and GPUs) hold"""
     max_failures: int = Field(1, ge=0)
     """restarts of a trial's workers from their last checkpoint"""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """how Ray places a trial's workers on the nodes (the strategy of its Ray Train placement
+    group): PACK, on as few nodes as they fit; SPREAD, on as many as it can; STRICT_PACK, all
+    on one node; STRICT_SPREAD, each on a node of its own (a trial waits until the cluster
+    has workers_per_trial nodes with room)"""
     runs_per_trial: PositiveInt = 1
     """runs trained one after the other by one Ray Tune trial, in the same Ray Train workers
     (each still its own trial in the service): saves the workers' start-up (~20 s on a CPU)
     per run when runs are short"""
     output_dir: str = "hyperlaw-runs"
-    """Ray's trial results and the checkpoints"""
+    """Ray's trial results and the checkpoints (without storage), and the spool"""
+    storage: str | None = None
+    """where Ray Tune's and Ray Train's results and the checkpoints go instead of output_dir
+    (under a folder per experiment), so that a trial resumes on any node: a path every node
+    mounts, or a URI (s3://bucket/prefix, with options such as
+    ?endpoint_override=host:port&scheme=http; gs://, abfs://, hdfs://); credentials from the
+    environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never in the URI"""
 
     @field_validator("experiment")
     @classmethod
@@ -226,10 +239,27 @@ class SweepConfig(RunSettings):
             raise ValueError(problem)
         return family
 
+    @field_validator("storage", "corpus_dir")
+    @classmethod
+    def _location(cls, location: str | None) -> str | None:
+        problem = None if location is None else location_problem(location)
+        if problem is not None:
+            raise ValueError(problem)
+        return location
+
     @field_validator("search", mode="before")
     @classmethod
     def _empty_search(cls, value: Any) -> Any:
         return {} if value is None else value
+
+    @model_validator(mode="after")
+    def _fp16_needs_gpus(self) -> SweepConfig:
+        if self.precision == "fp16" and self.use_gpu is False:
+            raise ValueError(
+                "precision 'fp16' needs GPUs (use_gpu is false): DeepSpeed's CPU accelerator "
+                "supports 'fp32' and 'bf16' only"
+            )
+        return self
 
     @model_validator(mode="after")
     def _every_run_is_valid(self) -> SweepConfig:
@@ -349,19 +379,34 @@ class SweepConfig(RunSettings):
             "seed": seed,
             "threads_per_worker": max(1, int(self.cpus_per_worker)),
             "checkpoint_every": self.checkpoint_every,
+            # only when not the default: the runs of files without it keep their identity
+            **({"precision": self.precision} if self.precision != "fp32" else {}),
         }
 
     def with_output_dir(self, output_dir: str) -> SweepConfig:
         return self.model_copy(update={"output_dir": output_dir})
 
+    def with_storage(self, storage: str) -> SweepConfig:
+        """The sweep with ``storage`` replaced (``hyperlaw sweep --storage``), checked as the
+        file's field is."""
+        problem = location_problem(storage)
+        if problem is not None:
+            raise SweepConfigError(f"storage {problem}")
+        return self.model_copy(update={"storage": storage})
+
 
 def parse_sweep_config(raw: Any, base_dir: Path | None = None) -> SweepConfig:
     """Validate a parsed YAML document; a relative ``corpus_dir`` is resolved against
-    ``base_dir`` (the YAML's folder)."""
+    ``base_dir`` (the YAML's folder); a URI is left as it is."""
     if not isinstance(raw, dict):
         raise SweepConfigError("the sweep file must be a mapping")
     corpus_dir = raw.get("corpus_dir")
-    if isinstance(corpus_dir, str) and base_dir is not None and not Path(corpus_dir).is_absolute():
+    if (
+        isinstance(corpus_dir, str)
+        and base_dir is not None
+        and not Path(corpus_dir).is_absolute()
+        and not is_uri(corpus_dir)
+    ):
         raw = {**raw, "corpus_dir": str((base_dir / corpus_dir).resolve())}
     try:
         return SweepConfig.model_validate(raw)

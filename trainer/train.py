@@ -5,7 +5,8 @@
 and batch arithmetic (``trainer.config``), process group, task and model, optimizer and
 DeepSpeed engine (``trainer.engine``), resume, then the loop: learning-rate schedule, one
 optimizer step over the micro batches (gradient norm, clipping, b_simple: ``trainer.engine``),
-EWA and evaluation (``trainer.schedule``), points, checkpoints.
+EWA and evaluation (``trainer.schedule``), points, checkpoints. With ``precision`` bf16/fp16
+the module's parameters are in that dtype; losses, evaluations and the EWA stay in fp32.
 
 Points: every ``eval.log_every``-th step (default: about 500 per run) and every evaluated
 step; rank 0 sends them to the service (``trainer.telemetry``). In a sweep every worker also
@@ -23,16 +24,19 @@ horizon stays ``n_tokens``. The trial records why the run stopped (``stop_reason
 ``diverged``, ``target`` (before its last step), ``budget`` (it trained all the tokens it
 could: max_steps · batch_size_tokens), or ``failed`` on an exception.
 
-Checkpoints, every ``checkpoint_every`` steps into ``checkpoint_dir``: save shard → barrier →
-report, so a reported checkpoint is complete. A run started again with the same directory
-resumes from it (same batches, optimizer state and EWA); a finished run deletes it.
+Checkpoints, every ``checkpoint_every`` steps, into ``checkpoint_dir`` or (``ray_checkpoints``,
+a sweep with ``storage``) through Ray Train's storage (``trainer.checkpoints``): save shard →
+barrier → report, so a reported checkpoint is complete. A run started again (the same
+directory, or a worker group that Ray Train restarts) resumes from its latest one (same
+batches, optimizer state and EWA); a finished run deletes its directory (Ray Train keeps one
+checkpoint, which the sweep deletes with its Ray Train run). A GPT's ``corpus_dir``
+may be a URI: each node reads its own cached copy (``trainer.storage.local_corpus``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +48,7 @@ import torch.distributed as dist
 
 from client import HyperlawClient
 from fitting.cbs import steps_to_target
+from trainer.checkpoints import run_checkpoints
 from trainer.config import TrainConfig, TrainConfigError, batch_layout
 from trainer.data import (
     SyntheticRegression,
@@ -52,16 +57,17 @@ from trainer.data import (
     batch_generator,
 )
 from trainer.engine import (
+    DTYPES,
     GradientStep,
     build_engine,
     finite_or_none,
+    fp32_loss,
     init_distributed,
-    load_checkpoint,
     mean_over_workers,
-    save_checkpoint,
 )
 from trainer.model import GPT, GPTConfig, LinearRegression, LinearRegressionConfig
 from trainer.schedule import EWA, evaluation_steps, lr_multiplier
+from trainer.storage import local_corpus
 from trainer.telemetry import NullTelemetry, RayProgress, ServiceTelemetry, TelemetrySink
 
 logger = logging.getLogger(__name__)
@@ -109,7 +115,7 @@ class RunResult:
 
 def train(
     config: TrainConfig | dict[str, Any],
-    report: Callable[[dict[str, Any]], None] | None = None,
+    report: Callable[..., None] | None = None,
     telemetry: TelemetrySink | None = None,
     mark_failed: bool = True,
     on_step: Callable[[int, int], None] | None = None,
@@ -144,7 +150,7 @@ def train(
         model = LinearRegression(LinearRegressionConfig(dim=data.config.dim))
     else:
         assert config.corpus_dir is not None  # TrainConfig requires it for the GPT
-        data = TokenCorpus(config.corpus_dir)
+        data = TokenCorpus(local_corpus(config.corpus_dir))
         model = GPT(_gpt_config(config, data.vocab_size))
 
     def get_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,8 +189,8 @@ def train(
     step, train_loss_ema, first_loss = 0, None, None
     evaluated: tuple[int, float] | None = None  # (step, loss) of the last evaluation
     best_eval = math.inf
-    ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
-    state = load_checkpoint(engine, ckpt_dir) if ckpt_dir is not None else None
+    checkpoints = run_checkpoints(config)
+    state = checkpoints.load(engine) if checkpoints is not None else None
     if state is not None:
         step, train_loss_ema = int(state["step"]), state["train_loss_ema"]
         first_loss = state["first_loss"]
@@ -272,13 +278,12 @@ def train(
 
             ending = diverged or reached_target or step == max_steps
             every = config.checkpoint_every
-            if ckpt_dir is not None and every and step % every == 0 and not ending:
+            if checkpoints is not None and every and step % every == 0 and not ending:
                 # save shard → barrier → report, so that a reported checkpoint is complete
                 state = {"step": step, "train_loss_ema": train_loss_ema, "first_loss": first_loss}
                 state.update(evaluated=evaluated, best_eval=best_eval)
                 state.update(ewa.state_dict() if ewa is not None else {})
-                save_checkpoint(engine, ckpt_dir, step, state, rank)
-                ray_progress.report({**progress, "checkpoint_step": step}, force=True)
+                checkpoints.save(engine, state, rank, ray_progress, progress)
             if on_step is not None:
                 on_step(step, rank)
             if diverged:
@@ -350,8 +355,8 @@ def train(
             "data_fingerprint": data.fingerprint,
         },
     )
-    if ckpt_dir is not None and rank == 0:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the checkpoint has no more use
+    if checkpoints is not None:
+        checkpoints.finish(rank)  # finished: its checkpoints have no more use
     if created_group:
         dist.barrier()
     return result
@@ -388,7 +393,8 @@ def _eval_loss(
     for i in range(config.eval.batches):
         generator = batch_generator(config.seed + 1_000_003, i, rank, 0)
         x, y = data.batch("val", n_seq, config.seq_len, generator)
-        total += float(module(x.to(device), y.to(device))[1])
+        dtype = DTYPES[config.precision]
+        total += float(fp32_loss(module, module, x.to(device), y.to(device), dtype))
     return mean_over_workers(total / config.eval.batches, world_size, device)
 
 

@@ -1,7 +1,7 @@
 """Service configuration: one pydantic-settings ``Settings`` read from ``HYPERLAW_*``.
 
 Every field can be set from the environment, e.g. ``HYPERLAW_DATABASE_URL``,
-``HYPERLAW_PORT`` or ``HYPERLAW_READ_REQUIRES_TOKEN=true``.
+``HYPERLAW_PORT``, ``HYPERLAW_ACCESS_LOG=true`` or ``HYPERLAW_READ_REQUIRES_TOKEN=true``.
 """
 
 from __future__ import annotations
@@ -33,10 +33,16 @@ class Settings(BaseSettings):
 
     database_url: str = Field(
         default_factory=default_database_url,
-        description="SQLAlchemy URL; PostgreSQL for teams, an SQLite file by default.",
+        description="SQLAlchemy URL; PostgreSQL for teams (a plain postgresql://user@host/db "
+        "uses psycopg2: server.core.db.engine_url), an SQLite file by default.",
     )
     host: str = Field(default="127.0.0.1", description="address `hyperlaw serve` binds")
     port: int = Field(default=8000, gt=0, lt=65536, description="port `hyperlaw serve` binds")
+    access_log: bool = Field(
+        default=False,
+        description="`hyperlaw serve` logs one line per request (uvicorn's access log, on "
+        "stderr); `hyperlaw serve --access-log` turns it on too",
+    )
     read_requires_token: bool = Field(
         default=False, description="when true, GET routes need a token with read scope"
     )

@@ -3,14 +3,19 @@
 - ``open_database(url)`` (or ``Database.from_url``): the one way a command, a background
   thread or a test opens the database: an engine and its session factory; the context
   manager disposes the engine on exit.
+- ``engine_url(url)``: a plain ``postgresql://`` (or ``postgres://``) URL, as libpq and the
+  README write it, with the installed driver named (``postgresql+psycopg2://``): SQLAlchemy
+  would pick psycopg 3, which is not installed. Every engine goes through it.
 - ``make_engine(url)``: SQLite gets WAL, foreign keys, a busy timeout and (by default) ``BEGIN
   IMMEDIATE`` transactions (so concurrent writers queue instead of failing on a lock
   upgrade); PostgreSQL gets a connection pool with pre-ping.
 - ``session_scope(factory)`` (``Database.session()``): the one place that commits, rolls
   back and closes; database errors leave it as the project's own exception types.
 - ``upgrade(url)`` / ``downgrade(url, revision)`` / ``current_revision(engine)`` /
-  ``schema_is_current(engine)`` / ``require_current_schema(engine)``: Alembic, driven
-  programmatically (no ``alembic.ini``).
+  ``known_revisions()`` / ``schema_is_current(engine)`` / ``require_current_schema(engine)``:
+  Alembic, driven programmatically (no ``alembic.ini``); ``migrate_to_head(url)``: what
+  ``hyperlaw serve`` does first (an empty or older database is migrated, an unknown one
+  refused).
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from client import wire
@@ -59,6 +64,21 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+#: URL schemes that leave the PostgreSQL driver to SQLAlchemy, whose default is psycopg 3
+_PLAIN_POSTGRES = ("postgresql://", "postgres://")
+POSTGRES_DRIVER = "postgresql+psycopg2://"
+
+
+def engine_url(url: str) -> str:
+    """``url`` with the installed PostgreSQL driver (psycopg2) named when it names none:
+    ``postgresql://u@h/db`` and ``postgres://u@h/db`` become ``postgresql+psycopg2://u@h/db``;
+    any other URL (an explicit driver, SQLite) is returned unchanged."""
+    for plain in _PLAIN_POSTGRES:
+        if url[: len(plain)].lower() == plain:
+            return POSTGRES_DRIVER + url[len(plain) :]
+    return url
+
+
 def make_engine(url: str, *, sqlite_immediate: bool = True, **kwargs) -> Engine:
     """An engine for ``url``; extra ``kwargs`` go to ``sqlalchemy.create_engine``.
 
@@ -68,9 +88,12 @@ def make_engine(url: str, *, sqlite_immediate: bool = True, **kwargs) -> Engine:
     holds sessions open longer may pass ``sqlite_immediate=False`` (plain deferred BEGIN;
     WAL readers never block writers).
 
+    A plain ``postgresql://`` URL gets the psycopg2 driver (:func:`engine_url`).
+
     JSON columns store non-finite floats as "NaN"/"Infinity"/"-Infinity" and read them
     back as floats (``client.wire``): PostgreSQL's json type refuses bare NaN.
     """
+    url = engine_url(url)
     kwargs.setdefault("json_serializer", wire.dumps)
     kwargs.setdefault("json_deserializer", wire.loads)
     if is_sqlite(url):
@@ -195,6 +218,12 @@ def head_revision() -> str:
     return heads[0]
 
 
+def known_revisions() -> list[str]:
+    """This version's migrations, oldest first."""
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return [rev.revision for rev in reversed(list(script.walk_revisions()))]
+
+
 def current_revision(engine: Engine) -> str | None:
     """The revision the database is at, or None for an empty database."""
     with engine.connect() as conn:
@@ -211,11 +240,60 @@ def require_current_schema(engine: Engine) -> None:
     database) unless the database is migrated to the head revision."""
     current, head = current_revision(engine), head_revision()
     if current != head:
-        raise SchemaOutdatedError(
-            f"database schema is at revision {current or 'none (empty database)'}, "
-            f"this version needs {head}; run `hyperlaw db upgrade` "
-            f"(HYPERLAW_DATABASE_URL={engine.url.render_as_string(hide_password=True)})"
+        raise SchemaOutdatedError(_outdated(engine, current, head))
+
+
+def _outdated(engine: Engine, current: str | None, head: str) -> str:
+    """The sentence of ``SchemaOutdatedError``: where the schema is and the fix."""
+    where = f"(HYPERLAW_DATABASE_URL={engine.url.render_as_string(hide_password=True)})"
+    if current is not None and current not in known_revisions():
+        return (
+            f"database schema is at revision {current}, which this version of hyperlaw does "
+            f"not know (its newest is {head}): run the version that migrated it, or with that "
+            f"version `hyperlaw db downgrade {head}` first {where}"
         )
+    return (
+        f"database schema is at revision {current or 'none (empty database)'}, "
+        f"this version needs {head}; run `hyperlaw db upgrade` {where}"
+    )
+
+
+def migrate_to_head(url: str) -> str | None:
+    """Bring the database at ``url`` to the head revision where this version knows how (what
+    ``hyperlaw serve`` does first): an empty one (no tables) gets the whole schema, one at
+    an older revision is migrated forward; the one sentence saying which is logged (INFO)
+    before and returned after. None: the schema was current. Raises ``SchemaOutdatedError``
+    (naming the fix) for a revision this version does not know, or for tables without a
+    revision, which it leaves alone."""
+    head = head_revision()
+    with open_database(url) as database:
+        with database.engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+            tables = sorted(set(inspect(conn).get_table_names()) - {"alembic_version"})
+        if current == head:
+            return None
+        shown = database.engine.url.render_as_string(hide_password=True)
+        if current is not None and current not in known_revisions():
+            raise SchemaOutdatedError(_outdated(database.engine, current, head))
+        if current is None and tables:
+            more = ", ..." if len(tables) > 3 else ""
+            raise SchemaOutdatedError(
+                f"database holds tables ({', '.join(tables[:3])}{more}) but no hyperlaw "
+                "schema revision: name an empty database in HYPERLAW_DATABASE_URL, or run "
+                f"`hyperlaw db upgrade` if they are hyperlaw's (HYPERLAW_DATABASE_URL={shown})"
+            )
+    if current is None:
+        said = f"empty database {shown}: creating the schema at revision {head}"
+    else:
+        said = f"database {shown} at revision {current}, older than {head}: migrating it to {head}"
+    log.info("%s", said)
+    try:
+        upgrade(url)
+    except SQLAlchemyError:  # a second process that migrated it at the same time wins
+        with open_database(url) as database:
+            if current_revision(database.engine) != head:
+                raise
+    return said
 
 
 def upgrade(url: str, revision: str = "head") -> None:

@@ -3,7 +3,7 @@ seeded databases for the fitting worker and the recommendations.
 
 Each test that changes trials or fits gets its own database (``fresh_db``, ``fresh_pg``), so
 that fits of other tests' trials never mix in; ``seeded_pg`` (the Step Law sweep imported
-and its recommender fitted) is shared read-only within a module.
+and its recommender fitted) is shared read-only by the session.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from client import HyperlawClient
 from server.core.db import Database, upgrade
 from tests.conftest import LiveServer, make_token, start_live_server
 from tests.databases import seed_steplaw
+from tests.server.dashboard_store import dashboard_store  # noqa: F401 - a fixture
 
 
 @dataclass
@@ -120,9 +121,10 @@ def database_for() -> Iterator[Callable[[str], Database]]:
         database.dispose()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def seeded_pg(make_database) -> str:
-    """A PostgreSQL database with the Step Law sweep imported and fitted (read only)."""
+    """A PostgreSQL database with the Step Law sweep imported and fitted (read only: its
+    users add API tokens, never trials or fits), seeded once for the session."""
     url = make_database("postgresql")
     upgrade(url)
     seed_steplaw(url)

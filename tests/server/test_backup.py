@@ -18,9 +18,10 @@ from sqlalchemy import delete, select
 
 from server import crud, points
 from server.backup import pg_connection
-from server.core.db import current_revision, downgrade, open_database, upgrade
+from server.core.db import current_revision, downgrade, head_revision, open_database, upgrade
 from server.models import Base, Experiment, Fit, TokenScope, TrialStatus
-from server.schemas import ExperimentCreate, PointIn, TrialCreate, TrialUpdate
+from server.point_schemas import PointIn
+from server.schemas import ExperimentCreate, TrialCreate, TrialUpdate
 from tests.databases import hyperlaw_command, run_hyperlaw
 
 BACKENDS = ["postgresql", "sqlite"]
@@ -57,8 +58,11 @@ def _fill(url: str) -> dict[str, int]:
                 ),
             )
             trials.append(trial.id)
-        rows = [
-            PointIn(step=s, tokens=s * 32_768, train_loss=t, eval_loss=e, b_simple=b)
+        rows = [  # with extras of their own, non-finite too (points.extras: JSONB, JSON)
+            PointIn.model_validate(
+                {"step": s, "tokens": s * 32_768, "train_loss": t, "eval_loss": e, "b_simple": b}
+                | {"mfu": t / 10, "loss/aux": math.nan if s == 30 else 1e-3}
+            )
             for s, t, e, b in CURVE
         ]
         points.upsert_points(session=session, trial_id=trials[0], points=rows)
@@ -126,7 +130,7 @@ def test_backup_and_restore_bring_everything_back(filled, tmp_path):
     done = run_hyperlaw(url, "db", "backup", str(path))
     assert done.returncode == 0, done.stderr
     line = done.stdout.strip()
-    assert f"to {path} (revision 0005" in line, line
+    assert f"to {path} (revision {head_revision()}" in line, line
     assert "experiments 2, fits 1, points 6, trials 3" in line and "api_tokens 1" in line
 
     _change_everything(url, ids)
@@ -209,15 +213,16 @@ def test_an_older_backup_needs_the_database_downgraded_then_upgraded(
     upgrade(url)
     refused = run_hyperlaw(url, "db", "restore", str(path))
     assert refused.returncode == 2
-    assert "at schema revision 0005, newer than the backup's 0004" in refused.stderr
+    head = head_revision()
+    assert f"at schema revision {head}, newer than the backup's 0004" in refused.stderr
     with open_database(url) as database:
-        assert current_revision(database.engine) == "0005"
+        assert current_revision(database.engine) == head
     downgrade(url, "0004")
     done = run_hyperlaw(url, "db", "restore", str(path))
     assert done.returncode == 0 and "run `hyperlaw db upgrade`" in done.stderr
     assert run_hyperlaw(url, "db", "upgrade").returncode == 0
     with open_database(url) as database:
-        assert current_revision(database.engine) == "0005"
+        assert current_revision(database.engine) == head
 
 
 def test_a_backup_while_a_writer_is_busy_is_consistent(filled, tmp_path):

@@ -22,6 +22,21 @@ from trainer.sweep_config import SweepConfigError, load_sweep_config
 RAY_INIT = {"num_cpus": 2, "include_dashboard": False}
 
 
+@pytest.fixture(scope="module")
+def joined_cluster():
+    """A Ray cluster that the sweeps of the killed-worker tests join (as with --address) and
+    leave running: one for both (a start and a shutdown take seconds), while the first test's
+    sweep starts and stops its own. The hooks reach the workers by value: they need not
+    import the tests."""
+    ray.cloudpickle.register_pickle_by_value(tests.trainer.hooks)
+    ray.init(**RAY_INIT)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        ray.cloudpickle.unregister_pickle_by_value(tests.trainer.hooks)
+
+
 def test_sweep_runs_zero2_trials_through_ray_and_fills_the_store(
     live_server, sweep_yaml, monkeypatch
 ):
@@ -87,7 +102,9 @@ def _ray_metrics_lines(name: str, timeout_s: float = 30.0) -> list[str]:
         time.sleep(1.0)
 
 
-def test_a_killed_worker_is_restarted_from_its_checkpoint(live_server, sweep_yaml, tmp_path):
+def test_a_killed_worker_is_restarted_from_its_checkpoint(
+    live_server, sweep_yaml, tmp_path, joined_cluster
+):
     """FailureConfig(max_failures=1): rank 1 of the 2-worker ZeRO-0 run is killed with SIGKILL
     after step 25, Ray Train restarts the worker group, and it continues from the step-20
     checkpoint instead of step 0. ZeRO-0 over 2 workers also measures b_simple (one worker's
@@ -102,17 +119,11 @@ def test_a_killed_worker_is_restarted_from_its_checkpoint(live_server, sweep_yam
         n_tokens=[64 * 40],
     )
     fail_once = KillOnce(step=25, marker=str(tmp_path / "failed-once"))
-    # the hook reaches the workers by value: they need not import the tests
-    ray.cloudpickle.register_pickle_by_value(tests.trainer.hooks)
-    ray.init(**RAY_INIT)  # a cluster the sweep joins (as with --address) and leaves running
-    try:
-        summary = run_sweep(
-            load_sweep_config(path), url=live_server.url, token=live_server.token, on_step=fail_once
-        )
-        exported = _ray_metrics_lines("hyperlaw_train_loss")
-    finally:
-        ray.shutdown()
-        ray.cloudpickle.unregister_pickle_by_value(tests.trainer.hooks)
+    summary = run_sweep(
+        load_sweep_config(path), url=live_server.url, token=live_server.token, on_step=fail_once
+    )
+    assert ray.is_initialized()  # the sweep left the cluster it joined running
+    exported = _ray_metrics_lines("hyperlaw_train_loss")
     assert (tmp_path / "failed-once").exists()  # the failure happened
     assert (summary.completed, summary.failed) == (1, 0)
     # the trial's loss reached Ray's metrics export (what the dashboard's Metrics tab reads)
@@ -134,7 +145,7 @@ def test_a_killed_worker_is_restarted_from_its_checkpoint(live_server, sweep_yam
 
 
 def test_a_killed_worker_without_retries_fails_its_trial_with_the_reason(
-    live_server, sweep_yaml, tmp_path
+    live_server, sweep_yaml, tmp_path, joined_cluster
 ):
     """max_failures=0: the run whose worker was killed is marked failed, with the reason and
     stop reason ``failed``, and the sweep counts it; it is never left running."""
@@ -145,15 +156,9 @@ def test_a_killed_worker_without_retries_fails_its_trial_with_the_reason(
         n_tokens=[64 * 12],
     )
     kill = KillOnce(step=5, marker=str(tmp_path / "killed"))
-    ray.cloudpickle.register_pickle_by_value(tests.trainer.hooks)
-    ray.init(**RAY_INIT)
-    try:
-        summary = run_sweep(
-            load_sweep_config(path), url=live_server.url, token=live_server.token, on_step=kill
-        )
-    finally:
-        ray.shutdown()
-        ray.cloudpickle.unregister_pickle_by_value(tests.trainer.hooks)
+    summary = run_sweep(
+        load_sweep_config(path), url=live_server.url, token=live_server.token, on_step=kill
+    )
     assert (tmp_path / "killed").exists()
     assert (summary.completed, summary.failed) == (0, 1)
     with HyperlawClient(live_server.url, live_server.token) as client:

@@ -38,6 +38,15 @@ MODELINE = "# yaml-language-server: $schema=sweep.schema.json"
         ({"use_gpu": "maybe"}, r"use_gpu must be 'auto', true or false \(got 'maybe'\)"),
         ({"family": "team a"}, r"family must be 1-100 characters .* \(got 'team a'\)"),
         ({"family": "-x"}, "starting with a letter or digit"),
+        ({"storage": "ftp://host/runs"}, "storage has an unknown scheme 'ftp'"),
+        ({"storage": ""}, "storage must be a path or a URI"),
+        ({"storage": "s3:///runs"}, r"storage names no bucket or host"),
+        ({"storage": "s3://key:secret@bucket/runs"}, "storage must not hold credentials"),
+        (
+            {"storage": "s3://bucket/runs?endpoint=localhost:9000"},
+            "storage is not a URI that pyarrow can open .*Unexpected query parameter",
+        ),
+        ({"task": "gpt", "corpus_dir": "sftp://h/corpus"}, "corpus_dir has an unknown scheme"),
     ],
 )
 def test_bad_sweep_files_name_the_field(sweep_yaml, over, message):
@@ -132,3 +141,16 @@ def test_examples_name_the_schema_and_pass_it(example):
 def test_cli_rejects_a_bad_sweep_file(sweep_yaml):
     assert cli.main(["sweep", str(sweep_yaml(zero_stage=7))]) == 2
     assert cli.main(["sweep"]) == 2  # neither a file nor --schema
+
+
+def test_storage_and_a_corpus_uri_are_taken_as_written(sweep_yaml):
+    """A URI is checked without a network call (no region: pyarrow would ask AWS) and kept as
+    written; a corpus URI is not resolved against the file's folder as a relative path is."""
+    uri = "s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http"
+    corpus = "s3://bucket/corpus?endpoint_override=127.0.0.1:9000&scheme=http"
+    config = load_sweep_config(sweep_yaml(storage=uri, task="gpt", corpus_dir=corpus, seq_len=8))
+    assert (config.storage, config.corpus_dir) == (uri, corpus)
+    assert load_sweep_config(sweep_yaml(storage="shared/runs")).storage == "shared/runs"
+    assert config.with_storage("gs://bucket/runs").storage == "gs://bucket/runs"
+    with pytest.raises(SweepConfigError, match="storage has an unknown scheme 'ftp'"):
+        config.with_storage("ftp://host/runs")
