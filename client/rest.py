@@ -178,17 +178,22 @@ class HyperlawClient:
         params: Mapping[str, Any] | None = None,
         idempotent: bool | None = None,
         retry_for_s: float | None = None,
+        content: bytes | None = None,
+        content_type: str | None = None,
     ) -> dict[str, Any]:
         """One API call with retries; returns the decoded JSON body.
 
         ``idempotent``: whether sending the request twice does what sending it once does
         (None: by method, GET/HEAD/OPTIONS/PUT/PATCH/DELETE); ``retry_for_s``: this call's
-        retry budget instead of the client's."""
+        retry budget instead of the client's; ``content`` and ``content_type``: a body other
+        than JSON, sent as it is."""
         method = method.upper()
         if idempotent is None:
             idempotent = method in _IDEMPOTENT_METHODS
         budget = self.retry_for_s if retry_for_s is None else retry_for_s
-        content = _dumps(json_body) if json_body is not None else None
+        if content is None and json_body is not None:
+            content = _dumps(json_body)
+        headers = {"Content-Type": content_type} if content_type else None
         if params is not None:
             params = {k: v for k, v in params.items() if v is not None}
         start = time.monotonic()
@@ -196,7 +201,9 @@ class HyperlawClient:
         while True:
             retry_after = 0.0
             try:
-                response = self._http.request(method, path, content=content, params=params)
+                response = self._http.request(
+                    method, path, content=content, params=params, headers=headers
+                )
             except httpx.TransportError as exc:
                 cause, problem = type(exc).__name__, f"{type(exc).__name__}: {exc}"
                 safe = isinstance(exc, _NOT_SENT) or (idempotent and isinstance(exc, _MAYBE_SENT))
@@ -336,6 +343,21 @@ class HyperlawClient:
                 return {"trial_id": trial_id, "data": data, "count": len(data)}
 
     # -- fits and recommendations -----------------------------------------------------------
+
+    def import_runs_csv(
+        self, data: bytes, *, experiment: str, family: str | None = None
+    ) -> dict[str, Any]:
+        """``POST /v1/imports/runs``: a runs CSV's bytes into ``experiment`` (of ``family``);
+        idempotent (the trials' keys come from the file's bytes). A bad file raises
+        ``HyperlawAPIError`` 422 whose ``detail`` names every bad line."""
+        return self.request(
+            "POST",
+            "/v1/imports/runs",
+            params={"experiment": experiment, "family": family},
+            content=data,
+            content_type="text/csv",
+            idempotent=True,
+        )
 
     def recommend(
         self, *, family: str | None = None, experiment: str | int | None = None, **params: Any

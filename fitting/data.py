@@ -51,6 +51,8 @@ from typing import Any
 import numpy as np
 
 from fitting.csv_rows import (
+    CellError,
+    CsvProblem,
     RunsCsvError,
     StepsCsvError,
     csv_rows,
@@ -220,7 +222,8 @@ def _finish(path: str | Path, records: list[dict], errors: list[tuple[int, str]]
     if errors:
         raise RunsCsvError(str(path), errors)
     if not records:
-        raise RunsCsvError(str(path), [(1, "no runs in file")])
+        text = "no runs in file"
+        raise RunsCsvError(str(path), [(1, text)], [CsvProblem(1, None, "no_runs", text)])
     return Runs.from_records(records)
 
 
@@ -252,31 +255,33 @@ def load_steplaw_csv(path: str | Path) -> Runs:
     return _finish(path, records, errors)
 
 
-def load_runs_csv(path: str | Path) -> Runs:
-    """Load the generic runs CSV described in this module's docstring.
+def load_runs_csv(path: str | Path, data: bytes | None = None) -> Runs:
+    """Load the generic runs CSV described in this module's docstring (``data``: its bytes,
+    read from ``path`` when None; ``path`` then only names them in messages).
 
-    Raises :class:`RunsCsvError` listing every bad row; returns nothing half-loaded.
+    Raises :class:`RunsCsvError` listing every bad row (and, in its ``problems``, every
+    broken rule with its column); returns nothing half-loaded.
     """
     records: list[dict] = []
     lines: list[int] = []
-    errors: list[tuple[int, str]] = []
-    for line, row, problem in read_rows(path, (*_REQUIRED, "final_loss")):
+    problems: list[CsvProblem] = []
+    for line, row, problem in read_rows(path, (*_REQUIRED, "final_loss"), data):
         if row is None:  # a row of the wrong length: ``problem`` says how
-            errors.append((line, problem or ""))
+            problems.append(CsvProblem(line, None, "fields", problem or ""))
             continue
-        reasons = []
+        found: list[CsvProblem] = []
         rec: dict[str, object] = {}
         for name in _REQUIRED:
             try:
                 rec[name] = (positive_int if name == "seq_len" else positive)(row[name], name)
-            except ValueError as exc:
-                reasons.append(str(exc))
+            except CellError as exc:
+                found.append(CsvProblem(line, name, exc.rule, str(exc)))
         try:
             rec["loss"] = parse_float(
                 row["final_loss"], "final_loss (write nan for a diverged run)", allow_nonfinite=True
             )
-        except ValueError as exc:
-            reasons.append(str(exc))
+        except CellError as exc:
+            found.append(CsvProblem(line, "final_loss", exc.rule, str(exc)))
         for name in ("steps_to_target", "target_loss"):
             text = row.get(name)
             if text is None or text.strip() == "":
@@ -284,30 +289,37 @@ def load_runs_csv(path: str | Path) -> Runs:
             try:
                 value = parse_float(text, name, allow_nonfinite=(name == "steps_to_target"))
                 if name == "steps_to_target" and (math.isnan(value) or value <= 0):
-                    raise ValueError(f"{name} must be > 0 (or inf when never reached)")
+                    raise CellError(name, "gt", f"{name} must be > 0 (or inf when never reached)")
                 rec[name] = value
-            except ValueError as exc:
-                reasons.append(str(exc))
+            except CellError as exc:
+                found.append(CsvProblem(line, name, exc.rule, str(exc)))
         text = row.get("trial_id")
         if text is not None and text.strip() != "":
             try:
                 rec["trial_id"] = positive_int(text, "trial_id")
-            except ValueError as exc:
-                reasons.append(str(exc))
-        if reasons:
-            errors.append((line, "; ".join(reasons)))
+            except CellError as exc:
+                found.append(CsvProblem(line, "trial_id", exc.rule, str(exc)))
+        if found:
+            problems.extend(found)
         else:
             records.append(rec)
             lines.append(line)
-    if not errors and records:
+    if not problems and records:
         has_id = ["trial_id" in r for r in records]
         if any(has_id) and not all(has_id):
-            errors = [
-                (line, "trial_id is empty (give it for every row or none)")
+            problems = [
+                CsvProblem(
+                    line,
+                    "trial_id",
+                    "all_or_none",
+                    "trial_id is empty (give it for every row or none)",
+                )
                 for line, ok in zip(lines, has_id, strict=True)
                 if not ok
             ]
-    return _finish(path, records, errors)
+    if problems:
+        raise RunsCsvError.of(str(path), problems)
+    return _finish(path, records, [])
 
 
 def read_steps_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,14 +1,18 @@
 """The service's commands: ``hyperlaw serve``, ``db upgrade|downgrade|current|backup|restore``,
 ``token create|list|revoke``, ``worker``, ``fit`` and ``quickstart``, and (from
-``server.cli_data``) ``recommend``, ``families`` and ``import steplaw|runs``.
+``server.cli_data``) ``recommend`` and ``families``, (from ``server.cli_import``) ``import
+steplaw|runs|wandb-csv|mlflow`` and (from ``server.cli_plot``) ``plot``.
 
 Parsing and printing only: each handler calls the functions the API and the worker use
 (``server.crud``, ``server.importers``, ``server.worker.loop``, ``server.backup``).
 Module-level imports stay light so that ``hyperlaw --help`` answers at once; each handler
 imports what it needs. Results go to stdout, diagnostics to the log (stderr). Exit codes: 0
-done, 1 refused or failed (e.g. a failed fit, a token name taken), 2 unusable input or
-database, among them a database not migrated to this version (one line naming ``hyperlaw
-db upgrade``).
+done, 1 refused or failed (e.g. a failed fit, revoking a token that does not exist), 2
+unusable input or database, among them a database not migrated to this version (one line
+naming ``hyperlaw db upgrade``) and a token name in use (one line naming ``--replace``).
+
+``serve`` first migrates an empty database, or one at an older revision, to this version's
+schema (one log line says so); it refuses one at a revision it does not know.
 
 ``python -m server.cli`` runs only these commands (no trainer or fitting commands).
 """
@@ -19,9 +23,10 @@ import argparse
 import logging
 import sys
 
-from server import cli_data
+from server import cli_data, cli_import, cli_plot
 from server.cli_data import out as _out
 from server.cli_data import settings as _settings
+from server.cli_data import shown as _shown
 from server.cli_data import store as _store
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", help="bind address (default: HYPERLAW_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: HYPERLAW_PORT or 8000)")
     serve.add_argument("--no-worker", action="store_true", help="do not run the fitting worker")
+    serve.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per request on stderr (default: HYPERLAW_ACCESS_LOG or off)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     db = subparsers.add_parser("db", help="database migrations")
@@ -64,8 +74,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create = token_sub.add_parser("create", help="create a token and print it (shown once)")
     create.add_argument("--name", required=True)
     create.add_argument("--scope", required=True, choices=["read", "write", "admin"])
+    create.add_argument(
+        "--owner", help="who the token is for, free text (with --replace: the old one's)"
+    )
+    create.add_argument(
+        "--replace",
+        action="store_true",
+        help="revoke the token of that name (kept in `token list`) and create a new one",
+    )
     create.set_defaults(func=cmd_token_create)
-    listing = token_sub.add_parser("list", help="list tokens (names, scopes, never secrets)")
+    listing = token_sub.add_parser(
+        "list", help="list tokens (names, scopes, owners, never secrets)"
+    )
     listing.set_defaults(func=cmd_token_list)
     revoke = token_sub.add_parser("revoke", help="revoke a token by name")
     revoke.add_argument("--name", required=True)
@@ -78,7 +98,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit = subparsers.add_parser("fit", help="refit every scope whose data changed, then exit")
     fit.set_defaults(func=cmd_fit)
 
-    cli_data.register(subparsers)  # recommend, families, import
+    cli_data.register(subparsers)  # recommend, families
+    cli_import.register(subparsers)  # import
+    cli_plot.register(subparsers)  # plot
 
     quick = subparsers.add_parser(
         "quickstart", help="migrate, import the bundled Step Law sweep if empty, fit, and serve"
@@ -96,11 +118,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from server.core.db import migrate_to_head
     from server.core.errors import SchemaOutdatedError
     from server.main import BackgroundStarter, create_app
     from server.reaper import start_reaper
 
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if args.access_log:
+        updates["access_log"] = True
     settings = _settings().model_copy(update=updates)
     background: list[BackgroundStarter] = [start_reaper]
     if not args.no_worker:
@@ -108,8 +133,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         background.append(start_worker_thread)
     try:
+        migrate_to_head(settings.database_url)  # an empty or older schema; logs one line
         app = create_app(settings, background=background)
-    except SchemaOutdatedError as exc:
+    except SchemaOutdatedError as exc:  # an unknown revision, or tables without one
         log.error("%s", exc)
         return 2
     log.info("serving on http://%s:%d (docs at /docs)", settings.host, settings.port)
@@ -117,8 +143,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # every full garbage collection, whose pause under load fell from 170 ms to 15 ms
     gc.collect()
     gc.freeze()
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=_uvicorn_logging(),
+        access_log=settings.access_log,
+    )
     return 0
+
+
+def _uvicorn_logging() -> dict:
+    """uvicorn's logging with its own messages from WARNING up and, where it is on, its
+    access log (INFO) on stderr beside them: stdout is for the commands' results."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    config["loggers"]["uvicorn"]["level"] = "WARNING"
+    config["loggers"]["uvicorn.error"]["level"] = "WARNING"
+    config["loggers"]["uvicorn.access"]["level"] = "INFO"
+    return config
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -183,26 +230,42 @@ def cmd_db_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shown(url: str) -> str:
-    """The database URL without its password."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
 def cmd_token_create(args: argparse.Namespace) -> int:
+    """Print the new token's secret, and nothing else on stdout: a name in use ends the
+    command with one error line and exit status 2 unless ``--replace``, which revokes that
+    token (renamed ``NAME (replaced, id N)``, as names are unique) in the same transaction;
+    the new token keeps the old one's owner unless ``--owner`` names another."""
+    from sqlalchemy import select
+
     from server import crud
     from server.core.errors import ConflictError, InputError
-    from server.models import TokenScope
+    from server.models import ApiToken, TokenScope
 
     try:
         with _store() as database, database.session() as session:
+            old = session.scalar(select(ApiToken).where(ApiToken.name == args.name))
+            if old is not None and not args.replace:
+                state = "an active" if old.revoked_at is None else "a revoked"
+                log.error(
+                    "%s token named %r exists: pass --replace to revoke it and create a new "
+                    "one, or choose another name (`hyperlaw token list` shows them)",
+                    state,
+                    args.name,
+                )
+                return 2
+            owner = args.owner
+            if old is not None:
+                owner = old.owner if owner is None else owner
+                crud.revoke_token(session=session, name=args.name)
+                old.name = f"{args.name[:170]} (replaced, id {old.id})"
+                session.flush()  # the name is free for the new token
+                log.info("token %r revoked, listed as %r", args.name, old.name)
             _token, secret = crud.create_token(
-                session=session, name=args.name, scope=TokenScope(args.scope)
+                session=session, name=args.name, scope=TokenScope(args.scope), owner=owner
             )
-    except (ConflictError, InputError) as exc:  # the name is taken, or blank
+    except (ConflictError, InputError) as exc:  # blank, or taken meanwhile
         log.error("%s", exc)
-        return 2 if isinstance(exc, InputError) else 1
+        return 2
     _out(secret)  # the command's output, shown this once; it is stored hashed
     return 0
 
@@ -214,7 +277,8 @@ def cmd_token_list(args: argparse.Namespace) -> int:
         for t in crud.list_tokens(session=session):
             created = f"created {t.created_at:%Y-%m-%d %H:%M}"
             revoked = f"\trevoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else ""
-            _out(f"{t.name}\t{t.scope}\t{t.prefix}...\t{created}{revoked}")
+            owner = f"\towner {t.owner}" if t.owner else ""
+            _out(f"{t.name}\t{t.scope}\t{t.prefix}...\t{created}{owner}{revoked}")
     return 0
 
 
@@ -305,7 +369,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     port = args.port or settings.port
     _out(f"serving on http://{host}:{port} (API docs at /docs); try:")
     _out(f"  curl 'http://{host}:{port}{EXAMPLE_QUERY}'")
-    return cmd_serve(argparse.Namespace(host=host, port=port, no_worker=False))
+    return cmd_serve(argparse.Namespace(host=host, port=port, no_worker=False, access_log=False))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,14 @@
-"""The service's commands on stored data: ``hyperlaw recommend``, ``families`` and ``import
-steplaw|runs``, and what every command of the service shares (the settings, the settings'
-database, one result line on stdout); ``server.cli`` registers them with its own.
+"""The service's commands on stored data: ``hyperlaw recommend`` and ``families``
+(``import`` is ``server.cli_import``'s), and what every command of the service shares (the
+settings, the settings' database, a URL with its password masked, one result line on
+stdout); ``server.cli`` registers them with its own.
+
+``recommend`` and ``families`` read a running service (``--url``, else ``HYPERLAW_URL``
+when it is set) or else the database of ``HYPERLAW_DATABASE_URL``, and log (INFO) which.
 
 Parsing and printing only: each handler calls the functions the API uses
-(``server.recommend``, ``server.families``, ``server.importers``). Module-level imports stay
-light so that ``hyperlaw --help`` answers at once. Exit codes as in ``server.cli``: 0 done,
+(``server.recommend``, ``server.families``). Module-level imports stay light so that
+``hyperlaw --help`` answers at once. Exit codes as in ``server.cli``: 0 done,
 1 the service could not be reached, 2 unusable input or database.
 """
 
@@ -13,10 +17,10 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -25,9 +29,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: The service a client-side command asks when it has no ``--url``.
+URL_ENV = "HYPERLAW_URL"
+ASK_SERVER_HELP = (
+    f"ask this hyperlaw server instead of reading the database (default: {URL_ENV} when "
+    "set, else the database of HYPERLAW_DATABASE_URL)"
+)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``recommend``, ``families`` and ``import`` to the ``hyperlaw`` parser."""
+    """Add ``recommend`` and ``families`` to the ``hyperlaw`` parser."""
     rec = subparsers.add_parser(
         "recommend", help="learning rate, batch size and critical batch size for (N, D)"
     )
@@ -47,39 +58,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     which.add_argument("--experiment", help="experiment id or name: its own trials' fit")
     rec.add_argument("--json", action="store_true", help="print the API's JSON body")
-    rec.add_argument("--url", help="ask this hyperlaw server instead of reading the database")
+    rec.add_argument("--url", help=ASK_SERVER_HELP)
     rec.set_defaults(func=cmd_recommend)
 
     fam = subparsers.add_parser(
         "families", help="families (what makes losses comparable), their data and fit status"
     )
     fam.add_argument("--json", action="store_true", help="print the API's JSON body")
-    fam.add_argument("--url", help="ask this hyperlaw server instead of reading the database")
+    fam.add_argument("--url", help=ASK_SERVER_HELP)
     fam.set_defaults(func=cmd_families)
-
-    imp = subparsers.add_parser("import", help="put published or past sweeps into the store")
-    imp_sub = imp.add_subparsers(dest="import_command", required=True, metavar="FORMAT")
-    steplaw = imp_sub.add_parser(
-        "steplaw", help="a Step Law CSV (default: the copy bundled with hyperlaw)"
-    )
-    steplaw.add_argument(
-        "file", nargs="?", help="dense_lr_bs_loss.csv of step-law/steplaw (default: bundled)"
-    )
-    steplaw.add_argument(
-        "--experiment", help="experiment name (default: steplaw); its family is step-law"
-    )
-    steplaw.set_defaults(func=cmd_import_steplaw)
-    runs = imp_sub.add_parser("runs", help="a CSV of runs (columns: see fitting.data)")
-    runs.add_argument("file")
-    runs.add_argument(
-        "--experiment", help="experiment name (default: the file's name without .csv)"
-    )
-    runs.add_argument(
-        "--family",
-        default="default",
-        help="the family of the runs: what their losses are comparable with (default: default)",
-    )
-    runs.set_defaults(func=cmd_import_runs)
 
 
 def settings() -> Settings:
@@ -92,6 +79,34 @@ def out(line: str = "") -> None:
     """One line of the command's result on stdout (flushed: a server may follow)."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def shown(url: str) -> str:
+    """The URL (a database's or a service's) without its password."""
+    from urllib.parse import urlsplit
+
+    from sqlalchemy.engine import make_url
+
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        return make_url(url).render_as_string(hide_password=True)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return parts._replace(netloc=user + parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+def service_url(url: str | None) -> str | None:
+    """The service a client-side command asks (``url`` from ``--url``, else ``HYPERLAW_URL``
+    when it is set), or None for the database; logs which store the command reads."""
+    from_env = os.environ.get(URL_ENV, "").strip() or None
+    if url:
+        log.info("reading %s (--url)", shown(url))
+    elif from_env:
+        log.info("reading %s (%s)", shown(from_env), URL_ENV)
+    else:
+        log.info("reading the database %s", shown(settings().database_url))
+    return url or from_env
 
 
 @contextmanager
@@ -173,9 +188,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     )
     if args.batch_size_tokens is not None:
         params["batch_size_tokens"] = args.batch_size_tokens
-    if args.url:
+    url = service_url(args.url)
+    if url:
         answer = _ask_server(
-            args.url, "recommend", experiment=args.experiment, family=args.family, **params
+            url, "recommend", experiment=args.experiment, family=args.family, **params
         )
         if isinstance(answer, int):
             return answer
@@ -236,8 +252,9 @@ def format_families(families: list[dict[str, Any]]) -> str:
 def cmd_families(args: argparse.Namespace) -> int:
     from client.wire import dumps
 
-    if args.url:
-        answer = _ask_server(args.url, "families")
+    url = service_url(args.url)
+    if url:
+        answer = _ask_server(url, "families")
         if isinstance(answer, int):
             return answer
         body = answer
@@ -251,52 +268,4 @@ def cmd_families(args: argparse.Namespace) -> int:
             mode="json"
         )
     out(dumps(body, indent=2) if args.json else format_families(body["data"]))
-    return 0
-
-
-# --- import --------------------------------------------------------------------------------
-
-
-def cmd_import_steplaw(args: argparse.Namespace) -> int:
-    from fitting.data import RunsCsvError
-    from server.core.errors import ConflictError
-    from server.importers import STEPLAW_CITATION, STEPLAW_EXPERIMENT, import_steplaw
-
-    experiment = args.experiment or STEPLAW_EXPERIMENT
-    try:
-        with store() as database:
-            exp_id, created, existing = import_steplaw(database, args.file, experiment)
-    except (OSError, RunsCsvError, ConflictError) as exc:
-        log.error("%s", exc)
-        return 2
-    out(
-        f"experiment {experiment} ({exp_id}, family step-law): {created} trials imported, "
-        f"{existing} already there. Data: {STEPLAW_CITATION}"
-    )
-    return 0
-
-
-def cmd_import_runs(args: argparse.Namespace) -> int:
-    from client.wire import family_name_problem
-    from fitting.data import RunsCsvError
-    from server.core.errors import ConflictError
-    from server.importers import import_runs_csv
-
-    problem = family_name_problem(args.family)
-    if problem is not None:
-        log.error("--family %s", problem)
-        return 2
-    experiment = args.experiment or Path(args.file).stem
-    try:
-        with store() as database:
-            exp_id, created, existing = import_runs_csv(
-                database, args.file, experiment, family=args.family
-            )
-    except (OSError, RunsCsvError, ConflictError) as exc:
-        log.error("%s", exc)
-        return 2
-    out(
-        f"experiment {experiment} ({exp_id}, family {args.family}): {created} trials "
-        f"imported, {existing} already there"
-    )
     return 0

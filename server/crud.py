@@ -117,11 +117,15 @@ def _find_by_key(session: Session, experiment_id: int, key: str) -> Trial | None
     )
 
 
-def create_trial(*, session: Session, trial_in: TrialCreate) -> tuple[Trial, bool]:
-    """Create a trial; returns (trial, created).
+def create_trial(
+    *, session: Session, trial_in: TrialCreate, token: ApiToken | None = None
+) -> tuple[Trial, bool]:
+    """Create a trial; returns (trial, created). ``token``: the API token of the request,
+    recorded as the trial's creator (``Trial.created_by``).
 
     With an ``idempotency_key`` already used in the same experiment, the stored trial is
-    returned unchanged (created=False), so a client may safely retry the POST.
+    returned unchanged (created=False, its creator too), so a client may safely retry the
+    POST.
     An imported or already-completed trial notifies the fitting worker. Steps to target
     that break their rules raise ``InputError`` (``server.trial_results.check_target``).
     """
@@ -134,6 +138,7 @@ def create_trial(*, session: Session, trial_in: TrialCreate) -> tuple[Trial, boo
             return existing, False
     now = utcnow()
     trial = Trial(**trial_in.model_dump(), created_at=now, updated_at=now)  # enums as values
+    trial.created_by_token = token
     if trial_in.status in FINISHED_STATUSES:
         trial.completed_at = now
     try:
@@ -179,11 +184,17 @@ def list_trials(
     n_tokens_min: int | None = None,
     n_tokens_max: int | None = None,
     idempotency_key: str | None = None,
+    family: str | None = None,
+    excluded: bool | None = None,
     limit: int = 100,
     offset: int = 0,
 ) -> tuple[list[Trial], int]:
     """Trials matching every given filter (ranges inclusive), ordered by id."""
     stmt = select(Trial).order_by(Trial.id)
+    if family is not None:
+        stmt = stmt.join(Experiment, Experiment.id == Trial.experiment_id).where(
+            Experiment.family == family
+        )
     if experiment_id is not None:
         stmt = stmt.where(Trial.experiment_id == experiment_id)
     if status:
@@ -200,6 +211,8 @@ def list_trials(
         stmt = stmt.where(Trial.n_tokens <= n_tokens_max)
     if idempotency_key is not None:
         stmt = stmt.where(Trial.idempotency_key == idempotency_key)
+    if excluded is not None:
+        stmt = stmt.where(Trial.excluded.is_(excluded))
     return _page(session, stmt, limit=limit, offset=offset)
 
 
@@ -342,29 +355,63 @@ def hash_token(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_token(*, session: Session, name: str, scope: TokenScope) -> tuple[ApiToken, str]:
-    """Create a named token; returns (row, secret). Only the hash is stored. A blank name,
-    or one holding NUL, is an ``InputError`` (the rules of ``server.schemas``' names)."""
-    if "\x00" in name:
-        raise InputError([FieldError("name", "no_nul", f"name {NO_NUL_TEXT}")])
-    if not name.strip():
-        raise InputError([FieldError("name", "blank", f"name {BLANK_TEXT}")])
+def _token_text_errors(**texts: str | None) -> list[FieldError]:
+    """The rules of ``server.schemas.TokenCreate``'s text (its name, its owner) for callers
+    that do not go through it (the CLI): no NUL, not blank, at most 200 characters."""
+    errors = []
+    for field, value in texts.items():
+        if value is None:
+            continue
+        if "\x00" in value:
+            errors.append(FieldError(field, "no_nul", f"{field} {NO_NUL_TEXT}"))
+        elif not value.strip():
+            errors.append(FieldError(field, "blank", f"{field} {BLANK_TEXT}"))
+        elif len(value) > 200:
+            message = f"{field} must be at most 200 characters"
+            errors.append(FieldError(field, "string_too_long", message))
+    return errors
+
+
+def create_token(
+    *, session: Session, name: str, scope: TokenScope, owner: str | None = None
+) -> tuple[ApiToken, str]:
+    """Create a named token; returns (row, secret). Only the hash is stored. A blank name
+    or owner, one holding NUL or longer than 200 characters, is an ``InputError`` (the rules
+    of ``server.schemas.TokenCreate``); a name in use, revoked or not, a ``ConflictError``."""
+    errors = _token_text_errors(name=name, owner=owner)
+    if errors:
+        raise InputError(errors)
     if session.scalar(select(ApiToken).where(ApiToken.name == name)) is not None:
         raise ConflictError(f"a token named {name!r} already exists")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken(
-        name=name, token_hash=hash_token(secret), prefix=secret[:10], scope=scope.value
+        name=name,
+        token_hash=hash_token(secret),
+        prefix=secret[:10],
+        scope=scope.value,
+        owner=owner,
     )
-    session.add(token)
-    session.flush()
+    try:
+        with session.begin_nested():
+            session.add(token)
+    except IntegrityError:  # the name was taken meanwhile
+        raise ConflictError(f"a token named {name!r} already exists") from None
     return token, secret
 
 
 def list_tokens(*, session: Session) -> list[ApiToken]:
+    """Every token, revoked ones too, by id."""
     return list(session.scalars(select(ApiToken).order_by(ApiToken.id)))
 
 
+def page_tokens(*, session: Session, limit: int, offset: int) -> tuple[list[ApiToken], int]:
+    """A page of :func:`list_tokens` and the number of tokens."""
+    return _page(session, select(ApiToken).order_by(ApiToken.id), limit=limit, offset=offset)
+
+
 def revoke_token(*, session: Session, name: str) -> ApiToken:
+    """Revoke the token named ``name`` (``NotFoundError`` when none is); revoking a revoked
+    token changes nothing. It fails from the next request on."""
     token = session.scalar(select(ApiToken).where(ApiToken.name == name))
     if token is None:
         raise NotFoundError(f"token {name!r} not found")

@@ -1,4 +1,5 @@
-"""Published or past sweeps into the trial store (``hyperlaw import steplaw|runs``).
+"""Published or past sweeps into the trial store (``hyperlaw import steplaw|runs`` and
+``POST /v1/imports/runs``).
 
 Imported runs become completed trials with ``source = imported``, one experiment per
 import, in one transaction: a file is stored whole or not at all. The Step Law sweep's
@@ -29,6 +30,8 @@ from server.models import StopReason, TrialSource, TrialStatus
 from server.schemas import ExperimentCreate, TrialCreate
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from fitting.data import Runs
 
 STEPLAW_CITATION = (
@@ -104,20 +107,63 @@ def import_runs(
     Returns (experiment id, trials created, trials already there). Raises
     ``ConflictError`` when ``experiment`` exists in another family.
     """
-    created = existing = 0
     with database.session() as session:
-        exp, _ = crud.create_experiment(
+        return store_runs(
             session=session,
-            experiment_in=ExperimentCreate(name=experiment, description=description, family=family),
+            runs=runs,
+            experiment=experiment,
+            description=description,
+            key_prefix=key_prefix,
+            config=config,
+            family=family,
         )
-        for i in range(len(runs)):
-            trial_in = _trial_in(
-                runs, i, experiment_id=exp.id, key_prefix=key_prefix, config=config
-            )
-            _trial, was_created = crud.create_trial(session=session, trial_in=trial_in)
-            created += was_created
-            existing += not was_created
+
+
+def store_runs(
+    *,
+    session: Session,
+    runs: Runs,
+    experiment: str,
+    description: str,
+    key_prefix: str,
+    config: dict[str, Any],
+    family: str = DEFAULT_FAMILY,
+) -> tuple[int, int, int]:
+    """:func:`import_runs` in the caller's ``session`` (the API's request)."""
+    created = existing = 0
+    exp, _ = crud.create_experiment(
+        session=session,
+        experiment_in=ExperimentCreate(name=experiment, description=description, family=family),
+    )
+    for i in range(len(runs)):
+        trial_in = _trial_in(runs, i, experiment_id=exp.id, key_prefix=key_prefix, config=config)
+        _trial, was_created = crud.create_trial(session=session, trial_in=trial_in)
+        created += was_created
+        existing += not was_created
     return exp.id, created, existing
+
+
+def import_runs_body(
+    *, session: Session, data: bytes, experiment: str, family: str = DEFAULT_FAMILY
+) -> tuple[int, int, int]:
+    """A runs CSV's bytes (``POST /v1/imports/runs``) into ``experiment`` of ``family``, in
+    ``session``; the keys are those ``hyperlaw import runs`` gives the same file, so either
+    import after the other adds nothing. Raises ``fitting.data.RunsCsvError`` (its
+    ``problems`` name each line, column and rule) and ``ConflictError`` as
+    :func:`import_runs` does."""
+    from fitting.data import load_runs_csv
+
+    runs = load_runs_csv("the request body", data)
+    digest = hashlib.sha256(data).hexdigest()
+    return store_runs(
+        session=session,
+        runs=runs,
+        experiment=experiment,
+        description="imported over the API (POST /v1/imports/runs)",
+        key_prefix=f"runs:{digest[:16]}",
+        config={"dataset": "POST /v1/imports/runs", "file_sha256": digest},
+        family=family,
+    )
 
 
 def import_runs_csv(

@@ -3,8 +3,9 @@
 ``create_app(settings, background=...)`` opens the database (``app.state.database``, a
 ``server.core.db.Database`` disposed at shutdown), refuses to start when its schema is not
 at the head revision (``SchemaOutdatedError``, naming ``hyperlaw db upgrade``), mounts the
-``/v1`` routers behind the body-size limit (``server.api.limits``) and maps errors to JSON
-bodies:
+``/v1`` routers behind the body-size limit (``server.api.limits``), serves the dashboard at
+``/`` with its files under ``/static`` (``server.api.routes.dashboard``) and maps errors to
+JSON bodies:
 
 - 422: ``{"detail": [{"field": "batch_size_tokens", "rule": "gt",
   "message": "batch_size_tokens must be > 0"}]}`` -- one entry per violated rule, ``field``
@@ -31,14 +32,26 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import IntegrityError
 
 from client.wire import dumps
 from server.api.limits import BodySizeLimit
-from server.api.routes import experiments, families, fits, recommendations, trials
+from server.api.metrics import install_metrics
+from server.api.routes import (
+    dashboard,
+    experiments,
+    families,
+    fits,
+    imports,
+    recommendations,
+    tokens,
+    trials,
+)
 from server.core.config import Settings, get_settings
 from server.core.db import Database, require_current_schema
 from server.core.errors import HyperlawError, InputError
+from server.point_schemas import EXTRA_KEY_MESSAGE, EXTRA_VALUE_MESSAGE
 from server.schemas import (
     BLANK_TEXT,
     NO_NUL_TEXT,
@@ -101,6 +114,12 @@ _RULE_TEXT = {
         else "nests too deeply to be parsed"
     ),
     "max_size": lambda ctx: f"must take at most {ctx.get('max_chars')} characters as JSON",
+    # a point's extras (server.point_schemas)
+    "extra_key": lambda ctx: EXTRA_KEY_MESSAGE,
+    "extra_value": lambda ctx: EXTRA_VALUE_MESSAGE,
+    "max_extras": lambda ctx: (
+        f"must hold at most {ctx.get('max_extras')} extra keys (got {ctx.get('extras')})"
+    ),
 }
 
 
@@ -217,8 +236,8 @@ Trial store and recommendations for learning rate, batch size and critical batch
 
 **Auth.** Writes need `Authorization: Bearer <token>` with write scope
 (`hyperlaw token create --name NAME --scope write`); reads are open unless
-`HYPERLAW_READ_REQUIRES_TOKEN=true`. 401: no token or a bad/revoked one; 403: the token lacks
-the scope.
+`HYPERLAW_READ_REQUIRES_TOKEN=true`. `/v1/tokens` (list, create, revoke tokens) needs admin
+scope, for reads too, and so does `DELETE /v1/trials/{{trial_id}}`. 401: no token or a bad/revoked one; 403: the token lacks the scope.
 
 **Errors.** 422 bodies list every violated rule:
 `{{"detail": [{{"field": "batch_size_tokens", "rule": "greater_than",
@@ -283,8 +302,12 @@ def create_app(
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    for module in (experiments, families, trials, fits, recommendations):
+    install_metrics(app)  # GET /metrics; its middleware outermost, to time every request
+    routers = (experiments, families, trials, imports, fits, recommendations, tokens, dashboard)
+    for module in routers:
         app.include_router(module.router, prefix="/v1")
+    app.include_router(dashboard.page)
+    app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     build_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:

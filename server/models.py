@@ -27,7 +27,9 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, validates
 from sqlalchemy.types import DateTime, TypeDecorator
 
@@ -35,6 +37,9 @@ from client.wire import DEFAULT_FAMILY
 
 # Integer primary keys: BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+# A point's extras: JSONB on PostgreSQL (its ``||`` merges them on re-send), JSON on SQLite.
+# None is SQL NULL (not JSON null): an upsert merges a point's extras with the stored ones.
+JsonB = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 
 def utcnow() -> dt.datetime:
@@ -165,6 +170,9 @@ class Experiment(Base):
         String(100), default=DEFAULT_FAMILY, server_default=DEFAULT_FAMILY, index=True
     )
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # completed trials an admin deleted (server.curation): part of the fits' data watermark,
+    # so that a deletion refits even when it brings the trials back to an earlier state
+    trials_deleted: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     trials: Mapped[list[Trial]] = relationship(back_populates="experiment", lazy="raise")
 
@@ -232,13 +240,23 @@ class Trial(Base):
     b_simple: Mapped[float | None] = mapped_column(FaithfulFloat)
     b_simple_q25: Mapped[float | None] = mapped_column(FaithfulFloat)
     b_simple_q75: Mapped[float | None] = mapped_column(FaithfulFloat)
+    # left out of every fit, with the reason why (server.curation)
+    excluded: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    excluded_reason: Mapped[str | None] = mapped_column(Text)
     # everything else: resolved config, code version, data fingerprint, ...
     config: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     completed_at: Mapped[dt.datetime | None] = mapped_column()
+    # the API token that created it: null for trials made without one (CLI imports) or
+    # before revision 0006
+    created_by_token_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("api_tokens.id"))
 
     experiment: Mapped[Experiment] = relationship(back_populates="trials", lazy="raise")
+    # loaded when ``created_by`` is read (the API's TrialPublic, in the request's session):
+    # from the session when it holds the token (the request's own), else one query per
+    # token; never on the paths that do not show it (points, the worker)
+    created_by_token: Mapped[ApiToken | None] = relationship(lazy="select")
 
     @validates("status", "source", "stop_reason", "parametrization")
     def _enum_value(self, _key: str, value: Any) -> Any:
@@ -250,6 +268,13 @@ class Trial(Base):
     def batch_size_sequences(self) -> float:
         """B / seq_len, in sequences."""
         return self.batch_size_tokens / self.seq_len
+
+    @property
+    def created_by(self) -> str | None:
+        """The name of the API token that created the trial (a token replaced by ``hyperlaw
+        token create --replace`` shows its new name, ``NAME (replaced, id N)``)."""
+        token = self.created_by_token
+        return None if token is None else token.name
 
 
 class Point(Base):
@@ -272,6 +297,9 @@ class Point(Base):
     b_simple: Mapped[float | None] = mapped_column(FaithfulFloat)
     tokens_per_s: Mapped[float | None] = mapped_column(FaithfulFloat)
     wall_time_s: Mapped[float | None] = mapped_column(FaithfulFloat)
+    # the client's own metrics, by name ("mfu", "loss/aux"): numbers, non-finite ones as
+    # "NaN"/"Infinity"/"-Infinity" (client.wire); null when none was sent
+    extras: Mapped[dict[str, Any] | None] = mapped_column(JsonB)
 
 
 POINT_VALUE_COLUMNS = (
@@ -329,6 +357,7 @@ class ApiToken(Base):
     token_hash: Mapped[str] = mapped_column(String(64))
     prefix: Mapped[str] = mapped_column(String(16))
     scope: Mapped[str] = mapped_column(String(16))
+    owner: Mapped[str | None] = mapped_column(String(200))  # free text: a person, a team
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column()
     last_used_at: Mapped[dt.datetime | None] = mapped_column()

@@ -4,9 +4,11 @@ Naming: ``XCreate`` (POST body), ``XUpdate`` (PATCH body), ``XPublic`` (one obje
 ``XsPublic`` (a page: ``{"data": [...], "count": N}``, ``count`` being the total number of
 matches, not the page length). The bodies of ``/v1/families`` are in
 ``server.family_schemas``, that of ``/v1/recommendations`` in
-``server.recommendation_schemas``.
+``server.recommendation_schemas``, those of ``/v1/trials/{id}/points`` in
+``server.point_schemas``.
 
-Rules every request body follows (``InModel``): unknown fields are an error; text never
+Rules every request body follows (``InModel``): unknown fields are an error (but for a
+point's extras, ``server.point_schemas``); text never
 holds NUL (``\\u0000``, rule ``no_nul``: PostgreSQL's text cannot) and names are never blank
 (rule ``blank``); booleans are ``true`` or ``false`` only (not ``0``, ``1`` or ``"true"``);
 integers that reach a BIGINT column are at most 2**63 - 1; a free-form JSON object (a trial's
@@ -31,13 +33,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, StrictBool
 from pydantic_core import PydanticCustomError
 
-from client.wire import (
-    DEFAULT_FAMILY,
-    MAX_POINTS_PER_REQUEST,
-    dumps,
-    encode_nonfinite,
-    family_name_problem,
-)
+from client.wire import DEFAULT_FAMILY, dumps, encode_nonfinite, family_name_problem
 from server.models import Parametrization, StopReason, TokenScope, TrialSource, TrialStatus
 
 NONFINITE_NOTE = (
@@ -67,6 +63,11 @@ B_SIMPLE_NOTE = (
     "its points' finite b_simple at steps >= 0.7 x the last such step; the service sets it "
     "when the trial completes and when points arrive for a completed trial (null: none)"
 )
+EXCLUDED_NOTE = (
+    "left out of every fit (its scope is refitted without it); true needs excluded_reason, "
+    "false clears it"
+)
+EXCLUDED_REASON_NOTE = "why the trial is excluded: 1-1000 characters, sent with excluded: true"
 
 FAMILY_NOTE = (
     "what makes the experiment's losses comparable (same data, tokenizer and model family): "
@@ -276,7 +277,8 @@ class TrialCreate(InModel):
 
 
 class TrialUpdate(InModel):
-    """PATCH body. A finished trial (completed/failed/pruned) cannot change status."""
+    """PATCH body. A finished trial (completed/failed/pruned) cannot change status; the
+    rules of ``excluded`` and ``excluded_reason`` are ``server.curation``'s."""
 
     status: TrialStatus | None = None
     status_reason: Annotated[str, Field(max_length=10_000), NoNul] | None = None
@@ -293,6 +295,10 @@ class TrialUpdate(InModel):
     config: JsonObjectIn = Field(
         default=None, description="merged key by key into the stored config"
     )
+    excluded: Annotated[StrictBool | None, Field(description=EXCLUDED_NOTE)] = None
+    excluded_reason: (
+        Annotated[str, Field(min_length=1, max_length=1000), NoNul, NotBlank] | None
+    ) = Field(default=None, description=EXCLUDED_REASON_NOTE)
 
 
 class TrialPublic(OutModel):
@@ -337,57 +343,17 @@ class TrialPublic(OutModel):
     created_at: dt.datetime
     updated_at: dt.datetime
     completed_at: dt.datetime | None = Field(description="when the trial finished, any status")
+    excluded: bool = Field(description=EXCLUDED_NOTE)
+    excluded_reason: str | None = Field(description="why the trial is excluded; null when not")
+    created_by: str | None = Field(
+        description="the name of the API token whose request created the trial; null when "
+        "none did (imports from the command line, trials stored before this was recorded)"
+    )
 
 
 class TrialsPublic(OutModel):
     data: list[TrialPublic]
     count: int
-
-
-# --- points --------------------------------------------------------------------------------
-
-
-class PointIn(InModel):
-    """One loss-curve row; (trial, step) is the key, re-sending a step overwrites it."""
-
-    step: NonNegativeInt
-    tokens: NonNegativeInt | None = None
-    train_loss: AnyFloat | None = None
-    eval_loss: AnyFloat | None = None
-    ewa_eval_loss: AnyFloat | None = None
-    lr: AnyFloat | None = None
-    grad_norm: AnyFloat | None = None
-    b_simple: Annotated[float | None, Field(description="gradient noise scale, tokens")] = None
-    tokens_per_s: AnyFloat | None = None
-    wall_time_s: AnyFloat | None = None
-
-
-class PointsCreate(InModel):
-    points: Annotated[list[PointIn], Field(max_length=MAX_POINTS_PER_REQUEST)]
-
-
-class PointPublic(OutModel):
-    step: int
-    tokens: int | None
-    train_loss: float | None
-    eval_loss: float | None
-    ewa_eval_loss: float | None
-    lr: float | None
-    grad_norm: float | None
-    b_simple: float | None
-    tokens_per_s: float | None
-    wall_time_s: float | None
-
-
-class PointsPublic(OutModel):
-    trial_id: int
-    data: list[PointPublic]
-    count: int
-
-
-class PointsStored(OutModel):
-    trial_id: int
-    count: int = Field(description="distinct steps written (inserted or overwritten)")
 
 
 # --- fits ----------------------------------------------------------------------------------
@@ -414,17 +380,48 @@ class FitsPublic(OutModel):
     count: int
 
 
-# --- tokens --------------------------------------------------------------------------------
+# --- tokens ------------------------------------------------------------------------------
+
+TOKEN_OWNER_NOTE = "free text: the person or team the token is for; null when not said"
+
+
+class TokenCreate(InModel):
+    """POST body of ``/v1/tokens``: a new token; its secret is shown once, in the answer."""
+
+    name: Annotated[str, Field(min_length=1, max_length=200), NoNul, NotBlank]
+    scope: Annotated[
+        TokenScope, Field(description="read, write or admin (each implies the one before)")
+    ]
+    owner: Annotated[str, Field(min_length=1, max_length=200), NoNul, NotBlank] | None = Field(
+        default=None, description=TOKEN_OWNER_NOTE
+    )
 
 
 class TokenPublic(OutModel):
+    """A token as listed: never its secret or its hash (``prefix`` is its first characters,
+    to tell tokens apart)."""
+
     id: int
     name: str
     prefix: str
     scope: TokenScope
+    owner: str | None = Field(description=TOKEN_OWNER_NOTE)
     created_at: dt.datetime
     revoked_at: dt.datetime | None
-    last_used_at: dt.datetime | None
+    last_used_at: dt.datetime | None = Field(
+        description="when the token last authorized a request (updated at most once a minute)"
+    )
+
+
+class TokensPublic(OutModel):
+    data: list[TokenPublic]
+    count: int
+
+
+class TokenCreated(TokenPublic):
+    secret: str = Field(
+        description="the bearer token itself, shown this once: only its SHA-256 hash is stored"
+    )
 
 
 # --- errors --------------------------------------------------------------------------------

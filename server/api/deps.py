@@ -1,5 +1,6 @@
-"""Request dependencies: the per-request session, bearer-token scopes and the parameter
-types the routes share.
+"""Request dependencies: the per-request session, bearer-token scopes (read, write, admin:
+``ReadAuth``, ``WriteAuth``, ``AdminAuth``; ``WriteToken`` gives a route the token itself)
+and the parameter types the routes share.
 
 ``SessionDep`` opens one session per request from the app's ``Database`` (its
 ``session()``, i.e. ``session_scope``) and closes it when
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -96,5 +98,36 @@ def require_write(
     return authorize(TokenScope.WRITE, request, session, credentials)
 
 
+def require_admin(
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> ApiToken | None:
+    """Admin scope, for reads as for writes (``/v1/tokens``): never open."""
+    return authorize(TokenScope.ADMIN, request, session, credentials)
+
+
+async def require_read_apart(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> None:
+    """Read scope like :func:`require_read`, in a session of its own that is closed before
+    the route runs, and only when the service requires tokens for reads (no session and no
+    thread hop otherwise). For async routes that open their own sessions: on SQLite a
+    session holds the write lock, and a route's second session would wait for the first."""
+    if not request.app.state.settings.read_requires_token:
+        return
+    database: Database = request.app.state.database
+
+    def check() -> None:
+        with database.session() as session:
+            authorize(TokenScope.READ, request, session, credentials)
+
+    await run_in_threadpool(check)
+
+
 ReadAuth = Depends(require_read)
 WriteAuth = Depends(require_write)
+AdminAuth = Depends(require_admin)
+#: The token of a write request (never None: writes always need one), for routes that record it.
+WriteToken = Annotated[ApiToken | None, WriteAuth]

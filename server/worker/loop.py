@@ -95,13 +95,14 @@ Compute = Callable[[ScopeData, Curves | None], FitRecord]
 def _build_fit(kind: str, data: ScopeData, curves: Curves | None, compute: Compute) -> Fit:
     """Run one fit and describe it as a Fit row (not yet added to a session). Any error,
     in the fit or in making its result storable, gives a ``failed`` row with the error.
-    Every row's quality says the fit key it served and how many of the scope's trials were
-    left out under other keys (``server.worker.scopes``)."""
+    Every row's quality says the fit key it served, how many of the scope's trials were
+    left out under other keys, and which were excluded (``server.worker.scopes``)."""
     scope = data.scope
     base: dict[str, Any] = dict(
         kind=kind, scope=scope, experiment_id=scope_experiment_id(scope), data_watermark=data.mark
     )
     keys = {"fit_key": data.main_key, "n_runs_other_settings": data.n_other_settings}
+    keys.update(data.exclusion_quality())
     started = time.perf_counter()
     try:
         record = compute(data, curves)

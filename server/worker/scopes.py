@@ -23,7 +23,10 @@ Data watermark. For an experiment scope, ``w = "v<state version>:r<rule version>
 id=<max id>:t=<max updated_at>"`` over its completed trials. A family scope's recommender
 pools every family, so its mark is that of all completed trials plus ``:m=<hash>``, a hash
 of which experiment is in which family (moving an experiment changes it): any change to any
-completed trial, or to the families, refits every family scope. The state version is the
+completed trial, or to the families, refits every family scope. Both end in ``:d=<deleted>``
+once an admin deleted completed trials (the experiment's ``trials_deleted``; for a family
+scope every experiment's): deleting the newest trial brings n, id and t back to an earlier
+state, whose fit exists but is not the newest. The state version is the
 recommender's (``fitting.recommender.STATE_VERSION``), the rule version
 :data:`RUN_RULE_VERSION`, that of the rules choosing the runs of a fit (below and the main
 fit key): a new recommender or a new rule refits every scope, and so does a store fitted
@@ -33,6 +36,12 @@ data_watermark) means a fit of a kind for a given state of the data is stored at
 whatever its status (so a refit that failed is not retried until the data changes). Loss
 curves do not enter the watermark: the trainer sends a trial's points before it marks the
 trial completed.
+
+Excluded trials (``Trial.excluded``, ``server.curation``) enter the watermark (excluding one
+moves its ``updated_at``) and no fit: every kind fits the scope's trials that are not
+excluded, a family's recommender borrows none, and each fit's quality says how many of the
+scope's own were left out and the first :data:`EXCLUDED_LISTED` with their reasons
+(:meth:`ScopeData.exclusion_quality`).
 
 Trials as runs (:func:`trials_to_runs`), the input of the final-loss fits (recommender,
 near_optimal, bell), whose D is a run's budget ``n_tokens``. A final loss is a loss at D only
@@ -90,6 +99,8 @@ EWA_SCHEDULE = "constant_ewa"
 #: refitted under the new one. 2: only the runs of the scope's main fit key. 3: not the runs
 #: that trained past their budget; steps to target read from the trials' columns.
 RUN_RULE_VERSION = 3
+#: How many excluded trials a fit's quality lists by id and reason (it counts them all).
+EXCLUDED_LISTED = 20
 
 
 # --- scopes --------------------------------------------------------------------------------
@@ -160,11 +171,22 @@ def _state_version() -> int:
     return STATE_VERSION
 
 
-def watermark(count: int, max_id: int | None, max_updated: dt.datetime | None) -> str:
+def watermark(
+    count: int, max_id: int | None, max_updated: dt.datetime | None, deleted: int = 0
+) -> str:
     """``v<state version>:r<rule version>:n=<count>:id=<max id>:t=<max updated_at, ISO
-    UTC>``."""
+    UTC>``, then ``:d=<deleted>`` when trials were deleted."""
     stamp = "-" if max_updated is None else max_updated.astimezone(dt.timezone.utc).isoformat()
-    return f"v{_state_version()}:r{RUN_RULE_VERSION}:n={count}:id={max_id or 0}:t={stamp}"
+    mark = f"v{_state_version()}:r{RUN_RULE_VERSION}:n={count}:id={max_id or 0}:t={stamp}"
+    return mark + (f":d={deleted}" if deleted else "")
+
+
+def _deleted(session: Session, experiment_id: int | None = None) -> int:
+    """Completed trials deleted from the experiment, or from every experiment (None)."""
+    stmt = select(func.coalesce(func.sum(Experiment.trials_deleted), 0))
+    if experiment_id is not None:
+        stmt = stmt.where(Experiment.id == experiment_id)
+    return int(session.scalar(stmt) or 0)
 
 
 def membership(pairs: Iterable[tuple[int, str]]) -> str:
@@ -182,21 +204,23 @@ def scope_watermarks(session: Session) -> dict[str, str]:
             func.count(),
             func.max(Trial.id),
             func.max(Trial.updated_at),
+            Experiment.trials_deleted,
         )
         .join(Experiment, Experiment.id == Trial.experiment_id)
         .where(Trial.status == TrialStatus.COMPLETED.value)
-        .group_by(Trial.experiment_id, Experiment.family)
+        .group_by(Trial.experiment_id, Experiment.family, Experiment.trials_deleted)
     ).all()
     if not rows:
         return {}
     out: dict[str, str] = {}
     total, top_id, top_t = 0, None, None
-    for experiment_id, _family, count, max_id, max_t in rows:
-        out[experiment_scope(experiment_id)] = watermark(count, max_id, max_t)
+    for experiment_id, _family, count, max_id, max_t, deleted in rows:
+        out[experiment_scope(experiment_id)] = watermark(count, max_id, max_t, deleted)
         total += count
         top_id = max_id if top_id is None else max(top_id, max_id)
         top_t = max_t if top_t is None else max(top_t, max_t)
-    pooled = watermark(total, top_id, top_t) + ":m=" + membership((r[0], r[1]) for r in rows)
+    pooled = watermark(total, top_id, top_t, _deleted(session))
+    pooled += ":m=" + membership((r[0], r[1]) for r in rows)
     for family in {r[1] for r in rows}:
         out[family_scope(family)] = pooled
     return out
@@ -208,7 +232,9 @@ class ScopeData:
     ``main_key`` (what every kind fits); ``n_other_settings``: the scope's completed trials
     under its other keys (left out); ``pooled``: for a family scope, every family's completed
     trials, which its recommender borrows from, with each one's fit key in ``fit_keys``
-    (empty for an experiment scope); ``mark``: the watermark of exactly these rows."""
+    (empty for an experiment scope); ``mark``: the watermark of exactly these rows (excluded
+    ones too); ``excluded``: (id, reason) of the scope's own excluded completed trials, in
+    none of the lists."""
 
     scope: str
     mark: str
@@ -217,11 +243,18 @@ class ScopeData:
     n_other_settings: int = 0
     pooled: list[Trial] = field(default_factory=list)
     fit_keys: dict[int, str] = field(default_factory=dict)
+    excluded: list[tuple[int, str | None]] = field(default_factory=list)
+
+    def exclusion_quality(self) -> dict[str, Any]:
+        """What every fit's quality says of the excluded trials: ``n_trials_excluded`` and
+        the first :data:`EXCLUDED_LISTED` as ``trials_excluded`` ``[{trial_id, reason}]``."""
+        listed = [{"trial_id": i, "reason": r} for i, r in self.excluded[:EXCLUDED_LISTED]]
+        return {"n_trials_excluded": len(self.excluded), "trials_excluded": listed}
 
 
 def load_scope(session: Session, scope: str) -> ScopeData:
     """The completed trials of ``scope`` (and, for a family, of every family) with their fit
-    keys, and the watermark computed from exactly those rows."""
+    keys, those excluded set apart, and the watermark computed from exactly those rows."""
     family, experiment_id = _parse_scope(scope)
     stmt = (
         select(Trial, Experiment.family)
@@ -233,19 +266,27 @@ def load_scope(session: Session, scope: str) -> ScopeData:
         stmt = stmt.where(Trial.experiment_id == experiment_id)
     rows = [(t, fam) for t, fam in session.execute(stmt)]
     keys = {t.id: fit_key(fam, t.parametrization, t.schedule) for t, fam in rows}
-    everything = [t for t, _fam in rows]
+    stored = [t for t, _fam in rows]
     mark = watermark(
-        len(everything),
-        max((t.id for t in everything), default=None),
-        max((t.updated_at for t in everything), default=None),
+        len(stored),
+        max((t.id for t in stored), default=None),
+        max((t.updated_at for t in stored), default=None),
+        _deleted(session, experiment_id),
     )
+    everything = [t for t in stored if not t.excluded]
+    excluded = [
+        (t.id, t.excluded_reason)
+        for t, fam in rows
+        if t.excluded and (family is None or fam == family)
+    ]
     own = everything if family is None else [t for t, fam in rows if fam == family]
+    own = [t for t in own if not t.excluded]
     main = main_fit_key((keys[t.id], t.n_params, t.n_tokens) for t in own)
     served = [t for t in own if keys[t.id] == main]
     if family is None:
-        return ScopeData(scope, mark, served, main, len(own) - len(served))
+        return ScopeData(scope, mark, served, main, len(own) - len(served), excluded=excluded)
     mark += ":m=" + membership((t.experiment_id, fam) for t, fam in rows)
-    return ScopeData(scope, mark, served, main, len(own) - len(served), everything, keys)
+    return ScopeData(scope, mark, served, main, len(own) - len(served), everything, keys, excluded)
 
 
 # --- trials as runs ------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Bad input: each case gets the right 4xx, a body naming the field and the rule, and
-leaves the database unchanged -- on PostgreSQL and on SQLite."""
+leaves the database unchanged -- on PostgreSQL, and on SQLite the cases answered from what
+is stored (an unknown id, the steps-to-target rules) and the first case of each route
+(tests/server/backends.py: validation refuses the others before any SQL)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from server.models import Point, Trial
+from tests.server.backends import first_of_each, per_backend
 
 GOOD_TRIAL = dict(
     n_params=10**7, n_tokens=10**9, seq_len=512, learning_rate=1e-3, batch_size_tokens=512 * 32
@@ -252,13 +255,22 @@ CASES = [
         "points.0.train_loss must be a number",
     ),
     (
-        "unknown point field",
+        "extra point field not a number",
         "POST",
         "/v1/trials/{trial}/points",
-        points_body({"step": 1, "loss": 2.0}),
+        points_body({"step": 1, "loss": "low"}),
         422,
         "points.0.loss",
-        "points.0.loss is not a known field",
+        'points.0.loss must be a number, "NaN", "Infinity", "-Infinity" or null',
+    ),
+    (
+        "extra point key with a space",
+        "POST",
+        "/v1/trials/{trial}/points",
+        points_body({"step": 1, "my loss": 2.0}),
+        422,
+        "points.0.my loss",
+        "points.0.my loss is not a known field, and not an extra key",
     ),
     (
         "oversized batch",
@@ -374,7 +386,27 @@ def _counts(api, trial_id: int) -> tuple[int, int, str]:
     return n_trials, n_points, status
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+#: cases whose answer reads the stored trial or experiment (checked on both backends)
+FROM_STORED = {
+    "unknown experiment",
+    "points of unknown trial",
+    "patch unknown trial",
+    "steps to target without a target",
+    "patch steps to target without a target",
+    "patch steps to target not reached",
+}
+_first_of_route = first_of_each(lambda c: (c[1], c[2].split("?")[0]))
+
+
+@pytest.mark.parametrize(
+    "api, case",
+    per_backend(
+        CASES,
+        [c[0] for c in CASES],
+        sqlite_too=lambda c: _first_of_route(c) or c[0] in FROM_STORED,
+    ),
+    indirect=["api"],
+)
 def test_bad_input(api, case):
     _name, method, path, body, status, field, message = case
     trial = api.trial()

@@ -1,8 +1,9 @@
 """Migrations from empty to head and back, revision by revision, on both databases; the
 models match the migrated schema; data already stored is backfilled (0003: the trials'
 stop reasons; 0004: the experiments' families; 0005: steps to target from configs and the
-b_simple summaries from points) and kept on the way down; the service refuses an
-out-of-date schema."""
+b_simple summaries from points; 0006: null extras, owners and creators; 0007: every trial
+included, no deletions) and kept on the way down; the service refuses an out-of-date
+schema."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from server.core.db import (
 )
 from server.core.errors import SchemaOutdatedError
 from server.main import create_app
-from server.models import Base, FaithfulFloat
+from server.models import Base, FaithfulFloat, Point
 from tests.conftest import REPO_ROOT
 from tests.databases import add_completed_trial
 
@@ -57,7 +58,7 @@ def test_upgrade_from_empty_and_downgrade_back(make_database, backend):
         engine = database.engine
         assert current_revision(engine) is None and not schema_is_current(engine)
         revisions = _revisions()
-        assert revisions == ["0001", "0002", "0003", "0004", "0005"]
+        assert revisions == ["0001", "0002", "0003", "0004", "0005", "0006", "0007"]
         for rev in revisions:  # up one revision at a time
             upgrade(url, rev)
             assert current_revision(engine) == rev
@@ -377,6 +378,80 @@ def test_steps_to_target_and_b_simple_are_backfilled_and_dropped_with_the_data_k
         assert tuple(again.one())[:2] == (3.25, 1234.5)
 
 
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_extras_owners_and_creators_start_null_and_drop_with_the_data_kept(make_database, backend):
+    url = make_database(backend)
+    upgrade(url, "0005")
+    target_ids, curve_ids = _trials_at_0004(url)  # 0005 reads and writes none of 0006's
+    tokens = sa.table(
+        "api_tokens",
+        *(sa.column(c) for c in ("id", "name", "token_hash", "prefix", "scope")),
+        sa.column("created_at", TS),
+    )
+    now = dt.datetime.now(dt.timezone.utc)
+    with open_database(url) as database, database.engine.begin() as conn:
+        conn.execute(
+            tokens.insert().values(
+                id=1, name="ci", token_hash="0" * 64, prefix="hl_0", scope="write", created_at=now
+            )
+        )
+    upgrade(url, "0006")
+    with open_database(url) as database, database.engine.begin() as conn:
+        assert conn.scalar(sa.text("SELECT count(*) FROM points WHERE extras IS NOT NULL")) == 0
+        assert conn.scalar(sa.text("SELECT owner FROM api_tokens")) is None
+        creators = conn.execute(sa.text("SELECT DISTINCT created_by_token_id FROM trials"))
+        assert creators.all() == [(None,)]
+        conn.execute(sa.text("UPDATE api_tokens SET owner = 'team a'"))
+        conn.execute(
+            sa.text(f"UPDATE trials SET created_by_token_id = 1 WHERE id = {curve_ids[0]}")
+        )
+        point = sa.table("points", sa.column("step"), sa.column("extras", Point.extras.type))
+        conn.execute(point.update().where(point.c.step == 0).values(extras={"mfu": 0.5}))
+    with pytest.raises(IntegrityError), open_database(url) as database:  # a token that exists
+        with database.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE trials SET created_by_token_id = 99"))
+    downgrade(url, "0005")
+    with open_database(url) as database, database.engine.connect() as conn:
+        inspector = inspect(database.engine)
+        assert "extras" not in {c["name"] for c in inspector.get_columns("points")}
+        assert "owner" not in {c["name"] for c in inspector.get_columns("api_tokens")}
+        assert "created_by_token_id" not in {c["name"] for c in inspector.get_columns("trials")}
+        assert conn.scalar(sa.text("SELECT count(*) FROM trials")) == len(target_ids + curve_ids)
+        n_points = sum(len(curve) for _, curve in B_SIMPLE_CURVES)
+        assert conn.scalar(sa.text("SELECT count(*) FROM points")) == n_points
+        assert conn.scalar(sa.text("SELECT count(*) FROM api_tokens")) == 1
+    upgrade(url)  # and up again over the same rows
+    with open_database(url) as database, database.engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT count(*) FROM points WHERE extras IS NOT NULL")) == 0
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_exclusion_and_deletions_start_clear_and_drop_with_the_data_kept(make_database, backend):
+    url = make_database(backend)
+    upgrade(url, "0006")
+    target_ids, curve_ids = _trials_at_0004(url)
+    n_points = sum(len(curve) for _, curve in B_SIMPLE_CURVES)
+    upgrade(url, "0007")
+    with open_database(url) as database, database.engine.begin() as conn:
+        rows = conn.execute(sa.text("SELECT DISTINCT excluded, excluded_reason FROM trials"))
+        assert [(bool(e), r) for e, r in rows] == [(False, None)]  # SQLite: 0
+        assert conn.scalar(sa.text("SELECT DISTINCT trials_deleted FROM experiments")) == 0
+        excluded = "excluded = true, excluded_reason = 'bad'"
+        conn.execute(sa.text(f"UPDATE trials SET {excluded} WHERE id = {curve_ids[0]}"))
+    downgrade(url, "0006")
+    with open_database(url) as database, database.engine.connect() as conn:
+        inspector = inspect(database.engine)
+        assert not {"excluded", "excluded_reason"} & {
+            c["name"] for c in inspector.get_columns("trials")
+        }
+        assert "trials_deleted" not in {c["name"] for c in inspector.get_columns("experiments")}
+        assert conn.scalar(sa.text("SELECT count(*) FROM trials")) == len(target_ids + curve_ids)
+        assert conn.scalar(sa.text("SELECT count(*) FROM points")) == n_points
+    upgrade(url)  # and up again over the same rows: included, as before
+    with open_database(url) as database, database.engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT count(*) FROM trials WHERE excluded")) == 0
+
+
 def test_app_refuses_an_outdated_schema(make_database):
     url = make_database("sqlite")
     upgrade(url, "0001")
@@ -397,17 +472,15 @@ def _cli(url: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_db_and_token_commands(make_database):
-    url = make_database("sqlite")
-    refused = _cli(url, "serve", "--no-worker", "--port", "1")
-    assert refused.returncode == 2 and "hyperlaw db upgrade" in refused.stderr
+    url = make_database("sqlite")  # serve migrating an empty one: tests/server/test_first_hour.py
     assert _cli(url, "db", "current").returncode == 1
     assert _cli(url, "db", "upgrade").returncode == 0  # from an unrelated cwd
     current = _cli(url, "db", "current")
-    assert current.returncode == 0 and "current=0005 head=0005" in current.stdout
+    assert current.returncode == 0 and "current=0007 head=0007" in current.stdout
     created = _cli(url, "token", "create", "--name", "ci", "--scope", "write")
     secret = created.stdout.strip()
     assert created.returncode == 0 and secret.startswith("hl_") and len(secret) > 40
-    assert _cli(url, "token", "create", "--name", "ci", "--scope", "read").returncode == 1
+    assert _cli(url, "token", "create", "--name", "ci", "--scope", "read").returncode == 2
     listed = _cli(url, "token", "list").stdout
     assert "ci\twrite\t" in listed and secret not in listed
     assert _cli(url, "token", "revoke", "--name", "ci").returncode == 0
@@ -647,6 +720,8 @@ def test_a_store_from_the_first_revision_reaches_head_with_every_row(
         body = client.get(f"/v1/trials/{ids['trials'][2]}/points", params={"limit": 1000}).json()
         got = [(p["step"], p["train_loss"], p["eval_loss"], p["b_simple"]) for p in body["data"]]
         assert dumps(got) == dumps(CURVE_0001)
+        assert {p["extras"] for p in body["data"]} == {None}  # 0006: no extras before it
+        assert trial["created_by"] is None  # nor a record of the token that created it
         listed = client.get("/v1/trials", params={"experiment_id": ids["experiments"][1]})
         assert listed.json()["count"] == len(SWEEP_0001)
     # and new rows follow the old ones (their ids continue after them)

@@ -17,7 +17,7 @@ from server.recommend import recommend_from_database
 from server.worker.fits import RECOMMENDER_KIND
 from server.worker.loop import refit_once, stale_scopes
 from server.worker.scopes import experiment_scope, family_scope, scope_watermarks
-from tests.databases import light_fits, run_hyperlaw
+from tests.databases import light_fits, run_hyperlaw, shared_fitter
 
 STEP_LAW = family_scope("step-law")
 KEYS = ("learning_rate", "batch_size_tokens", "batch_size_sequences", "critical_batch_size_tokens")
@@ -31,7 +31,9 @@ def test_import_fit_recommend(fresh_db, database_for):
 
     assert stale_scopes(database) == [STEP_LAW, experiment_scope(experiment_id)]
     only = [RECOMMENDER_KIND]  # the estimators' fits: tests/server/worker/test_fits.py
-    outcomes = refit_once(database, kinds=only)
+    # the default fits, computed once per distinct input: the second backend loads the same
+    # runs, so it stores and serves the fits computed for the first (shared_fitter)
+    outcomes = refit_once(database, kinds=only, fitter=shared_fitter)
     assert [(o.scope, o.action, o.status) for o in outcomes] == [
         (STEP_LAW, "fitted", "ok"),
         (experiment_scope(experiment_id), "fitted", "ok"),
@@ -93,13 +95,17 @@ def test_cli_and_api_give_the_same_numbers(seeded_pg, live_server_factory):
     assert "learning_rate" in text.stdout and f"{api['fit_ids'][0]}" in text.stdout
 
 
-def test_cli_commands(fresh_db):
-    empty = run_hyperlaw(fresh_db, "recommend", "--n-params", "1e9", "--n-tokens", "1e11")
+def test_cli_commands(fresh_pg):
+    """The commands' arguments, output and exit codes, on PostgreSQL only: what each command
+    does to a database of either kind is checked on both by test_import_fit_recommend and
+    test_import_runs_csv (the same import, fit and recommend code, and the CLI's own import)
+    and by tests/server/worker/test_fits.py (every kind fitted and stored)."""
+    empty = run_hyperlaw(fresh_pg, "recommend", "--n-params", "1e9", "--n-tokens", "1e11")
     assert empty.returncode == 2 and "hyperlaw import steplaw" in empty.stderr
-    imported = run_hyperlaw(fresh_db, "import", "steplaw")
+    imported = run_hyperlaw(fresh_pg, "import", "steplaw")
     assert imported.returncode == 0, imported.stderr
     assert "1911 trials imported" in imported.stdout and "arXiv:2503.04715" in imported.stdout
-    fitted = run_hyperlaw(fresh_db, "fit")
+    fitted = run_hyperlaw(fresh_pg, "fit")
     assert fitted.returncode == 0, fitted.stderr
     for kind in ("recommender", "near_optimal", "bell"):
         assert re.search(rf"^family:step-law {kind}: fitted fit \d+ ok$", fitted.stdout, re.M)
@@ -108,12 +114,12 @@ def test_cli_commands(fresh_db):
         fitted.stdout,
         re.M,
     )
-    again = run_hyperlaw(fresh_db, "fit")
+    again = run_hyperlaw(fresh_pg, "fit")
     assert "up to date" in again.stdout
-    bad = run_hyperlaw(fresh_db, "recommend", "--n-params", "-5", "--n-tokens", "1e11")
+    bad = run_hyperlaw(fresh_pg, "recommend", "--n-params", "-5", "--n-tokens", "1e11")
     assert bad.returncode == 2 and "n_params must be finite and > 0" in bad.stderr
     by_name = run_hyperlaw(
-        fresh_db,
+        fresh_pg,
         "recommend",
         "--n-params",
         "1e9",
@@ -125,13 +131,13 @@ def test_cli_commands(fresh_db):
     )
     assert by_name.returncode == 0 and json.loads(by_name.stdout)["scope"].startswith("experiment:")
     assert json.loads(by_name.stdout)["family"] is None  # an experiment's own fit
-    listed = run_hyperlaw(fresh_db, "families")
+    listed = run_hyperlaw(fresh_pg, "families")
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.startswith("step-law: 1 experiment(s), 1911 completed trial(s) in 17")
     assert "fit key step-law: 1911 trial(s), 17 group(s) (main" in listed.stdout
     assert re.search(r"recommender fit \d+ ok", listed.stdout)
     unknown = run_hyperlaw(
-        fresh_db, "recommend", "--n-params", "1e9", "--n-tokens", "1e11", "--family", "nope"
+        fresh_pg, "recommend", "--n-params", "1e9", "--n-tokens", "1e11", "--family", "nope"
     )
     assert unknown.returncode == 2 and "known families: step-law" in unknown.stderr
 
@@ -164,8 +170,9 @@ def test_import_runs_csv(fresh_db, tmp_path, database_for):
     elsewhere = run_hyperlaw(fresh_db, *args)  # the default family: not where "past" is
     assert elsewhere.returncode == 2 and "is in family 'team-a', not 'default'" in elsewhere.stderr
     database = database_for(fresh_db)
-    # light fits: nothing below reads an interval or the law forms' averaged answer
-    outcomes = refit_once(database, kinds=[RECOMMENDER_KIND], **light_fits())
+    # light fits: nothing below reads an interval or the law forms' averaged answer; computed
+    # once per distinct input, as in test_import_fit_recommend
+    outcomes = refit_once(database, kinds=[RECOMMENDER_KIND], fitter=shared_fitter, **light_fits())
     assert {(o.scope, o.status) for o in outcomes} == {
         ("family:team-a", "ok"),
         ("experiment:1", "ok"),

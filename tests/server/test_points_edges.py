@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 
 import pytest
 from pydantic import ValidationError
 from sqlalchemy import update
 
 from client import HyperlawAPIError
+from client.wire import dumps
 from server.models import Trial, utcnow
+from server.point_schemas import PointsCreate
 from server.points import parse_points
 from server.reaper import reap_stale_trials
-from server.schemas import PointsCreate
+from tests.server.backends import per_backend
 
 FIRST = [{"step": s, "train_loss": 3.0 - s / 10, "b_simple": 1000.0 + s} for s in range(5)]
 NEW = b'{"points": [{"step": 7, "train_loss": 1.5}]}'
@@ -48,8 +49,15 @@ def trial(api) -> int:
 # --- Content-Type --------------------------------------------------------------------------
 
 
+CONTENT_TYPES = [None, "text/plain", "application/x-www-form-urlencoded", "application/xml"]
+
+
+# refused before any SQL: every case on PostgreSQL, the first on SQLite too
+# (tests/server/backends.py)
 @pytest.mark.parametrize(
-    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "application/xml"]
+    "api, content_type",
+    per_backend(CONTENT_TYPES, [str(c) for c in CONTENT_TYPES], sqlite_too=lambda c: c is None),
+    indirect=["api"],
 )
 def test_a_body_not_sent_as_json_is_415(api, trial, content_type):
     before = stored(api, trial)
@@ -117,18 +125,28 @@ def test_an_unknown_trial_is_404_and_a_huge_id_422(api):
 # --- numbers beyond a 64-bit float ---------------------------------------------------------
 
 
+BEYOND_FLOAT = [
+    ("1e-400", "train_loss"),  # underflows to 0.0
+    ("-2.5E-0400", "eval_loss"),
+    ("1e400", "lr"),  # overflows to inf
+    ("9" * 4300, "grad_norm"),  # an integer past any float (and past int()'s 4,300 digits)
+    ("1" + "0" * 400, "tokens"),
+    ("1" + "0" * 400, "step"),
+]
+
+
+# refused by parse_points before any SQL: every case on PostgreSQL, the first on SQLite too
 @pytest.mark.parametrize(
-    "literal, field",
-    [
-        ("1e-400", "train_loss"),  # underflows to 0.0
-        ("-2.5E-0400", "eval_loss"),
-        ("1e400", "lr"),  # overflows to inf
-        ("9" * 4300, "grad_norm"),  # an integer past any float (and past int()'s 4,300 digits)
-        ("1" + "0" * 400, "tokens"),
-        ("1" + "0" * 400, "step"),
-    ],
+    "api, case",
+    per_backend(
+        BEYOND_FLOAT,
+        [f"literal{k}-{f}" for k, (_, f) in enumerate(BEYOND_FLOAT)],
+        sqlite_too=lambda c: c is BEYOND_FLOAT[0],
+    ),
+    indirect=["api"],
 )
-def test_numbers_that_under_or_overflow_are_422_naming_the_field(api, trial, literal, field):
+def test_numbers_that_under_or_overflow_are_422_naming_the_field(api, trial, case):
+    literal, field = case
     before = stored(api, trial)
     base = '{"step": 6, "train_loss": 1.0}, ' * 3
     body = f'{{"points": [{base}{{"step": 7, "{field}": {literal}}}]}}'.encode()
@@ -159,6 +177,9 @@ GOOD = [
     {"points": [{"step": 3, "tokens": 10, "train_loss": "NaN", "lr": "-Infinity"}]},
     {"points": [{"step": 1.0, "train_loss": "1.5", "b_simple": None}, {"step": 1, "lr": 2}]},
     {"points": [{"step": 2**63 - 1, "wall_time_s": "Infinity", "grad_norm": -0.0}]},
+    # extras: a batch's later point, or its first (the first pass stops there)
+    {"points": [{"step": 1}, {"step": 2, "loss": 2.0, "mfu": "NaN", "x/y": None}]},
+    {"points": [{"step": 1, "loss/aux": 1, "train_loss": 3.0}, {"step": 2}]},
 ]
 BAD = [
     {},
@@ -168,7 +189,9 @@ BAD = [
     {"points": [{"step": -1}]},
     {"points": [{"step": 1.5}]},
     {"points": [{"step": 2**63}]},
-    {"points": [{"step": 1, "loss": 2.0}]},
+    {"points": [{"step": 1, "loss": "2.0"}]},
+    {"points": [{"step": 1, "mfu": 0.5}, {"step": -1, "a b": 1, "c": [1], "d": True}]},
+    {"points": [{"step": 1, **{f"m{i}": i for i in range(65)}}]},
     {"points": [{"step": 1, "train_loss": "low"}]},
     {"points": [{"step": 1, "tokens": -5}]},
     {"points": [{"step": 1}], "extra": 1},
@@ -179,14 +202,18 @@ BAD = [
 @pytest.mark.parametrize("body", GOOD)
 def test_parse_points_gives_the_model_values_as_dicts(body):
     raw = json.dumps(body).encode()
-    want = [p.model_dump() for p in PointsCreate.model_validate_json(raw).points]
+    want = [
+        {**vars(p), "extras": p.sent_extras()} for p in PointsCreate.model_validate_json(raw).points
+    ]
     got = [{k: p.get(k) for k in want[0]} for p in parse_points(raw)] if want else []
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert g.keys() == w.keys()
-        for key in w:  # NaN is not equal to itself
-            same = g[key] == w[key] or (math.isnan(g[key]) and math.isnan(w[key]))
-            assert same and type(g[key]) is type(w[key]), (key, g[key], w[key])
+        assert dumps(g) == dumps(w)  # NaN is not equal to itself; its JSON is
+        for key in w:
+            assert type(g[key]) is type(w[key]), (key, g[key], w[key])
+        if "extras" in w and w["extras"]:
+            assert all(type(v) is float for v in g["extras"].values())
 
 
 @pytest.mark.parametrize("body", BAD, ids=range(len(BAD)))

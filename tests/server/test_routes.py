@@ -194,7 +194,12 @@ def test_points_ingest_read_ranges_and_idempotence(api):
     assert r2.status_code == 200
     got = api.client.get_points(t["id"])
     assert got["count"] == 100 and [p["step"] for p in got["data"]] == list(range(0, 1000, 10))
-    assert got["data"][5] == {**points[5], "eval_loss": None, "ewa_eval_loss": None}
+    assert got["data"][5] == {
+        **points[5],
+        "eval_loss": None,
+        "ewa_eval_loss": None,
+        "extras": None,  # sent none
+    }
     ranged = api.client.get_points(t["id"], step_min=100, step_max=200)
     assert [p["step"] for p in ranged["data"]] == list(range(100, 201, 10))
     page = api.http.get(f"/v1/trials/{t['id']}/points", params={"limit": 5, "offset": 10}).json()
@@ -203,11 +208,17 @@ def test_points_ingest_read_ranges_and_idempotence(api):
     api.client.post_points(t["id"], [{"step": 10, "eval_loss": 4.5, "ewa_eval_loss": 4.6}])
     p10 = api.client.get_points(t["id"], step_min=10, step_max=10)["data"][0]
     assert p10["train_loss"] == points[1]["train_loss"] and p10["eval_loss"] == 4.5
-    # within one batch the last row for a step wins
+    # rows of one step in one batch merge in order: a later value wins, a missing one keeps
     api.client.post_points(
-        t["id"], [{"step": 20, "train_loss": 1.0}, {"step": 20, "train_loss": 2.0}]
+        t["id"],
+        [
+            {"step": 20, "train_loss": 1.0},
+            {"step": 20, "train_loss": 2.0},
+            {"step": 20, "eval_loss": 2.5},
+        ],
     )
-    assert api.client.get_points(t["id"], step_min=20, step_max=20)["data"][0]["train_loss"] == 2.0
+    p20 = api.client.get_points(t["id"], step_min=20, step_max=20)["data"][0]
+    assert (p20["train_loss"], p20["eval_loss"]) == (2.0, 2.5)
     with api.engine.connect() as conn:
         n = len(conn.execute(select(Point.step).where(Point.trial_id == t["id"])).all())
     assert n == 100

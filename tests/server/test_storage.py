@@ -15,7 +15,8 @@ from sqlalchemy import text
 from server import crud, points
 from server.core.db import Database, session_scope
 from server.models import Fit, Trial
-from server.schemas import ExperimentCreate, PointIn, TrialCreate, TrialUpdate
+from server.point_schemas import PointIn
+from server.schemas import ExperimentCreate, TrialCreate, TrialUpdate
 
 
 def _session(url):

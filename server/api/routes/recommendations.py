@@ -27,13 +27,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials
 
 from fitting.results import ParameterError
-from server.api.deps import authorize, bearer_scheme
+from server.api.deps import require_read_apart
 from server.core.db import Database
 from server.core.errors import FieldError, InputError
-from server.models import TokenScope
 from server.recommend import RecommenderCache, ServedFit, answer_key, resolve_scope
 from server.recommendation_schemas import RecommendationPublic
 from server.schemas import NoNul
@@ -51,7 +49,8 @@ KNOWN_QUERIES = 4096
 _Known = OrderedDict[bytes, tuple[str, tuple]]
 
 
-def _cache(request: Request) -> RecommenderCache:
+def recommender_cache(request: Request) -> RecommenderCache:
+    """The app's cache of served fits; call it on the event loop's thread."""
     state = request.app.state
     cache = getattr(state, "recommender_cache", None)
     if cache is None:  # created on the event loop's thread, so never twice
@@ -85,23 +84,6 @@ class _KnownQueryRoute(APIRoute):
             return _known_answer(request) or await declared(request)
 
         return handler
-
-
-async def _read_auth(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
-) -> None:
-    """Read scope, checked only when the service requires tokens for reads (no database
-    session, and no thread hop, otherwise: this route must stay cheap)."""
-    if not request.app.state.settings.read_requires_token:
-        return
-    database: Database = request.app.state.database
-
-    def check() -> None:
-        with database.session() as session:
-            authorize(TokenScope.READ, request, session, credentials)
-
-    await run_in_threadpool(check)
 
 
 router = APIRouter(tags=["recommendations"], route_class=_KnownQueryRoute)
@@ -139,7 +121,7 @@ async def get_recommendation(
             description="training tokens D, from 1e3 to 1e16",
         ),
     ],
-    _auth: Annotated[None, Depends(_read_auth)],
+    _auth: Annotated[None, Depends(require_read_apart)],
     seq_len: Annotated[int, Query(gt=0, le=2**31 - 1, description="tokens per sequence")] = 2048,
     batch_size_tokens: Annotated[
         float | None,
@@ -184,7 +166,7 @@ async def get_recommendation(
         scope = await run_in_threadpool(
             resolve_scope, database, experiment, family, default_family=default_family
         )
-    cache = _cache(request)
+    cache = recommender_cache(request)
     served: ServedFit | None = cache.get(scope)
     if served is None:
         by_default = experiment is None and family is None

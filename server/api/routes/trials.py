@@ -1,4 +1,5 @@
-"""``/v1/trials``: trials, their heartbeats and their loss curves."""
+"""``/v1/trials``: trials, their heartbeats and their loss curves; excluding a trial from the
+fits (``PATCH``) and deleting one (``DELETE``, admin scope): ``server.curation``."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from server import crud, points
+from client.wire import MAX_POINTS_PER_REQUEST
+from server import crud, curation, points
 from server.api.deps import (
+    AdminAuth,
     CountFilter,
     IdFilter,
     Limit,
@@ -20,20 +23,13 @@ from server.api.deps import (
     SessionDep,
     TextFilter,
     WriteAuth,
+    WriteToken,
 )
 from server.api.limits import JsonLimitsRoute
+from server.api.metrics import note_points_stored
 from server.models import TrialSource, TrialStatus
-from server.schemas import (
-    MAX_POINTS_PER_REQUEST,
-    NONFINITE_NOTE,
-    PointsCreate,
-    PointsPublic,
-    PointsStored,
-    TrialCreate,
-    TrialPublic,
-    TrialsPublic,
-    TrialUpdate,
-)
+from server.point_schemas import EXTRAS_NOTE, PointsCreate, PointsPublic, PointsStored
+from server.schemas import NONFINITE_NOTE, TrialCreate, TrialPublic, TrialsPublic, TrialUpdate
 
 router = APIRouter(prefix="/trials", tags=["trials"], route_class=JsonLimitsRoute)
 
@@ -60,16 +56,18 @@ def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
     "",
     response_model=TrialPublic,
     status_code=201,
-    dependencies=[WriteAuth],
     responses={
         200: {"description": "idempotency_key already used here; that trial is returned"},
         404: {"description": "experiment_id names no experiment"},
     },
 )
-def create_trial(trial_in: TrialCreate, session: SessionDep, response: Response) -> TrialPublic:
-    """Create a trial. Re-posting an ``idempotency_key`` already used in the same experiment
-    returns the stored trial with 200 instead of creating a second one."""
-    trial, created = crud.create_trial(session=session, trial_in=trial_in)
+def create_trial(
+    trial_in: TrialCreate, session: SessionDep, response: Response, token: WriteToken
+) -> TrialPublic:
+    """Create a trial, recording the request's token as its ``created_by``. Re-posting an
+    ``idempotency_key`` already used in the same experiment returns the stored trial with
+    200 instead of creating a second one."""
+    trial, created = crud.create_trial(session=session, trial_in=trial_in, token=token)
     if not created:
         response.status_code = 200
     return TrialPublic.model_validate(trial)
@@ -86,6 +84,8 @@ def list_trials(
     n_tokens_min: CountFilter = None,
     n_tokens_max: CountFilter = None,
     idempotency_key: TextFilter = None,
+    family: TextFilter = None,
+    excluded: Annotated[bool | None, Query(description="excluded from the fits or not")] = None,
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> TrialsPublic:
@@ -100,6 +100,8 @@ def list_trials(
         n_tokens_min=n_tokens_min,
         n_tokens_max=n_tokens_max,
         idempotency_key=idempotency_key,
+        family=family,
+        excluded=excluded,
         limit=limit,
         offset=offset,
     )
@@ -114,10 +116,30 @@ def get_trial(trial_id: ObjectId, session: SessionDep) -> TrialPublic:
 @router.patch("/{trial_id}", response_model=TrialPublic, dependencies=[WriteAuth])
 def update_trial(trial_id: ObjectId, trial_in: TrialUpdate, session: SessionDep) -> TrialPublic:
     """Update status and results. Allowed: queued -> anything, running -> running/finished;
-    a finished trial (completed/failed/pruned) answers 409 to any other status."""
+    a finished trial (completed/failed/pruned) answers 409 to any other status.
+    ``{"excluded": true, "excluded_reason": "..."}`` leaves the trial out of every fit (its
+    scope is refitted); ``{"excluded": false}`` brings it back and clears the reason."""
     return TrialPublic.model_validate(
-        crud.update_trial(session=session, trial_id=trial_id, trial_in=trial_in)
+        curation.update_trial(session=session, trial_id=trial_id, trial_in=trial_in)
     )
+
+
+@router.delete(
+    "/{trial_id}",
+    response_model=TrialPublic,
+    dependencies=[AdminAuth],
+    responses={
+        401: {"description": "no bearer token, or a bad or revoked one"},
+        403: {"description": "the token lacks admin scope"},
+        404: {"description": "no trial has this id"},
+    },
+)
+def delete_trial(trial_id: ObjectId, session: SessionDep) -> TrialPublic:
+    """Delete the trial and its loss curve, for an admin token only, and answer the deleted
+    trial. Its scope is refitted without it; to leave a trial out of the fits but keep it,
+    exclude it instead (``PATCH`` with ``excluded``)."""
+    trial = curation.delete_trial(session=session, trial_id=trial_id)
+    return TrialPublic.model_validate(trial)
 
 
 @router.post("/{trial_id}/heartbeat", response_model=TrialPublic, dependencies=[WriteAuth])
@@ -135,7 +157,7 @@ def heartbeat(trial_id: ObjectId, session: SessionDep) -> TrialPublic:
     description=(
         f"Upsert up to {MAX_POINTS_PER_REQUEST} loss-curve points keyed by step, in one "
         "transaction: a rejected batch stores nothing, re-sending stores nothing new, and a "
-        "null value keeps the stored one. " + NONFINITE_NOTE
+        "null value keeps the stored one. " + EXTRAS_NOTE
     ),
     responses={
         409: {"description": "the trial is failed or pruned: it takes no more points"},
@@ -166,14 +188,19 @@ async def post_points(trial_id: ObjectId, request: Request, session: SessionDep)
             raise RequestValidationError(exc.errors(include_url=False)) from None
         return points.upsert_points(session=session, trial_id=trial_id, points=rows)
 
-    return PointsStored(trial_id=trial_id, count=await run_in_threadpool(store))
+    count = await run_in_threadpool(store)
+    note_points_stored(request, count)
+    return PointsStored(trial_id=trial_id, count=count)
 
 
 @router.get(
     "/{trial_id}/points",
     response_model=PointsPublic,
     dependencies=[ReadAuth],
-    description="Points with step_min <= step <= step_max, by step. " + NONFINITE_NOTE,
+    description=(
+        "Points with step_min <= step <= step_max, by step, each with its extras (the "
+        "client's own metrics; null when none). " + NONFINITE_NOTE
+    ),
 )
 def get_points(
     trial_id: ObjectId,

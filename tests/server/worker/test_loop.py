@@ -122,7 +122,9 @@ def test_two_workers_run_each_fit_once(fresh_pg, database_for):
     def slow_counting_fitter(runs, **options):
         with lock:
             calls.append(RECOMMENDER_KIND)
-        time.sleep(1.0)  # widen the window in which the other worker could start the same fit
+        # widen the window in which the other worker could start the same fit (the lock is
+        # taken in milliseconds; half a second leaves it wide open)
+        time.sleep(0.5)
         return default_fitter(runs, **options)
 
     light = light_fits()
@@ -131,7 +133,7 @@ def test_two_workers_run_each_fit_once(fresh_pg, database_for):
         def fit(trials, curves):
             with lock:
                 calls.append(estimator.kind)
-            time.sleep(0.5)
+            time.sleep(0.25)
             return estimator.fit(trials, curves)
 
         return Estimator(estimator.kind, fit, estimator.needs_curves)
