@@ -237,7 +237,8 @@ Trial store and recommendations for learning rate, batch size and critical batch
 **Auth.** Writes need `Authorization: Bearer <token>` with write scope
 (`hyperlaw token create --name NAME --scope write`); reads are open unless
 `HYPERLAW_READ_REQUIRES_TOKEN=true`. `/v1/tokens` (list, create, revoke tokens) needs admin
-scope, for reads too, and so does `DELETE /v1/trials/{{trial_id}}`. 401: no token or a bad/revoked one; 403: the token lacks the scope.
+scope, for reads too, and so does `DELETE /v1/trials/{{trial_id}}`. 401: no token or a
+bad/revoked one; 403: the token lacks the scope.
 
 **Errors.** 422 bodies list every violated rule:
 `{{"detail": [{{"field": "batch_size_tokens", "rule": "greater_than",

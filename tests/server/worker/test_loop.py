@@ -281,6 +281,49 @@ def test_trial_posted_through_the_api_reaches_a_later_fit(fresh_pg, live_server_
     assert fit["data_watermark"].startswith("v") and f"id={trial['id']}" in fit["data_watermark"]
 
 
+def test_a_run_logged_with_hyperlaw_init_reaches_its_familys_next_fit(
+    fresh_pg, live_server_factory, monkeypatch
+):
+    """The light client's three lines, as a team's own loop runs them: the run completes,
+    and the next fit of its family (step-law) holds it and serves from it."""
+    import hyperlaw
+
+    seed_steplaw(fresh_pg, light=True)
+    server = live_server_factory(database_url=fresh_pg, worker=True, env=LIGHT_FITS_ENV)
+    client = HyperlawClient(server.url, server.token)
+    query = {"n_params": 5e8, "n_tokens": 5e10, "family": "step-law"}
+    before = client.recommend(**query)
+    monkeypatch.delenv("RANK", raising=False)
+    n_tokens, batch = 30_000_000_000, 2_097_152
+    run = hyperlaw.init(
+        experiment="steplaw",
+        family="step-law",
+        n_params=400_000_000,
+        n_tokens=n_tokens,
+        seq_len=2048,
+        learning_rate=1.5e-3,
+        batch_size_tokens=batch,
+        url=server.url,
+        token=server.token,
+        key=f"own-loop-{fresh_pg[-8:]}",
+    )
+    steps = n_tokens // batch
+    for step in (1, steps // 2, steps):
+        run.log({"train_loss": 2.6 + 1.0 / step, "lr": 1.5e-3, "mfu": 0.4}, step=step)
+    run.finish(final_loss=2.61, final_eval_loss=2.63, tokens_done=steps * batch)
+
+    after = wait_for(
+        lambda: (r := client.recommend(**query))["n_trials"] == before["n_trials"] + 1 and r,
+        60,
+        "the family's next fit to include the run",
+    )
+    (trial,) = client.list_trials(idempotency_key=run.key)["data"]
+    assert trial["status"] == "completed" and trial["tokens_done"] == steps * batch
+    fit = client.get_fit(after["fit_ids"][0])
+    assert trial["id"] in fit["trial_ids"] and fit["status"] == "ok"
+    assert [p["extras"] for p in client.get_points(trial["id"])["data"]][-1] == {"mfu": 0.4}
+
+
 def test_worker_command_fits_and_stops_on_sigterm(make_database, tmp_path):
     from server.core.db import upgrade
 
