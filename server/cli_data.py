@@ -19,13 +19,16 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
+    from client import HyperlawClient
     from server.core.config import Settings
     from server.core.db import Database
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +130,15 @@ def store(**engine_kwargs: Any) -> Iterator[Database]:
         yield database
 
 
-def _ask_server(url: str, method: str, **params: Any) -> dict[str, Any] | int:
-    """``HyperlawClient(url).<method>(**params)``'s body, or the exit code of its failure."""
+def ask_server(url: str, call: Callable[[HyperlawClient], T]) -> T | int:
+    """``call`` on a client of the service at ``url``: its result, or the exit code of its
+    failure, logged: 2 when the service refused a request, 1 when it could not be reached.
+    (The commands that ask a server: recommend, families, plot, export.)"""
     from client import HyperlawAPIError, HyperlawClient, HyperlawUnavailable
 
     try:
-        return getattr(HyperlawClient(url, max_retries=1), method)(**params)
+        with HyperlawClient(url, max_retries=1) as client:
+            return call(client)
     except HyperlawAPIError as exc:
         log.error("%s", exc)
         return 2
@@ -190,8 +196,11 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         params["batch_size_tokens"] = args.batch_size_tokens
     url = service_url(args.url)
     if url:
-        answer = _ask_server(
-            url, "recommend", experiment=args.experiment, family=args.family, **params
+        answer = ask_server(
+            url,
+            lambda client: client.recommend(
+                experiment=args.experiment, family=args.family, **params
+            ),
         )
         if isinstance(answer, int):
             return answer
@@ -254,7 +263,7 @@ def cmd_families(args: argparse.Namespace) -> int:
 
     url = service_url(args.url)
     if url:
-        answer = _ask_server(url, "families")
+        answer = ask_server(url, lambda client: client.families())
         if isinstance(answer, int):
             return answer
         body = answer

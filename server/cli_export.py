@@ -20,9 +20,12 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
-from server.cli_data import ASK_SERVER_HELP, service_url, store
+from server.cli_data import ASK_SERVER_HELP, ask_server, service_url, store
+
+if TYPE_CHECKING:
+    from client import HyperlawClient
 
 log = logging.getLogger(__name__)
 
@@ -85,24 +88,19 @@ def _from_database(experiment: str, fmt: str, sink_path: str | None) -> int:
 def _from_service(url: str, experiment: str, fmt: str, sink_path: str | None) -> int:
     import httpx
 
-    from client import HyperlawAPIError, HyperlawClient, HyperlawUnavailable
+    def find(client: HyperlawClient) -> dict[str, Any] | None:
+        if experiment.isdigit():
+            return client.get_experiment(int(experiment))
+        found = client.list_experiments(name=experiment)["data"]
+        return found[0] if found else None
 
-    try:
-        with HyperlawClient(url, max_retries=1) as client:
-            if experiment.isdigit():
-                experiment_id = client.get_experiment(int(experiment))["id"]
-            else:
-                found = client.list_experiments(name=experiment)["data"]
-                if not found:
-                    log.error("experiment %r not found", experiment)
-                    return 2
-                experiment_id = found[0]["id"]
-    except HyperlawAPIError as exc:
-        log.error("%s", exc)
+    answer = ask_server(url, find)
+    if isinstance(answer, int):
+        return answer
+    if answer is None:
+        log.error("experiment %r not found", experiment)
         return 2
-    except HyperlawUnavailable as exc:
-        log.error("%s", exc)
-        return 1
+    experiment_id = answer["id"]
     token = os.environ.get("HYPERLAW_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     path = f"{url.rstrip('/')}/v1/experiments/{experiment_id}/export"

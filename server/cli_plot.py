@@ -14,6 +14,8 @@ import argparse
 import logging
 from typing import Any
 
+from server.cli_data import ask_server
+
 log = logging.getLogger(__name__)
 
 
@@ -88,20 +90,12 @@ def _draw(args: argparse.Namespace, doc: dict[str, Any]):
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from client import HyperlawAPIError, HyperlawClient, HyperlawUnavailable
-
     if not str(args.out).lower().endswith((".png", ".svg")):
         log.error("--out must end in .png or .svg, got %s", args.out)
         return 2
-    try:
-        with HyperlawClient(args.url, max_retries=1) as client:
-            doc = _fetch(args, client)
-    except HyperlawAPIError as exc:
-        log.error("%s", exc)
-        return 2
-    except HyperlawUnavailable as exc:
-        log.error("%s", exc)
-        return 1
+    doc = ask_server(args.url, lambda client: _fetch(args, client))
+    if isinstance(doc, int):
+        return doc
     try:
         path = _draw(args, doc)
     except (ValueError, KeyError) as exc:
