@@ -279,8 +279,7 @@ def load_scope(session: Session, scope: str) -> ScopeData:
         for t, fam in rows
         if t.excluded and (family is None or fam == family)
     ]
-    own = everything if family is None else [t for t, fam in rows if fam == family]
-    own = [t for t in own if not t.excluded]
+    own = [t for t, fam in rows if not t.excluded and (family is None or fam == family)]
     main = main_fit_key((keys[t.id], t.n_params, t.n_tokens) for t in own)
     served = [t for t in own if keys[t.id] == main]
     if family is None:
