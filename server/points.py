@@ -163,17 +163,17 @@ def upsert_points(
 ) -> int:
     """Insert or update loss-curve rows keyed by (trial_id, step); returns distinct steps.
 
-        One statement, no ORM objects: ``INSERT ... ON CONFLICT (trial_id, step) DO UPDATE``.
-        On PostgreSQL the rows travel column-wise as arrays (``SELECT ... FROM unnest(...)``);
-        on SQLite as a SQLAlchemy Core multi-row upsert. A value sent as null keeps what is
-        stored (``COALESCE(excluded.x, points.x)``), so a trainer may send a step's train and
-        eval losses separately; re-sending the same points changes nothing. Extras merge key
-        by key the same way (module docstring); a step left with more than ``MAX_EXTRAS``
-        raises ``InputError``. Rows of one step within a batch merge the same way, in order
+    One statement, no ORM objects: ``INSERT ... ON CONFLICT (trial_id, step) DO UPDATE``.
+    On PostgreSQL the rows travel column-wise as arrays (``SELECT ... FROM unnest(...)``);
+    on SQLite as a SQLAlchemy Core multi-row upsert. A value sent as null keeps what is
+    stored (``COALESCE(excluded.x, points.x)``), so a trainer may send a step's train and
+    eval losses separately; re-sending the same points changes nothing. Extras merge key
+    by key the same way (module docstring); a step left with more than ``MAX_EXTRAS``
+    raises ``InputError``. Rows of one step within a batch merge the same way, in order
     (a train row and an eval row of one step, sent together, keep both). A completed
-        trial's b_simple summary is refreshed; a failed or pruned trial raises
-        ``ConflictError`` (module docstring). ``points``: models or dicts as
-        :func:`parse_points` returns them.
+    trial's b_simple summary is refreshed; a failed or pruned trial raises
+    ``ConflictError`` (module docstring). ``points``: models or dicts as
+    :func:`parse_points` returns them.
     """
     trial = get_trial(session=session, trial_id=trial_id, key_share=True)
     if trial.status in CLOSED_TO_POINTS:  # stays so until commit: the key-share lock
