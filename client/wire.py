@@ -24,6 +24,10 @@ from typing import Any
 
 #: The most loss-curve points one ``POST /v1/trials/{id}/points`` may carry.
 MAX_POINTS_PER_REQUEST = 10_000
+#: What a point's extra key may be, and how many a point may carry (the rules are stated in
+#: ``server/point_schemas.py``; the callbacks of ``client.integrations`` keep to them).
+EXTRA_KEY_PATTERN = r"^[A-Za-z0-9_./-]{1,64}$"
+MAX_EXTRAS = 64
 #: What a family name may be (module docstring), and the family of an experiment that names
 #: none.
 FAMILY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"

@@ -29,12 +29,9 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, Field, GetPydanticSchema, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError, core_schema
 
-from client.wire import MAX_POINTS_PER_REQUEST
+from client.wire import EXTRA_KEY_PATTERN, MAX_EXTRAS, MAX_POINTS_PER_REQUEST
 from server.schemas import NONFINITE_NOTE, AnyFloat, InModel, NonNegativeInt, OutModel
 
-#: What an extra key may be, and how many a point may carry.
-EXTRA_KEY_PATTERN = r"^[A-Za-z0-9_./-]{1,64}$"
-MAX_EXTRAS = 64
 EXTRA_KEY_RULE = "1-64 letters, digits, '_', '-', '.' or '/'"
 EXTRA_VALUE_RULE = 'a number, "NaN", "Infinity", "-Infinity" or null'
 #: The sentences of the 422 (after the field's name; server.main).

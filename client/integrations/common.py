@@ -27,6 +27,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from client.wire import EXTRA_KEY_PATTERN, MAX_EXTRAS
+
 log = logging.getLogger(__name__)
 
 #: The value columns of a point (``server.models.POINT_VALUE_COLUMNS``; a test checks that
@@ -47,8 +49,7 @@ POINT_COLUMNS = frozenset(
 #: Whether a numeric metric that has no column is sent as an extra (module docstring); the
 #: service's rules for extras are in ``server/point_schemas.py``.
 SEND_EXTRAS = True
-_EXTRA_KEY = re.compile(r"^[A-Za-z0-9_./-]{1,64}$")
-MAX_EXTRAS = 64
+_EXTRA_KEY = re.compile(EXTRA_KEY_PATTERN)
 #: The five numbers of a trial the fits read: N, D, the sequence length, η, B in tokens.
 SHAPE_KEYS = ("n_params", "n_tokens", "seq_len", "learning_rate", "batch_size_tokens")
 
