@@ -26,7 +26,8 @@ could: max_steps · batch_size_tokens), or ``failed`` on an exception.
 
 Checkpoints, every ``checkpoint_every`` steps, into ``checkpoint_dir`` or (``ray_checkpoints``,
 a sweep with ``storage``) through Ray Train's storage (``trainer.checkpoints``): save shard →
-barrier → report, so a reported checkpoint is complete. A run started again (the same
+barrier → report, so a reported checkpoint is complete; rank 0 first delivers the points
+before it, so that a run resumed from it loses none. A run started again (the same
 directory, or a worker group that Ray Train restarts) resumes from its latest one (same
 batches, optimizer state and EWA); a finished run deletes its directory (Ray Train keeps one
 checkpoint, which the sweep deletes with its Ray Train run). A GPT's ``corpus_dir``
@@ -73,6 +74,9 @@ from trainer.telemetry import NullTelemetry, RayProgress, ServiceTelemetry, Tele
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 10.0
+#: How long a checkpoint waits for the points before it to reach the service; past it (an
+#: outage) they stay buffered, sent later or spooled at the end, and the run goes on.
+CHECKPOINT_FLUSH_S = 30.0
 
 
 @dataclass
@@ -279,7 +283,11 @@ def train(
             ending = diverged or reached_target or step == max_steps
             every = config.checkpoint_every
             if checkpoints is not None and every and step % every == 0 and not ending:
-                # save shard → barrier → report, so that a reported checkpoint is complete
+                # the points up to this step delivered first: a run resumed from this
+                # checkpoint (on another node) starts after them, so none may be lost with
+                # this worker's buffer; then save shard → barrier → report, so that a
+                # reported checkpoint is complete
+                sink.flush(timeout_s=CHECKPOINT_FLUSH_S)
                 state = {"step": step, "train_loss_ema": train_loss_ema, "first_loss": first_loss}
                 state.update(evaluated=evaluated, best_eval=best_eval)
                 state.update(ewa.state_dict() if ewa is not None else {})

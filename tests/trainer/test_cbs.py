@@ -142,6 +142,9 @@ class RecordingSink:
     def heartbeat(self):
         pass
 
+    def flush(self, timeout_s=60.0):
+        return True
+
     def finish(self, status, **final):
         self.final = {"status": status, **final}
 

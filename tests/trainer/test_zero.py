@@ -36,6 +36,9 @@ class Collect:
     def heartbeat(self):
         pass
 
+    def flush(self, timeout_s=60.0):
+        return True
+
     def finish(self, status, **final):
         pass
 
